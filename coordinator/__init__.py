@@ -1,0 +1,1 @@
+"""potluck coordinator: admission, progress, the credit ledger, and the operator CLI."""

@@ -1,0 +1,144 @@
+"""`coordinator serve`: the ledger, the swarm's bootstrap DHT node and the gRPC service in one process.
+
+Start order matters: the hivemind DHT forks its own process, so it starts before any gRPC
+machinery exists in this process (gRPC and fork do not mix).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from coordinator.ledger import LEDGER_FILE, Ledger
+from coordinator.service import CoordinatorService
+from peer.errors import UserError
+from peer.runconfig import load_run_config
+from protos import coordinator_pb2_grpc as pb_grpc
+
+log = logging.getLogger("potluck.coordinator")
+
+INFO_FILE = "coordinator.json"
+DHT_IDENTITY_FILE = "dht_identity.key"
+DEFAULT_TOKEN_FILE = "default-org.token"
+DEFAULT_ORG = "default"
+MAX_MESSAGE_BYTES = 1 << 20  # every legitimate message is a few KB; refuse anything bigger early
+GRPC_WORKERS = 16
+
+
+@dataclass
+class Running:
+    address: str
+    dht_maddrs: list[str]
+    join_command: str
+    stop: threading.Event
+
+
+def join_command(address: str, token: str) -> str:
+    return f"peer join {address} --token {token}"
+
+
+def read_info(data_dir: Path) -> dict | None:
+    try:
+        return json.loads((Path(data_dir) / INFO_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _write_info(data_dir: Path, info: dict) -> None:
+    path = Path(data_dir) / INFO_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, path)
+
+
+def _default_token(ledger: Ledger, data_dir: Path) -> str:
+    """A join token for the 'default' org, created on first start and kept (mode 0600) for reprinting."""
+    path = Path(data_dir) / DEFAULT_TOKEN_FILE
+    if path.exists():
+        return path.read_text().strip()
+    _, token = ledger.issue_token(DEFAULT_ORG)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(token + "\n")
+    return token
+
+
+def _start_dht(host: str, dht_port: int, data_dir: Path):
+    import hivemind  # imported late: it is slow to import and only serve needs it
+
+    try:
+        return hivemind.DHT(
+            host_maddrs=[f"/ip4/{host}/tcp/{dht_port}"],
+            identity_path=str(Path(data_dir) / DHT_IDENTITY_FILE),
+            start=True,
+        )
+    except Exception as error:  # hivemind raises bare exceptions from its daemon
+        raise UserError(f"could not start the swarm's DHT node on {host}:{dht_port}: {error}") from None
+
+
+def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int) -> None:
+    """Run the coordinator until SIGINT/SIGTERM."""
+    config = load_run_config(run_path)
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    first_start = not (data_dir / LEDGER_FILE).exists()
+    ledger = Ledger(data_dir / LEDGER_FILE)
+    ledger.bind_run(config.run_id, config.config_hash)
+    token = _default_token(ledger, data_dir)
+
+    dht = _start_dht(host, dht_port, data_dir)
+    dht_maddrs = [str(addr) for addr in dht.get_visible_maddrs()]
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(ledger, config, dht_maddrs), server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        dht.shutdown()
+        raise UserError(f"cannot listen on {host}:{port} (in use or not permitted); pick another --port, or 0")
+    server.start()
+    address = f"{host}:{bound}"
+    _write_info(data_dir, {
+        "address": address,
+        "dht_maddrs": dht_maddrs,
+        "pid": os.getpid(),
+        "run_id": config.run_id,
+        "run_config_hash": config.config_hash,
+    })
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+
+    print(f"potluck coordinator for run '{config.run_id}' ({'new' if first_start else 'resumed'} ledger "
+          f"{data_dir / LEDGER_FILE})", flush=True)
+    print(f"  gRPC     {address}", flush=True)
+    print(f"  swarm    {dht_maddrs[0] if dht_maddrs else '(no address)'}", flush=True)
+    print("Volunteers join with:", flush=True)
+    print(f"  {join_command(address, token)}", flush=True)
+    print("Tokens for partner orgs: coordinator token issue --org NAME"
+          f" --data-dir {data_dir}", flush=True)
+    try:
+        stop.wait()
+    finally:
+        print("coordinator stopping", flush=True)
+        server.stop(grace=2).wait()
+        dht.shutdown()
+        ledger.close()

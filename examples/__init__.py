@@ -1,0 +1,1 @@
+"""Runnable potluck tasks with their run.toml files."""

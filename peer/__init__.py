@@ -1,0 +1,3 @@
+"""potluck peer: the work a volunteer's machine does (task API, data assignment, training, CLI)."""
+
+__version__ = "0.1.0"

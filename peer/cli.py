@@ -1,0 +1,143 @@
+"""The volunteer's CLI: `peer join ADDRESS --token TOKEN`, `peer id`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from peer import __version__
+from peer.cli_support import run_app
+from peer.errors import UserError
+from peer.identity import load_or_create_identity
+
+app = typer.Typer(
+    help="Lend your machine to a potluck training run.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+
+DEFAULT_DATA_DIR = Path.home() / ".potluck" / "peer"
+DataDir = Annotated[
+    Path, typer.Option("--data-dir", envvar="POTLUCK_PEER_DIR", help="Where this peer's identity and state live.")
+]
+
+SHUTDOWN_GRACE = 20.0  # seconds hivemind may take to stop before the process exits anyway
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class ProgressMode(str, Enum):
+    auto = "auto"
+    live = "live"
+    plain = "plain"
+    quiet = "quiet"
+
+
+def _version(value: bool):
+    if value:
+        print(f"potluck peer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True)] = False,
+):
+    """Lend your machine to a potluck training run."""
+
+
+@app.command("id")
+def id_command(data_dir: DataDir = DEFAULT_DATA_DIR):
+    """Print this peer's id (created on first use, then reused)."""
+    print(load_or_create_identity(data_dir).peer_id)
+
+
+@app.command("join")
+def join_command(
+    address: Annotated[str, typer.Argument(help="The coordinator's address, HOST:PORT.")],
+    token: Annotated[str, typer.Option("--token", envvar="POTLUCK_TOKEN", help="Join token from the run's operator.")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    device: Annotated[Device, typer.Option(help="Where to train: cuda when present with auto.")] = Device.auto,
+    max_epochs: Annotated[int, typer.Option(help="Leave after this many epochs (0: until the run ends).", min=0)] = 0,
+    host: Annotated[str, typer.Option(help="Address this peer's swarm node listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Swarm (DHT) port; 0 picks a free one.", min=0, max=65535)] = 0,
+    threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).", min=0)] = 0,
+    connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.")] = 10.0,
+    progress: Annotated[ProgressMode, typer.Option(help="live panel, plain lines, or quiet.")] = ProgressMode.auto,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show hivemind's own logs.")] = False,
+):
+    """Join a run: train with the swarm until the run ends, --max-epochs, or Ctrl-C."""
+    import torch
+
+    from peer.client import CoordinatorLink, join, leave
+    from peer.events import EventLog
+    from peer.outbox import Outbox
+    from peer.runconfig import parse_run_config
+    from peer.swarm import start_dht, swarm_peer_id
+    from peer.task import load_task
+    from peer.trainer import TrainOptions, pick_device, train
+    from protos import coordinator_pb2 as pb
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    if not verbose:
+        os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
+        logging.getLogger("hivemind").setLevel(logging.ERROR)
+    if ":" not in address:
+        raise UserError(f"coordinator address {address!r} must be HOST:PORT, e.g. 127.0.0.1:7450")
+    if threads:
+        torch.set_num_threads(threads)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    identity = load_or_create_identity(data_dir)
+    chosen_device = pick_device(device.value)
+    reply = join(
+        address,
+        pb.JoinRequest(token=token, public_key=identity.public_bytes, hivemind_peer_id=swarm_peer_id(data_dir),
+                       device=str(chosen_device), client_version=__version__),
+        connect_timeout,
+    )
+    config = parse_run_config(reply.run_config_toml, where="the run config sent by the coordinator")
+    if config.config_hash != reply.run_config_hash:
+        raise UserError("the run config arrived corrupted (hash mismatch); join again")
+    try:
+        task = load_task(config.task_name, config.task_version)
+    except UserError as error:
+        leave(address, reply.peer_id, reply.session, f"cannot train: {error}")
+        raise
+    print(f"joined run '{config.run_id}' as {reply.peer_id} (org {reply.org}) on {chosen_device}", flush=True)
+
+    dht = start_dht(data_dir, list(reply.initial_peers), host, port, client_mode=False)
+    events = EventLog(data_dir)
+    events.emit("joined", peer_id=reply.peer_id, org=reply.org, run_id=config.run_id, coordinator_epoch=reply.epoch)
+    outbox = Outbox(data_dir)
+
+    def make_link() -> CoordinatorLink:
+        return CoordinatorLink(address, reply.peer_id, reply.session, outbox, config.heartbeat_interval)
+
+    summary = train(config, task, reply.peer_id, dht, make_link, events,
+                    TrainOptions(data_dir, chosen_device, max_epochs, progress.value))
+    accuracy = summary["metrics"].get("accuracy")
+    print(f"left at epoch {summary['epoch']} ({summary['reason']}): {summary['samples']:,} samples contributed"
+          + (f", held-out accuracy {accuracy:.3f}" if accuracy is not None else ""), flush=True)
+    events.emit("left", reason=summary["reason"])
+    events.close()
+    outbox.close()
+    # hivemind's shutdown can hang (trap 10): give it a bounded grace, then exit regardless
+    watchdog = threading.Timer(SHUTDOWN_GRACE, lambda: os._exit(0))
+    watchdog.daemon = True
+    watchdog.start()
+    dht.shutdown()
+
+
+def main() -> None:
+    run_app(app)

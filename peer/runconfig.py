@@ -1,0 +1,128 @@
+"""The run config (run.toml): parsed, validated and hashed the same way by coordinator and peer.
+
+The coordinator reads it from disk and sends its text to every peer at join; both sides parse it
+with :func:`parse_run_config`, so a peer trains on exactly what the operator wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from peer.errors import UserError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run_id: str
+    seed: int
+    epochs: int
+    task_name: str
+    task_version: str
+    target_batch_size: int
+    micro_batch_size: int
+    min_peers: int
+    matchmaking_time: float
+    averaging_timeout: float
+    heartbeat_interval: float
+    peer_timeout: float
+    text: str
+
+    @property
+    def config_hash(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+# section -> field -> (type, default); None as default means required
+_SCHEMA: dict[str, dict[str, tuple[type, object]]] = {
+    "run": {"id": (str, None), "seed": (int, None), "epochs": (int, 0)},
+    "task": {"name": (str, None), "version": (str, None)},
+    "training": {
+        "target_batch_size": (int, None),
+        "micro_batch_size": (int, None),
+        "min_peers": (int, 1),
+        "matchmaking_time": (float, 2.0),
+        "averaging_timeout": (float, 20.0),
+    },
+    "coordinator": {"heartbeat_interval": (float, 2.0), "peer_timeout": (float, 10.0)},
+}
+
+
+def _field(doc: dict, section: str, key: str, kind: type, default: object, where: str):
+    value = doc.get(section, {}).get(key, default)
+    if value is None:
+        raise UserError(f"{where}: missing [{section}] {key}; add it (see examples/digits/run.toml)")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise UserError(f"{where}: [{section}] {key} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def parse_run_config(text: str, where: str = "run config") -> RunConfig:
+    """Parse and validate run.toml text; raise UserError naming the first problem."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"{where} is not valid TOML: {error}") from None
+    for section, value in doc.items():
+        if section not in _SCHEMA or not isinstance(value, dict):
+            raise UserError(f"{where}: unknown section [{section}]; allowed: {', '.join(_SCHEMA)}")
+        unknown = set(value) - set(_SCHEMA[section])
+        if unknown:
+            raise UserError(f"{where}: unknown key(s) in [{section}]: {', '.join(sorted(unknown))}")
+    values = {
+        f"{section}.{key}": _field(doc, section, key, kind, default, where)
+        for section, fields in _SCHEMA.items()
+        for key, (kind, default) in fields.items()
+    }
+    config = RunConfig(
+        run_id=values["run.id"],
+        seed=values["run.seed"],
+        epochs=values["run.epochs"],
+        task_name=values["task.name"],
+        task_version=values["task.version"],
+        target_batch_size=values["training.target_batch_size"],
+        micro_batch_size=values["training.micro_batch_size"],
+        min_peers=values["training.min_peers"],
+        matchmaking_time=values["training.matchmaking_time"],
+        averaging_timeout=values["training.averaging_timeout"],
+        heartbeat_interval=values["coordinator.heartbeat_interval"],
+        peer_timeout=values["coordinator.peer_timeout"],
+        text=text,
+    )
+    _check_ranges(config, where)
+    return config
+
+
+def _check_ranges(config: RunConfig, where: str) -> None:
+    if not config.run_id or not config.run_id.replace("-", "").replace("_", "").isalnum():
+        raise UserError(f"{where}: [run] id must be letters, digits, '-' or '_', got {config.run_id!r}")
+    if not all(part.isidentifier() for part in config.task_name.split(".")):
+        raise UserError(f"{where}: [task] name must be a Python module path like 'examples.digits', "
+                        f"got {config.task_name!r}")
+    if config.epochs < 0:
+        raise UserError(f"{where}: [run] epochs must be >= 0 (0 means no end), got {config.epochs}")
+    if config.micro_batch_size <= 0 or config.target_batch_size < config.micro_batch_size:
+        raise UserError(
+            f"{where}: need 0 < micro_batch_size <= target_batch_size, "
+            f"got {config.micro_batch_size} and {config.target_batch_size}"
+        )
+    if config.min_peers < 1:
+        raise UserError(f"{where}: [training] min_peers must be >= 1, got {config.min_peers}")
+    for name in ("matchmaking_time", "averaging_timeout", "heartbeat_interval", "peer_timeout"):
+        if getattr(config, name) <= 0:
+            raise UserError(f"{where}: {name} must be > 0, got {getattr(config, name)}")
+
+
+def load_run_config(path: Path) -> RunConfig:
+    """Read and parse a run.toml file, with errors that name the file."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UserError(f"run file {path} does not exist; pass --run with the path of a run.toml") from None
+    except OSError as error:
+        raise UserError(f"cannot read run file {path}: {error.strerror}") from None
+    return parse_run_config(text, where=str(path))

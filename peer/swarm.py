@@ -1,0 +1,88 @@
+"""The peer's hivemind side: a stable swarm identity, the DHT node and the hivemind.Optimizer.
+
+Traps of hivemind 1.1.12 handled here (see docs/HIVEMIND_NOTES.md in the shared docs):
+- DHT and Optimizer get the same client_mode (the Optimizer mis-wires its own default);
+- both are created in the main thread, before any thread of ours starts (they fork processes);
+- no 8-bit codecs (broken with numpy >= 2.4): gradients travel uncompressed;
+- every averaging round has a timeout (all-reduce included), so a dead peer cannot hang the rest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from peer.runconfig import RunConfig
+
+SWARM_IDENTITY_FILE = "swarm_identity.key"
+LOAD_STATE_TIMEOUT = 60.0
+REQUEST_TIMEOUT = 1.0  # below matchmaking_time, as hivemind requires
+PROGRESS_EXPIRATION = 15.0  # a dead peer stops counting toward the swarm after this many seconds
+STATE_AVERAGING_NEVER = 1 << 30
+FIRST_FETCH_TIMEOUT = 15.0  # how long a new peer waits to learn the swarm's epoch before its first step
+
+
+def swarm_peer_id(data_dir: Path) -> str:
+    """The hivemind peer id of this peer, from a key file created once (so it is known before the DHT starts)."""
+    from hivemind.p2p import P2P, PeerID
+
+    path = Path(data_dir) / SWARM_IDENTITY_FILE
+    if not path.exists():
+        P2P.generate_identity(str(path))
+        path.chmod(0o600)
+    return PeerID.from_identity(path.read_bytes()).to_base58()
+
+
+def start_dht(data_dir: Path, initial_peers: list[str], host: str, port: int, client_mode: bool):
+    import hivemind
+
+    return hivemind.DHT(
+        initial_peers=initial_peers,
+        host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+        identity_path=str(Path(data_dir) / SWARM_IDENTITY_FILE),
+        client_mode=client_mode,
+        start=True,
+    )
+
+
+def make_optimizer(dht, config: RunConfig, model: torch.nn.Module, task, client_mode: bool):
+    import hivemind
+
+    return hivemind.Optimizer(
+        dht=dht,
+        run_id=config.run_id,
+        params=model.parameters(),
+        optimizer=task.make_optimizer,
+        target_batch_size=config.target_batch_size,
+        batch_size_per_step=config.micro_batch_size,
+        matchmaking_time=config.matchmaking_time,
+        averaging_timeout=config.averaging_timeout,
+        allreduce_timeout=config.averaging_timeout,
+        load_state_timeout=LOAD_STATE_TIMEOUT,
+        averager_opts={"request_timeout": min(REQUEST_TIMEOUT, config.matchmaking_time / 2)},
+        tracker_opts={"metadata_expiration": PROGRESS_EXPIRATION},
+        # gradient averaging alone keeps peers identical (same init, same averaged gradients, late
+        # joiners load state); hivemind's delayed state averaging would replace parameters at
+        # different steps on different peers and make them drift apart
+        average_state_every=STATE_AVERAGING_NEVER,
+        client_mode=client_mode,
+        verbose=False,
+    )
+
+
+def needs_state_from_peers(opt) -> bool:
+    """Whether this peer is behind the swarm and must download state before computing more gradients.
+
+    Uses hivemind 1.1.12's own check (a private method, pinned by our exact hivemind version), so we
+    know when the next micro-batch would be thrown away and can account for it.
+    """
+    return opt._should_load_state_from_peers()
+
+
+def load_state(opt, model: torch.nn.Module) -> None:
+    """Download the swarm's state and check what arrived (hivemind checks shapes, not values)."""
+    opt.load_state_from_peers()
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise RuntimeError(f"state downloaded from peers has non-finite values in {name}")

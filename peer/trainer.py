@@ -1,0 +1,162 @@
+"""The training loop of one peer: deterministic micro-batches, hivemind averaging, per-epoch reports."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from peer.assignment import micro_batch_indices
+from peer.client import CoordinatorLink
+from peer.events import EventLog
+from peer.progress import Progress, ProgressDisplay
+from peer.runconfig import RunConfig
+from peer.swarm import FIRST_FETCH_TIMEOUT, load_state, make_optimizer, needs_state_from_peers
+
+MODEL_FILE = "model.pt"
+
+
+@dataclass
+class TrainOptions:
+    data_dir: Path
+    device: torch.device
+    max_epochs: int  # 0: until the run ends or the peer is stopped
+    progress: str
+
+
+def pick_device(choice: str) -> torch.device:
+    from peer.errors import UserError
+
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu or auto")
+    return torch.device(choice)
+
+
+def install_stop_handlers() -> threading.Event:
+    """SIGINT and SIGTERM ask the loop to stop after the current step, so the peer leaves cleanly."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def wait_for_peers(opt, min_peers: int, stop: threading.Event, display: ProgressDisplay) -> None:
+    """Hold training after the first micro-batch until min_peers are in the swarm, so nobody runs the
+    first epochs alone. hivemind announces a peer only once it has accumulated samples, hence the
+    first micro-batch."""
+    display.message(f"waiting for {min_peers} peers in the swarm before training starts")
+    while not stop.is_set() and opt.tracker.global_progress.num_peers < min_peers:
+        stop.wait(0.2)
+    display.message(f"{opt.tracker.global_progress.num_peers} peers in the swarm: training")
+
+
+class EpochMeter:
+    """Samples, loss and compute time of this peer within the current epoch."""
+
+    def __init__(self):
+        self.samples, self.loss_sum, self.compute_seconds = 0, 0.0, 0.0
+
+    def add(self, samples: int, loss: float, seconds: float) -> None:
+        self.samples += samples
+        self.loss_sum += loss * samples
+        self.compute_seconds += seconds
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.samples, 1)
+
+
+def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLog, options: TrainOptions) -> dict:
+    """Train until the run ends, --max-epochs is reached or SIGINT/SIGTERM; returns a summary.
+
+    make_link() builds the coordinator link; it is called only after hivemind has forked its
+    processes, so no gRPC thread exists at fork time.
+    """
+    device = options.device
+    model = task.build_model(config.seed).to(device)
+    opt = make_optimizer(dht, config, model, task, client_mode=False)
+    stop = install_stop_handlers()
+    link: CoordinatorLink = make_link().start()
+    inputs, targets = task.train_data()
+    eval_inputs, eval_targets = (t.to(device) for t in task.eval_data())
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    )
+    progress = Progress()
+    epoch, micro_batch, epochs_done, total_samples = opt.local_epoch, 0, 0, 0
+    meter = EpochMeter()
+    events.emit("started", epoch=epoch, device=str(device))
+    reason = "stopped"
+
+    with ProgressDisplay(peer_id, config.run_id, options.progress) as display:
+        # learn the swarm's epoch first, so a late joiner loads state before computing anything
+        opt.tracker.fetched_global_progress_this_epoch.wait(FIRST_FETCH_TIMEOUT)
+        gated = config.min_peers <= 1 or opt.tracker.global_epoch > 0
+        while True:
+            if stop.is_set():
+                break
+            if (config.epochs and opt.local_epoch >= config.epochs) or link.view.run_finished:
+                reason = "run finished"
+                break
+            if options.max_epochs and epochs_done >= options.max_epochs:
+                reason = f"{options.max_epochs} epochs done"
+                break
+            if needs_state_from_peers(opt):
+                display.message(f"behind the swarm (epoch {opt.local_epoch} < {opt.tracker.global_epoch}): "
+                                f"loading state from peers")
+                load_state(opt, model)
+                events.emit("state_loaded", epoch=opt.local_epoch, discarded_samples=meter.samples)
+                epoch, micro_batch, meter = opt.local_epoch, 0, EpochMeter()
+                continue
+
+            started = time.perf_counter()
+            index = micro_batch_indices(config.seed, epoch, peer_id, micro_batch, len(inputs), config.micro_batch_size)
+            batch_inputs, batch_targets = inputs[index].to(device), targets[index].to(device)
+            with autocast():
+                loss = task.loss(model, batch_inputs, batch_targets)
+            loss.backward()
+            compute = time.perf_counter() - started
+            opt.step()
+            opt.zero_grad()
+            meter.add(len(index), loss.item(), compute)
+            micro_batch += 1
+            if not gated:  # after one step, so hivemind announces this peer; see wait_for_peers
+                wait_for_peers(opt, config.min_peers, stop, display)
+                gated = True
+
+            link.samples_per_second = progress.local_samples_per_second = meter.samples / max(meter.compute_seconds, 1e-9)
+            progress.swarm_samples_per_second = link.view.swarm_samples_per_second
+            progress.peers = opt.tracker.global_progress.num_peers
+            progress.coordinator_reachable = link.view.reachable
+            progress.epoch = link.epoch = opt.local_epoch
+            display.update(progress)
+
+            if opt.local_epoch != epoch:
+                model.eval()
+                metrics = task.evaluate(model, eval_inputs, eval_targets)
+                model.train()
+                report_id = link.report(epoch, meter.samples, meter.mean_loss, meter.compute_seconds, metrics)
+                events.emit("epoch", epoch=epoch, samples=meter.samples, loss=meter.mean_loss,
+                            metrics=metrics, report_id=report_id, peers=progress.peers)
+                total_samples += meter.samples
+                epochs_done += 1
+                progress.loss, progress.accuracy, progress.samples = meter.mean_loss, metrics.get("accuracy"), total_samples
+                display.epoch_done(progress)
+                epoch, micro_batch, meter = opt.local_epoch, 0, EpochMeter()
+
+    if reason != "stopped":
+        link.wait_for_peers_to_catch_up(timeout=config.averaging_timeout)
+    torch.save({"epoch": opt.local_epoch, "state_dict": model.state_dict()}, Path(options.data_dir) / MODEL_FILE)
+    model.eval()
+    final = task.evaluate(model, eval_inputs, eval_targets)
+    events.emit("finished", epoch=opt.local_epoch, reason=reason, samples=total_samples, metrics=final)
+    link.close(reason)
+    opt.shutdown()
+    return {"epoch": opt.local_epoch, "reason": reason, "samples": total_samples, "metrics": final}

@@ -1,0 +1,114 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class JoinRequest(_message.Message):
+    __slots__ = ("token", "public_key", "hivemind_peer_id", "device", "client_version")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    HIVEMIND_PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    public_key: bytes
+    hivemind_peer_id: str
+    device: str
+    client_version: str
+    def __init__(self, token: _Optional[str] = ..., public_key: _Optional[bytes] = ..., hivemind_peer_id: _Optional[str] = ..., device: _Optional[str] = ..., client_version: _Optional[str] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("peer_id", "session", "org", "run_id", "run_config_toml", "run_config_hash", "initial_peers", "epoch")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    ORG_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_CONFIG_TOML_FIELD_NUMBER: _ClassVar[int]
+    RUN_CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_PEERS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    session: str
+    org: str
+    run_id: str
+    run_config_toml: str
+    run_config_hash: str
+    initial_peers: _containers.RepeatedScalarFieldContainer[str]
+    epoch: int
+    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., org: _Optional[str] = ..., run_id: _Optional[str] = ..., run_config_toml: _Optional[str] = ..., run_config_hash: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class ReportRequest(_message.Message):
+    __slots__ = ("peer_id", "session", "report_id", "epoch", "samples", "loss", "compute_seconds", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    REPORT_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    session: str
+    report_id: str
+    epoch: int
+    samples: int
+    loss: float
+    compute_seconds: float
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., report_id: _Optional[str] = ..., epoch: _Optional[int] = ..., samples: _Optional[int] = ..., loss: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class ReportReply(_message.Message):
+    __slots__ = ("duplicate",)
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    duplicate: bool
+    def __init__(self, duplicate: _Optional[bool] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("peer_id", "session", "epoch", "samples_per_second")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    session: str
+    epoch: int
+    samples_per_second: float
+    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., epoch: _Optional[int] = ..., samples_per_second: _Optional[float] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("epoch", "live_peers", "swarm_samples_per_second", "run_finished", "peers_behind")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LIVE_PEERS_FIELD_NUMBER: _ClassVar[int]
+    SWARM_SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    RUN_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    PEERS_BEHIND_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    live_peers: int
+    swarm_samples_per_second: float
+    run_finished: bool
+    peers_behind: int
+    def __init__(self, epoch: _Optional[int] = ..., live_peers: _Optional[int] = ..., swarm_samples_per_second: _Optional[float] = ..., run_finished: _Optional[bool] = ..., peers_behind: _Optional[int] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("peer_id", "session", "reason")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    session: str
+    reason: str
+    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class LeaveReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

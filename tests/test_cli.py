@@ -1,0 +1,174 @@
+"""The console scripts as a user meets them: help, and one clear line for every mistake."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import stat
+import subprocess
+
+import pytest
+
+from conftest import DIGITS_RUN, cli, start_coordinator, write_run
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """A non-zero exit with exactly one 'error: ...' line on stderr, no traceback; returns that line."""
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, f"expected a failure, got exit 0:\n{output}"
+    assert "Traceback" not in output, f"a traceback reached the user:\n{output}"
+    lines = result.stderr.rstrip("\n").splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"expected one 'error: ' line on stderr, got:\n{result.stderr}"
+    for fragment in fragments:
+        assert fragment.lower() in lines[0].lower(), f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def join(address: str, token: str, data_dir, *extra: str) -> subprocess.CompletedProcess:
+    return cli("peer", "join", address, "--token", token, "--data-dir", str(data_dir),
+               "--connect-timeout", "5", "--threads", "1", "--progress", "plain", *extra)
+
+
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory):
+    """One coordinator on the digits run, shared by the tests that only talk to it."""
+    base = tmp_path_factory.mktemp("shared")
+    started: list = []
+    try:
+        yield start_coordinator(started, base / "c", write_run(base / "run.toml"))
+    finally:
+        for proc in started:
+            proc.kill()
+
+
+# --- help ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [
+    ("coordinator",),
+    ("coordinator", "serve"),
+    ("coordinator", "token"),
+    ("coordinator", "token", "issue"),
+    ("coordinator", "status"),
+    ("peer",),
+    ("peer", "join"),
+    ("peer", "id"),
+], ids=" ".join)
+def test_help(command):
+    result = cli(*command, "--help")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Usage" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+# --- serve: bad run files ------------------------------------------------------------------------
+
+def serve(run, data_dir) -> subprocess.CompletedProcess:
+    return cli("coordinator", "serve", "--run", str(run), "--data-dir", str(data_dir), "--port", "0", timeout=30)
+
+
+def test_serve_missing_run_file(tmp_path):
+    missing = tmp_path / "MISSING.toml"
+    assert_user_error(serve(missing, tmp_path / "c"), "MISSING.toml", "does not exist")
+
+
+def test_serve_malformed_toml(tmp_path):
+    run = tmp_path / "run.toml"
+    run.write_text("[run\nid = 'x'\n")
+    assert_user_error(serve(run, tmp_path / "c"), "not valid TOML")
+
+
+def test_serve_missing_required_key(tmp_path):
+    run = tmp_path / "run.toml"
+    lines = DIGITS_RUN.read_text().splitlines()
+    run.write_text("\n".join(line for line in lines if not line.startswith("seed")) + "\n")
+    assert_user_error(serve(run, tmp_path / "c"), "missing [run] seed")
+
+
+def test_serve_wrong_type(tmp_path):
+    run = write_run(tmp_path / "run.toml", seed="abc")
+    assert_user_error(serve(run, tmp_path / "c"), "[run] seed", "'abc'")
+
+
+# --- join: unreachable, refused, unusable run ----------------------------------------------------
+
+def test_join_unreachable_address(tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    result = cli("peer", "join", address, "--token", "x", "--data-dir", str(tmp_path / "p"),
+                 "--connect-timeout", "2")
+    assert_user_error(result, "cannot reach", address)
+
+
+@pytest.mark.parametrize("token", ["plk_deadbeef_nope", "hello"])
+def test_join_unknown_token(coordinator, tmp_path, token):
+    result = join(coordinator.address, token, tmp_path / "p")
+    assert_user_error(result, "unknown join token")
+    assert coordinator.proc.popen.poll() is None, "a refused join took the coordinator down"
+    assert coordinator.status()["peers"] == [], "a refused join changed the ledger"
+
+
+@pytest.mark.parametrize("values, fragments", [
+    ({"name": "potluck_no_such_task"}, ("potluck_no_such_task", "not installed")),
+    ({"version": "999"}, ("version", "999")),
+], ids=["missing-task", "wrong-version"])
+def test_join_task_unusable(procs, tmp_path, values, fragments):
+    c = start_coordinator(procs, tmp_path / "c", write_run(tmp_path / "run.toml", **values))
+    result = join(c.address, c.token, tmp_path / "p")
+    assert_user_error(result, *fragments)
+    assert c.proc.popen.poll() is None, "the coordinator died"
+
+
+# --- operator commands on a data dir without a ledger --------------------------------------------
+
+@pytest.mark.parametrize("command", [
+    ("coordinator", "status"),
+    ("coordinator", "token", "issue", "--org", "x"),
+], ids=["status", "token-issue"])
+def test_no_ledger(tmp_path, command):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_user_error(cli(*command, "--data-dir", str(empty)), "no coordinator ledger")
+    assert list(empty.iterdir()) == [], "a failed command left files behind"
+
+
+def test_token_issue_bad_org_name(coordinator):
+    before = coordinator.status()["orgs"]
+    result = cli("coordinator", "token", "issue", "--org", "bad/name", "--data-dir", str(coordinator.data_dir))
+    assert_user_error(result, "invalid org name")
+    orgs = [org["name"] for org in coordinator.status()["orgs"]]
+    assert "bad/name" not in orgs
+    assert coordinator.status()["orgs"] == before
+
+
+def test_token_issue_json(coordinator):
+    result = cli("coordinator", "token", "issue", "--org", "Partner Lab", "--data-dir", str(coordinator.data_dir),
+                 "--format", "json")
+    assert result.returncode == 0, result.stderr
+    issued = json.loads(result.stdout)
+    assert {"token", "org", "join_command"} <= set(issued)
+    assert issued["org"] == "Partner Lab"
+    assert issued["token"].startswith("plk_")
+    assert coordinator.address in issued["join_command"]
+    assert issued["token"] in issued["join_command"]
+    assert "Partner Lab" in [org["name"] for org in coordinator.status()["orgs"]]
+
+
+# --- peer id -------------------------------------------------------------------------------------
+
+def test_peer_id_is_stable_and_key_private(tmp_path):
+    data_dir = tmp_path / "peer"
+    first = cli("peer", "id", "--data-dir", str(data_dir))
+    second = cli("peer", "id", "--data-dir", str(data_dir))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert re.fullmatch(r"p-[0-9a-f]{16}\n", first.stdout), first.stdout
+    assert first.stdout == second.stdout
+    mode = stat.S_IMODE((data_dir / "identity.key").stat().st_mode)
+    assert mode == 0o600, oct(mode)
+    other = cli("peer", "id", "--data-dir", str(tmp_path / "other"))
+    assert other.stdout != first.stdout, "two data dirs got the same identity"

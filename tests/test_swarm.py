@@ -1,0 +1,127 @@
+"""End-to-end runs: a real coordinator and real peers, each its own OS process, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+
+from conftest import (
+    epochs_reported, events, load_model, start_coordinator, start_peer, wait_until, write_run,
+)
+from coordinator.ledger import Ledger
+from examples.digits import TASK
+from peer.outbox import Outbox
+
+PEER_EXIT = 180  # seconds a peer may take to finish its epochs
+
+
+# Peers that average every epoch end within ~1e-5 of each other (float summation order); peers
+# that skip even one round differ by ~1e-2 (measured), so 1e-4 separates the two cleanly.
+PARAMETER_TOLERANCE = 1e-4
+
+
+def assert_same_parameters(first: dict, second: dict) -> None:
+    assert first["epoch"] == second["epoch"]
+    for name, tensor in first["state_dict"].items():
+        torch.testing.assert_close(tensor, second["state_dict"][name], atol=PARAMETER_TOLERANCE, rtol=0, msg=name)
+
+
+def held_out_accuracy(state: dict) -> float:
+    model = TASK.build_model(0)
+    model.load_state_dict(state["state_dict"])
+    return TASK.evaluate(model, *TASK.eval_data())["accuracy"]
+
+
+def test_two_peers_average_and_learn(procs, tmp_path):
+    run = write_run(tmp_path / "run.toml", epochs=5)
+    coordinator = start_coordinator(procs, tmp_path / "c", run)
+    partner_token = coordinator.issue_token("acme")
+    first = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "a")
+    second = start_peer(procs, coordinator.address, partner_token, tmp_path / "b")
+    assert first.wait(PEER_EXIT) == 0, first.log()
+    assert second.wait(PEER_EXIT) == 0, second.log()
+
+    # each peer trained on its own samples (assignment is per peer id): only averaging makes them equal
+    a, b = load_model(tmp_path / "a"), load_model(tmp_path / "b")
+    assert a["epoch"] == 5
+    assert_same_parameters(a, b)
+    initial = TASK.build_model(20261128).state_dict()
+    assert any(not torch.equal(initial[name], a["state_dict"][name]) for name in initial), "nothing was trained"
+    assert held_out_accuracy(a) > 0.4  # chance is 0.1; five averaged steps reach ~0.6
+
+    status = coordinator.status()
+    assert status["epoch"] == 5
+    peers = {peer["org"]: peer for peer in status["peers"]}
+    assert set(peers) == {"default", "acme"}
+    assert all(peer["samples"] > 0 and peer["reports"] == 5 for peer in peers.values())
+    assert {org["name"]: org["samples"] > 0 for org in status["orgs"]} == {"default": True, "acme": True}
+    assert status["samples"] == sum(peer["samples"] for peer in peers.values())
+    # every report a peer saw acknowledged is in the ledger
+    recorded = Ledger.open_existing(tmp_path / "c").report_ids()
+    for peer_dir in ("a", "b"):
+        acked = Outbox(tmp_path / peer_dir).acked_ids()
+        assert len(acked) == 5 and set(acked) <= recorded
+
+
+def test_late_peer_loads_state_and_contributes(procs, tmp_path):
+    # two early peers pace the run (each epoch waits for their averaging round), so it is still
+    # going when the third arrives
+    run = write_run(tmp_path / "run.toml", epochs=9)
+    coordinator = start_coordinator(procs, tmp_path / "c", run)
+    early = [start_peer(procs, coordinator.address, coordinator.token, tmp_path / name) for name in ("e1", "e2")]
+    wait_until(lambda: len(epochs_reported(tmp_path / "e1")) >= 2, 90, "the early peers to finish 2 epochs")
+    late = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "late")
+    for peer in [*early, late]:
+        assert peer.wait(PEER_EXIT) == 0, peer.log()
+
+    loaded = [event for event in events(tmp_path / "late") if event["event"] == "state_loaded"]
+    assert loaded and loaded[0]["epoch"] >= 2, f"late peer did not load state: {events(tmp_path / 'late')}"
+    late_epochs = epochs_reported(tmp_path / "late")
+    assert late_epochs and min(late_epochs) >= 2
+    assert_same_parameters(load_model(tmp_path / "e1"), load_model(tmp_path / "late"))
+    late_id = next(event["peer_id"] for event in events(tmp_path / "late") if event["event"] == "joined")
+    samples = {peer["id"]: peer["samples"] for peer in coordinator.status()["peers"]}
+    assert samples[late_id] > 0
+
+
+def test_surviving_peer_finishes_after_other_is_killed(procs, tmp_path):
+    run = write_run(tmp_path / "run.toml", epochs=6, averaging_timeout=5.0)
+    coordinator = start_coordinator(procs, tmp_path / "c", run)
+    survivor = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "survivor")
+    victim = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "victim")
+    wait_until(lambda: len(epochs_reported(tmp_path / "victim")) >= 2, 90, "both peers to train 2 epochs")
+    victim.kill()
+    assert survivor.wait(PEER_EXIT) == 0, survivor.log()
+    assert load_model(tmp_path / "survivor")["epoch"] == 6
+    assert max(epochs_reported(tmp_path / "survivor")) == 5
+
+
+def test_coordinator_restart_keeps_acknowledged_reports(procs, tmp_path):
+    run = write_run(tmp_path / "run.toml", epochs=12)
+    coordinator = start_coordinator(procs, tmp_path / "c", run)
+    peer_dirs = [tmp_path / "a", tmp_path / "b"]
+    peers = [start_peer(procs, coordinator.address, coordinator.token, d) for d in peer_dirs]
+    wait_until(lambda: all(len(Outbox(d).acked_ids()) >= 2 for d in peer_dirs), 90, "2 acknowledged reports each")
+
+    coordinator.proc.signal_group(signal.SIGKILL)
+    coordinator.proc.wait(10)
+    acked_before = {report for d in peer_dirs for report in Outbox(d).acked_ids()}
+    epochs_before = [len(epochs_reported(d)) for d in peer_dirs]
+    # the peers train on without the coordinator; their reports wait in the outbox
+    wait_until(lambda: all(len(epochs_reported(d)) > n for d, n in zip(peer_dirs, epochs_before)), 60,
+               "peers to finish an epoch while the coordinator is down")
+
+    port = int(coordinator.address.rsplit(":", 1)[1])
+    restarted = start_coordinator(procs, tmp_path / "c", run, port=port, name="coordinator-restarted")
+    assert acked_before <= Ledger.open_existing(tmp_path / "c").report_ids()
+
+    for peer in peers:
+        assert peer.wait(PEER_EXIT) == 0, peer.log()
+    recorded = Ledger.open_existing(tmp_path / "c").report_ids()
+    for d in peer_dirs:
+        emitted = {event["report_id"] for event in events(d) if event["event"] == "epoch"}
+        assert emitted <= recorded, "reports made while the coordinator was down were not re-sent"
+    status = restarted.status()
+    assert status["epoch"] == 12
+    assert all(peer["reports"] == 12 for peer in status["peers"])
