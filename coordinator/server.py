@@ -6,6 +6,7 @@ machinery exists in this process (gRPC and fork do not mix).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -20,13 +21,17 @@ import grpc
 from coordinator.ledger import LEDGER_FILE, Ledger
 from coordinator.service import CoordinatorService
 from peer.errors import UserError
+from peer.identity import load_or_create_identity
 from peer.runconfig import load_run_config
+from peer.swarm import use_fork_start_method
 from protos import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("potluck.coordinator")
 
 INFO_FILE = "coordinator.json"
 DHT_IDENTITY_FILE = "dht_identity.key"
+KEY_FILE = "coordinator.key"  # the coordinator's Ed25519 identity (signs tokens once admission lands)
+LOCK_FILE = "serve.lock"
 DEFAULT_TOKEN_FILE = "default-org.token"
 DEFAULT_ORG = "default"
 MAX_MESSAGE_BYTES = 1 << 20  # every legitimate message is a few KB; refuse anything bigger early
@@ -74,6 +79,7 @@ def _default_token(ledger: Ledger, data_dir: Path) -> str:
 def _start_dht(host: str, dht_port: int, data_dir: Path):
     import hivemind  # imported late: it is slow to import and only serve needs it
 
+    use_fork_start_method()
     try:
         return hivemind.DHT(
             host_maddrs=[f"/ip4/{host}/tcp/{dht_port}"],
@@ -84,12 +90,28 @@ def _start_dht(host: str, dht_port: int, data_dir: Path):
         raise UserError(f"could not start the swarm's DHT node on {host}:{dht_port}: {error}") from None
 
 
+def _lock_data_dir(data_dir: Path):
+    """One coordinator per data dir; the OS drops the lock when the process dies, even by kill -9."""
+    lock = open(Path(data_dir) / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        info = read_info(data_dir) or {}
+        raise UserError(
+            f"another coordinator (pid {info.get('pid', '?')}) is already serving {data_dir}; "
+            f"stop it first or use another --data-dir"
+        ) from None
+    return lock
+
+
 def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int) -> None:
     """Run the coordinator until SIGINT/SIGTERM."""
     config = load_run_config(run_path)
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock_data_dir(data_dir)
     first_start = not (data_dir / LEDGER_FILE).exists()
+    identity = load_or_create_identity(data_dir, KEY_FILE)
     ledger = Ledger(data_dir / LEDGER_FILE)
     ledger.bind_run(config.run_id, config.config_hash)
     token = _default_token(ledger, data_dir)
@@ -121,6 +143,7 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int) -
         "pid": os.getpid(),
         "run_id": config.run_id,
         "run_config_hash": config.config_hash,
+        "public_key": identity.public_bytes.hex(),
     })
 
     stop = threading.Event()
@@ -142,3 +165,4 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int) -
         server.stop(grace=2).wait()
         dht.shutdown()
         ledger.close()
+        lock.close()

@@ -36,8 +36,9 @@ def peer_id_of(public_key: bytes) -> str:
     return "p-" + hashlib.sha256(public_key).hexdigest()[:16]
 
 
-def load_or_create_identity(data_dir: Path) -> Identity:
-    path = Path(data_dir) / KEY_FILE
+def load_or_create_identity(data_dir: Path, file_name: str = KEY_FILE) -> Identity:
+    """Load the Ed25519 key DATA_DIR/file_name, creating it (mode 0600) on first use."""
+    path = Path(data_dir) / file_name
     if path.exists():
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         return Identity(key)

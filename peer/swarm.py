@@ -9,6 +9,7 @@ Traps of hivemind 1.1.12 handled here (see docs/HIVEMIND_NOTES.md in the shared 
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 import torch
@@ -19,8 +20,14 @@ SWARM_IDENTITY_FILE = "swarm_identity.key"
 LOAD_STATE_TIMEOUT = 60.0
 REQUEST_TIMEOUT = 1.0  # below matchmaking_time, as hivemind requires
 PROGRESS_EXPIRATION = 15.0  # a dead peer stops counting toward the swarm after this many seconds
-STATE_AVERAGING_NEVER = 1 << 30
 FIRST_FETCH_TIMEOUT = 15.0  # how long a new peer waits to learn the swarm's epoch before its first step
+
+
+def use_fork_start_method() -> None:
+    """hivemind's DHT and averagers are processes that must be forked (they cannot be pickled for
+    spawn, and forkserver breaks DecentralizedAverager); newer Pythons no longer default to fork."""
+    if multiprocessing.get_start_method(allow_none=True) != "fork":
+        multiprocessing.set_start_method("fork", force=True)
 
 
 def swarm_peer_id(data_dir: Path) -> str:
@@ -37,6 +44,7 @@ def swarm_peer_id(data_dir: Path) -> str:
 def start_dht(data_dir: Path, initial_peers: list[str], host: str, port: int, client_mode: bool):
     import hivemind
 
+    use_fork_start_method()
     return hivemind.DHT(
         initial_peers=initial_peers,
         host_maddrs=[f"/ip4/{host}/tcp/{port}"],
@@ -62,10 +70,12 @@ def make_optimizer(dht, config: RunConfig, model: torch.nn.Module, task, client_
         load_state_timeout=LOAD_STATE_TIMEOUT,
         averager_opts={"request_timeout": min(REQUEST_TIMEOUT, config.matchmaking_time / 2)},
         tracker_opts={"metadata_expiration": PROGRESS_EXPIRATION},
-        # gradient averaging alone keeps peers identical (same init, same averaged gradients, late
-        # joiners load state); hivemind's delayed state averaging would replace parameters at
-        # different steps on different peers and make them drift apart
-        average_state_every=STATE_AVERAGING_NEVER,
+        # parameters are averaged too, right after each optimizer step, so a peer that missed a
+        # gradient round (a late joiner, a slow one) is pulled back at once; hivemind's default
+        # *delayed* state averaging applies the average at different steps on different peers and
+        # makes them drift apart
+        average_state_every=1,
+        delay_state_averaging=False,
         client_mode=client_mode,
         verbose=False,
     )

@@ -125,3 +125,18 @@ def test_coordinator_restart_keeps_acknowledged_reports(procs, tmp_path):
     status = restarted.status()
     assert status["epoch"] == 12
     assert all(peer["reports"] == 12 for peer in status["peers"])
+
+
+def test_sigterm_leaves_cleanly_and_the_other_peer_goes_on(procs, tmp_path):
+    run = write_run(tmp_path / "run.toml", epochs=6, averaging_timeout=5.0)
+    coordinator = start_coordinator(procs, tmp_path / "c", run)
+    stayer = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "stayer")
+    leaver = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "leaver")
+    wait_until(lambda: len(epochs_reported(tmp_path / "leaver")) >= 2, 90, "both peers to train 2 epochs")
+    leaver.popen.send_signal(signal.SIGTERM)  # the peer process only, as `kill PID` would
+    assert leaver.wait(60) == 0, leaver.log()
+    leaver_id = next(e["peer_id"] for e in events(tmp_path / "leaver") if e["event"] == "joined")
+    assert [e["reason"] for e in events(tmp_path / "leaver") if e["event"] == "left"] == ["stopped"]
+    assert not next(p for p in coordinator.status()["peers"] if p["id"] == leaver_id)["alive"]
+    assert stayer.wait(PEER_EXIT) == 0, stayer.log()
+    assert load_model(tmp_path / "stayer")["epoch"] == 6
