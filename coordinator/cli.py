@@ -12,15 +12,9 @@ import typer
 
 from coordinator.ledger import Ledger
 from coordinator.server import join_command, read_info, serve
-from peer import __version__
-from peer.cli_support import run_app
+from peer.cli_support import new_app, run_app
 
-app = typer.Typer(
-    help="Host a potluck run: admit volunteers, track progress, keep the credit ledger.",
-    no_args_is_help=True,
-    context_settings={"help_option_names": ["-h", "--help"]},
-    pretty_exceptions_enable=False,
-)
+app = new_app("coordinator", "Host a potluck run: admit volunteers, track progress, keep the credit ledger.")
 token_app = typer.Typer(help="Join tokens for organizations.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 
@@ -39,18 +33,6 @@ class TableOrJson(str, Enum):
     table = "table"
     json = "json"
 
-
-def _version(value: bool):
-    if value:
-        print(f"potluck coordinator {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _main(
-    version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True)] = False,
-):
-    """Host a potluck run."""
 
 
 @app.command("serve")

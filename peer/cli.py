@@ -12,16 +12,11 @@ from typing import Annotated
 import typer
 
 from peer import __version__
-from peer.cli_support import run_app
+from peer.cli_support import new_app, run_app
 from peer.errors import UserError
 from peer.identity import load_or_create_identity
 
-app = typer.Typer(
-    help="Lend your machine to a potluck training run.",
-    no_args_is_help=True,
-    context_settings={"help_option_names": ["-h", "--help"]},
-    pretty_exceptions_enable=False,
-)
+app = new_app("peer", "Lend your machine to a potluck training run.")
 
 DEFAULT_DATA_DIR = Path.home() / ".potluck" / "peer"
 DataDir = Annotated[
@@ -43,18 +38,6 @@ class ProgressMode(str, Enum):
     plain = "plain"
     quiet = "quiet"
 
-
-def _version(value: bool):
-    if value:
-        print(f"potluck peer {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _main(
-    version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True)] = False,
-):
-    """Lend your machine to a potluck training run."""
 
 
 @app.command("id")

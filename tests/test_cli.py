@@ -50,6 +50,12 @@ def coordinator(tmp_path_factory):
 
 # --- help ----------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("program", ["coordinator", "peer"])
+def test_version(program):
+    for flag in ("--version", "-V"):
+        result = cli(program, flag)
+        assert result.returncode == 0 and result.stdout.strip() == f"potluck {program} 0.1.0", result
+
 @pytest.mark.parametrize("command", [
     ("coordinator",),
     ("coordinator", "serve"),
