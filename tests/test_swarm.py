@@ -140,3 +140,16 @@ def test_sigterm_leaves_cleanly_and_the_other_peer_goes_on(procs, tmp_path):
     assert not next(p for p in coordinator.status()["peers"] if p["id"] == leaver_id)["alive"]
     assert stayer.wait(PEER_EXIT) == 0, stayer.log()
     assert load_model(tmp_path / "stayer")["epoch"] == 6
+
+
+def test_max_epochs_leaves_after_that_many_epochs(procs, tmp_path):
+    run = write_run(tmp_path / "run.toml", epochs=0)  # a run without end: only --max-epochs stops the peers
+    coordinator = start_coordinator(procs, tmp_path / "c", run)
+    peers = [start_peer(procs, coordinator.address, coordinator.token, tmp_path / name, "--max-epochs", "3")
+             for name in ("a", "b")]
+    for peer in peers:
+        assert peer.wait(PEER_EXIT) == 0, peer.log()
+    for name in ("a", "b"):
+        assert len(epochs_reported(tmp_path / name)) == 3
+        assert [e["reason"] for e in events(tmp_path / name) if e["event"] == "left"] == ["3 epochs done"]
+    assert_same_parameters(load_model(tmp_path / "a"), load_model(tmp_path / "b"))
