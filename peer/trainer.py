@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -40,10 +41,17 @@ def pick_device(choice: str) -> torch.device:
 
 
 def install_stop_handlers() -> threading.Event:
-    """SIGINT and SIGTERM ask the loop to stop after the current step, so the peer leaves cleanly."""
+    """SIGINT and SIGTERM ask the loop to stop after the current step, so the peer leaves cleanly;
+    a second one exits at once, should a hivemind shutdown path hang."""
     stop = threading.Event()
+
+    def handle(signum, frame):
+        if stop.is_set():
+            os._exit(128 + signum)
+        stop.set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, handle)
     return stop
 
 
