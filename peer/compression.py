@@ -24,9 +24,10 @@ from hivemind.compression import (
 from hivemind.compression import quantization as _quantization
 from hivemind.proto import runtime_pb2
 
-# Relative L2 error of one encode/decode, measured on Gaussian and Adam-update-like tensors with
-# margin (tests/test_strategies.py holds the codecs to these bounds).
-RELATIVE_ERROR_BOUND = {"none": 0.0, "fp16": 1e-3, "uint8": 0.03}
+# Worst relative L2 error of one encode/decode, with margin (tests/test_strategies.py holds the codecs
+# to it): uint8 is ~0.015 on Gaussian values but ~0.15 on heavy-tailed ones (values beyond 3 sigma are
+# clipped to the outermost bucket), e.g. pseudo-gradients where a few weights moved a lot.
+RELATIVE_ERROR_BOUND = {"none": 0.0, "fp16": 1e-3, "uint8": 0.2}
 
 
 def _extract_8bit(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
