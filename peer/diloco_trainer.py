@@ -21,6 +21,8 @@ from peer.progress import Progress, ProgressDisplay
 from peer.runconfig import RunConfig
 from peer.trainer import MODEL_FILE, EpochMeter, TrainOptions, autocast_context, install_stop_handlers
 
+FIRST_HEARTBEAT_TIMEOUT = 15.0  # seconds to learn the swarm's epoch from the coordinator before starting
+
 
 def wait_for_live_peers(link: CoordinatorLink, min_peers: int, stop, display: ProgressDisplay) -> None:
     """Hold the first phase until the coordinator counts min_peers live peers (no DHT polling)."""
@@ -51,7 +53,11 @@ def train_diloco(config: RunConfig, task, peer_id: str, dht, make_link, events: 
     credit = EpochMeter()  # work of failed rounds, credited when a later round carries it
 
     with ProgressDisplay(peer_id, config.run_id, options.progress) as display:
-        if diloco.load_state_from_peers(timeout=STATE_DOWNLOAD_TIMEOUT):
+        # the coordinator's epoch says whether the swarm has moved past the initial weights
+        first_heartbeat = time.monotonic() + FIRST_HEARTBEAT_TIMEOUT
+        while not link.view.updated and time.monotonic() < first_heartbeat and not stop.is_set():
+            stop.wait(0.1)
+        if link.view.epoch > 0 and diloco.load_state_from_peers(timeout=STATE_DOWNLOAD_TIMEOUT):
             events.emit("state_loaded", epoch=diloco.epoch, discarded_samples=0)
             display.message(f"loaded the swarm's state at epoch {diloco.epoch}")
         events.emit("started", epoch=diloco.epoch, device=str(device), strategy="diloco")

@@ -4,7 +4,9 @@
 
 Peer "a" starts the swarm and writes its address to WORKDIR/a.maddrs; peer "b" joins it. Each
 sets its model to anchor - delta(ROLE, round), a known pseudo-gradient, runs ROUNDS rounds and
-writes anchor, momentum, the averaged pseudo-gradient and each round's outcome to WORKDIR/ROLE.json.
+writes anchor, momentum, the averaged pseudo-gradient and each round's outcome to WORKDIR/ROLE.json,
+then serves its state until WORKDIR/done exists. A peer "late" joins afterwards, downloads the
+state from them and writes what it got to WORKDIR/late.json.
 """
 
 from __future__ import annotations
@@ -55,6 +57,15 @@ def main(role: str, workdir: Path, codec: str, rounds: int, width: int) -> None:
         dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=peers, start=True)
     model = tiny_model(width)
     diloco = DiLoCo(dht, config, model, prefix="strategytest")
+    if role == "late":
+        loaded = diloco.load_state_from_peers(timeout=30)
+        result = {"loaded": loaded, "epoch": diloco.epoch, "anchor": [a.tolist() for a in diloco.anchor],
+                  "momentum": [m.tolist() for m in diloco.momentum], "model": [p.tolist() for p in model.parameters()]}
+        (workdir / "late.json").write_text(json.dumps(result))
+        (workdir / "done").touch()
+        diloco.shutdown()
+        dht.shutdown()
+        return
     result = {"rounds": []}
     shapes = [p.shape for p in model.parameters()]
     for round_index in range(rounds):
@@ -72,6 +83,9 @@ def main(role: str, workdir: Path, codec: str, rounds: int, width: int) -> None:
     result["momentum"] = [m.tolist() for m in diloco.momentum]
     result["model"] = [p.tolist() for p in model.parameters()]
     (workdir / f"{role}.json").write_text(json.dumps(result))
+    deadline = time.monotonic() + 60
+    while not (workdir / "done").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
     diloco.shutdown()
     dht.shutdown()
 

@@ -91,17 +91,25 @@ def test_eight_bit_decoder_works_with_this_numpy():
 
 # -- DiLoCo rounds between two real processes ----------------------------------------------------
 
-def run_two_workers(procs, workdir, codec: str, rounds: int, width: int) -> tuple[dict, dict]:
+def start_worker(procs, workdir, role: str, codec: str, rounds: int, width: int) -> Proc:
+    worker = Proc([sys.executable, str(ROOT / "tests" / "strategy_worker.py"), role, str(workdir), codec, str(rounds),
+                   str(width)], workdir / f"{role}.log")
+    procs.append(worker)
+    return worker
+
+
+def run_two_workers(procs, workdir, codec: str, rounds: int, width: int, late: bool = False) -> tuple[dict, ...]:
+    """Two peers run `rounds` rounds; with `late`, a third then downloads their state."""
     workdir.mkdir(parents=True, exist_ok=True)
-    workers = [
-        Proc([sys.executable, str(ROOT / "tests" / "strategy_worker.py"), role, str(workdir), codec, str(rounds),
-              str(width)], workdir / f"{role}.log")
-        for role in ("a", "b")
-    ]
-    procs.extend(workers)
+    if not late:
+        (workdir / "done").touch()
+    workers = [start_worker(procs, workdir, role, codec, rounds, width) for role in ("a", "b")]
+    if late:
+        wait_until(lambda: (workdir / "a.json").exists() and (workdir / "b.json").exists(), 120, "two peers' rounds")
+        workers.append(start_worker(procs, workdir, "late", codec, rounds, width))
     for worker in workers:
         assert worker.wait(120) == 0, worker.log()[-3000:]
-    return tuple(json.loads((workdir / f"{role}.json").read_text()) for role in ("a", "b"))
+    return tuple(json.loads((workdir / f"{role}.json").read_text()) for role in ("a", "b", "late")[:len(workers)])
 
 
 def known_deltas(width: int, round_index: int) -> list[list[torch.Tensor]]:
@@ -114,7 +122,7 @@ def known_deltas(width: int, round_index: int) -> list[list[torch.Tensor]]:
 def test_diloco_two_peers_equal_a_hand_computed_outer_step(procs, tmp_path):
     from strategy_worker import tiny_model
 
-    a, b = run_two_workers(procs, tmp_path / "w", "none", rounds=2, width=3)
+    a, b, late = run_two_workers(procs, tmp_path / "w", "none", rounds=2, width=3, late=True)
     for result in (a, b):
         assert [(r["applied"], r["group_size"], r["epoch"]) for r in result["rounds"]] == [(True, 2, 1), (True, 2, 2)]
         assert result["rounds"][-1]["resynced"], "the last round of a run resyncs the anchors"
@@ -136,6 +144,11 @@ def test_diloco_two_peers_equal_a_hand_computed_outer_step(procs, tmp_path):
             torch.testing.assert_close(torch.tensor(got_anchor), want, rtol=0, atol=1e-6)
             torch.testing.assert_close(torch.tensor(got_model), want, rtol=0, atol=1e-6)
             torch.testing.assert_close(torch.tensor(got_momentum), want_m, rtol=0, atol=1e-6)
+    # a late joiner gets the anchor, the outer momentum and the epoch, and starts from the anchor
+    assert late["loaded"] and late["epoch"] == 2
+    for key in ("anchor", "momentum", "model"):
+        for got, want in zip(late[key], a["anchor" if key == "model" else key]):
+            assert got == want, key
     # a round that did nothing would leave the model at anchor - own delta: far from the expected
     assert (torch.tensor(a["anchor"][0]) - tiny_model(3).weight).abs().max() > 1e-3
 
@@ -152,3 +165,38 @@ def test_uint8_averaged_values_across_two_processes(procs, tmp_path):
         # two 8-bit passes (up and down) cost ~2-3%; a dropped part would leave own values (~100% off)
         assert error < 0.06, error.item()
         assert (got - mean).norm() < 0.1 * half_gap
+
+
+# -- a DiLoCo run through the real CLI -----------------------------------------------------------
+
+def test_two_peers_train_with_diloco_and_end_equal(procs, tmp_path):
+    from coordinator.ledger import Ledger
+    from examples.digits import TASK
+    from peer.outbox import Outbox
+
+    run = write_run(tmp_path / "run.toml", epochs=4, strategy="diloco", compression="fp16", inner_steps=10,
+                    matchmaking_time=1.0)
+    run.write_text(run.read_text().replace("overlap = false", "overlap = true"))
+    coordinator = start_coordinator(procs, tmp_path / "c", run)
+    peers = [start_peer(procs, coordinator.address, coordinator.token, tmp_path / name) for name in ("a", "b")]
+    for peer in peers:
+        assert peer.wait(PEER_EXIT) == 0, peer.log()
+
+    a, b = load_model(tmp_path / "a"), load_model(tmp_path / "b")
+    assert a["epoch"] == b["epoch"] == 4
+    for name, tensor in a["state_dict"].items():
+        torch.testing.assert_close(tensor, b["state_dict"][name], atol=1e-6, rtol=0, msg=name)
+    model = TASK.build_model(0)
+    model.load_state_dict(a["state_dict"])
+    assert TASK.evaluate(model, *TASK.eval_data())["accuracy"] > 0.5  # chance is 0.1
+
+    rounds = [e for e in events(tmp_path / "a") if e["event"] == "round"]
+    assert all(r["applied"] and r["group_size"] == 2 for r in rounds), rounds
+    assert rounds[-1]["resynced"]
+    status = coordinator.status()
+    assert status["epoch"] == 4
+    assert sorted(p["reports"] for p in status["peers"]) == [4, 4]
+    recorded = Ledger.open_existing(tmp_path / "c").report_ids()
+    for name in ("a", "b"):
+        assert epochs_reported(tmp_path / name) == [0, 1, 2, 3]
+        assert set(Outbox(tmp_path / name).acked_ids()) <= recorded
