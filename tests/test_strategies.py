@@ -200,3 +200,53 @@ def test_two_peers_train_with_diloco_and_end_equal(procs, tmp_path):
     for name in ("a", "b"):
         assert epochs_reported(tmp_path / name) == [0, 1, 2, 3]
         assert set(Outbox(tmp_path / name).acked_ids()) <= recorded
+
+
+# -- the byte-level language model task ----------------------------------------------------------
+
+def test_bytelm_loads_its_pinned_corpus_and_learns():
+    from examples import bytelm
+    from peer.task import load_task
+
+    task = load_task("examples.bytelm", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a busy 2-core box: one thread is faster than two fighting
+    try:
+        check_bytelm_learns(task, bytelm.CONTEXT)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_bytelm_learns(task, context: int) -> None:
+    inputs, targets = task.train_data()
+    eval_inputs, eval_targets = task.eval_data()
+    assert inputs.shape[1] == context and inputs.dtype == torch.long and len(inputs) > 5000
+    assert torch.equal(inputs[0, 1:], targets[0, :-1])  # targets are the next bytes
+    model = task.build_model(1)
+    assert 100_000 < sum(p.numel() for p in model.parameters()) < 1_000_000
+    before = task.evaluate(model, eval_inputs[:64], eval_targets[:64])
+    assert 7 < before["bits_per_byte"] < 9  # ~uniform over 256 bytes at init
+    optimizer = task.make_optimizer(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        index = torch.randint(len(inputs), (16,), generator=generator)
+        task.loss(model, inputs[index], targets[index]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = task.evaluate(model, eval_inputs[:64], eval_targets[:64])
+    assert after["bits_per_byte"] < before["bits_per_byte"] - 2, (before, after)
+
+
+def test_bytelm_refuses_a_changed_corpus_file(tmp_path):
+    from examples import bytelm
+
+    for name, _ in bytelm.HELD_OUT_FILES:
+        (tmp_path / name).write_bytes((bytelm.stdlib_dir() / name).read_bytes())
+    assert bytelm.read_pinned(bytelm.HELD_OUT_FILES, tmp_path)  # identical copies pass
+    changed = bytelm.HELD_OUT_FILES[1][0]
+    (tmp_path / changed).write_bytes((tmp_path / changed).read_bytes() + b"\n# edited\n")
+    with pytest.raises(UserError, match=f"{changed} differs from the pinned copy"):
+        bytelm.read_pinned(bytelm.HELD_OUT_FILES, tmp_path)
+    (tmp_path / changed).unlink()
+    with pytest.raises(UserError, match=f"needs the standard-library file .*{changed}"):
+        bytelm.read_pinned(bytelm.HELD_OUT_FILES, tmp_path)
