@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -89,8 +89,28 @@ def outer_step_reference(anchor, momentum, mean_delta, lr: float, mu: float):
 
 def _make_averager_class():
     from hivemind.averaging import DecentralizedAverager
+    from hivemind.utils import MPFuture
 
-    class StateAverager(DecentralizedAverager):
+    class GroupSizedAverager(DecentralizedAverager):
+        """A DecentralizedAverager whose expected group size can change between rounds.
+
+        hivemind's leader waits the whole matchmaking window unless the group reaches
+        ``target_group_size``, fixed at construction. The coordinator knows how many peers are
+        alive, so before each round the group is declared full at that size and all-reduce starts
+        as soon as everyone has joined; the window is then only the upper bound for a missing peer.
+        """
+
+        def set_target_group_size(self, size: int | None) -> None:
+            future = MPFuture()
+            self._outer_pipe.send(("_set_target_group_size", [], dict(size=size, future=future)))
+            future.result(timeout=REQUEST_TIMEOUT * 5)
+
+        async def _set_target_group_size(self, size, future):  # runs in the averager's process
+            self._matchmaking.target_group_size = size
+            self._matchmaking.potential_leaders.target_group_size = size
+            future.set_result(None)
+
+    class StateAverager(GroupSizedAverager):
         """Averages and shares anchor + outer momentum; the metadata a joiner downloads holds the epoch."""
 
         epoch = 0
@@ -99,7 +119,7 @@ def _make_averager_class():
             with self.get_tensors() as tensors:
                 return {"epoch": int(self.epoch)}, [t.clone() for t in tensors], self.tensor_infos
 
-    return DecentralizedAverager, StateAverager
+    return GroupSizedAverager, StateAverager
 
 
 @dataclass
@@ -112,13 +132,14 @@ class RoundOutcome:
     resynced: bool = False
     reason: str = ""
     payload_bytes: int = 0  # bytes of this peer's compressed pseudo-gradient (one copy)
+    seconds: float = 0.0  # from launch to result: matchmaking + all-reduce (+ the overlapped phase)
 
 
 class DiLoCo:
     """The outer loop's state and rounds for one peer; the caller runs the inner steps on ``model``."""
 
     def __init__(self, dht, config: RunConfig, model: torch.nn.Module, prefix: str | None = None):
-        DecentralizedAverager, StateAverager = _make_averager_class()
+        GroupSizedAverager, StateAverager = _make_averager_class()
         settings = config.averaging
         self.config = config
         self.params = [p for p in model.parameters()]
@@ -140,7 +161,7 @@ class DiLoCo:
             allreduce_timeout=config.averaging_timeout, next_chunk_timeout=config.averaging_timeout / 2,
             min_group_size=2, client_mode=False,
         )
-        self.delta_averager = DecentralizedAverager(
+        self.delta_averager = GroupSizedAverager(
             self.deltas, prefix=f"{prefix}_diloco_delta", compression=make_compression(self.codec),
             allow_state_sharing=False, **common,
         )
@@ -148,8 +169,8 @@ class DiLoCo:
             [*self.anchor, *self.momentum], prefix=f"{prefix}_diloco_state", allow_state_sharing=True, **common,
         )
         self.epoch = 0
-        self._pending = None  # (control, snapshot of x at launch, sent gather)
-        self._lock = threading.Lock()
+        self._pending = None  # (control, snapshot of x at launch, sent gather, launch time)
+        self._target_group_size = None
 
     # -- epoch ---------------------------------------------------------------------------------
 
@@ -200,9 +221,18 @@ class DiLoCo:
     def pending(self) -> bool:
         return self._pending is not None
 
-    def launch_round(self) -> None:
-        """Start averaging this phase's pseudo-gradient (in the background)."""
+    def launch_round(self, expected_group: int = 0) -> None:
+        """Start averaging this phase's pseudo-gradient (in the background).
+
+        expected_group: how many peers should meet (e.g. the coordinator's live count); when >= 2,
+        the round starts as soon as that many have joined instead of waiting the whole window.
+        """
         assert self._pending is None, "complete the previous round first"
+        target = expected_group if expected_group >= 2 else None
+        if target != self._target_group_size:
+            for averager in (self.delta_averager, self.state_averager):
+                averager.set_target_group_size(target)
+            self._target_group_size = target
         snapshot = [p.detach().cpu().clone() for p in self.params]
         with torch.no_grad(), self.delta_averager.get_tensors() as deltas:
             for delta, anchor, x in zip(deltas, self.anchor, snapshot):
@@ -215,11 +245,11 @@ class DiLoCo:
             }
         control = self.delta_averager.step(gather=sent, weight=1.0, timeout=self.config.averaging_timeout,
                                            allow_retries=True, wait=False)
-        self._pending = (control, snapshot, sent)
+        self._pending = (control, snapshot, sent, time.monotonic())
 
     def complete_round(self, final: bool = False) -> RoundOutcome:
         """Wait (bounded) for the launched round, check it, apply the outer step or keep local params."""
-        control, snapshot, sent = self._pending
+        control, snapshot, sent, launched = self._pending
         self._pending = None
         epoch = self.epoch
         wait = 3 * self.config.averaging_timeout + 2 * self.config.matchmaking_time
@@ -227,8 +257,10 @@ class DiLoCo:
             gathered = control.result(timeout=wait)
         except Exception as error:  # no group, a timeout, a peer that failed mid-round
             control.cancel()
-            return RoundOutcome(epoch, applied=False, reason=f"round failed: {type(error).__name__}")
+            return RoundOutcome(epoch, applied=False, reason=f"round failed: {type(error).__name__}",
+                                seconds=time.monotonic() - launched)
         outcome = self._apply(gathered, snapshot, sent, epoch)
+        outcome.seconds = time.monotonic() - launched
         if final and outcome.group_size >= 2:
             outcome.resynced = self._resync() or outcome.resynced
         return outcome

@@ -68,7 +68,8 @@ def train_diloco(config: RunConfig, task, peer_id: str, dht, make_link, events: 
             outcome = diloco.complete_round(final=final)
             meter, launched_meter = launched_meter, None
             events.emit("round", epoch=outcome.epoch, applied=outcome.applied, group_size=outcome.group_size,
-                        resynced=outcome.resynced, reason=outcome.reason, payload_bytes=outcome.payload_bytes)
+                        resynced=outcome.resynced, reason=outcome.reason, payload_bytes=outcome.payload_bytes,
+                        seconds=round(outcome.seconds, 3))
             credit.add(meter.samples, meter.mean_loss, meter.compute_seconds)
             if not outcome.applied:
                 if outcome.resynced:
@@ -126,7 +127,7 @@ def train_diloco(config: RunConfig, task, peer_id: str, dht, make_link, events: 
                 finish_round(final=False)
             rounds_left_in_run = config.epochs - diloco.epoch if config.epochs else None
             final = rounds_left_in_run == 1 or bool(options.max_epochs and epochs_done + 1 >= options.max_epochs)
-            diloco.launch_round()
+            diloco.launch_round(expected_group=link.view.live_peers)
             launched_meter = meter
             if not settings.overlap or final:
                 finish_round(final=final)

@@ -72,7 +72,7 @@ def main(role: str, workdir: Path, codec: str, rounds: int, width: int) -> None:
         with torch.no_grad():
             for param, anchor, delta in zip(model.parameters(), diloco.anchor, known_delta(role, round_index, shapes)):
                 param.copy_(anchor - delta)
-        diloco.launch_round()
+        diloco.launch_round(expected_group=2)
         outcome = diloco.complete_round(final=round_index == rounds - 1 and rounds > 1)
         result["rounds"].append({
             "applied": outcome.applied, "group_size": outcome.group_size, "reason": outcome.reason,
