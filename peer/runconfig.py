@@ -50,6 +50,7 @@ class RunConfig:
     averaging_timeout: float
     heartbeat_interval: float
     peer_timeout: float
+    access_token_ttl: float
     text: str
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
 
@@ -78,6 +79,7 @@ _SCHEMA: dict[str, dict[str, tuple[type, object]]] = {
         "outer_momentum": (float, AveragingConfig.outer_momentum),
         "overlap": (bool, AveragingConfig.overlap),
     },
+    "security": {"access_token_ttl": (float, 300.0)},
 }
 
 
@@ -122,6 +124,7 @@ def parse_run_config(text: str, where: str = "run config") -> RunConfig:
         averaging_timeout=values["training.averaging_timeout"],
         heartbeat_interval=values["coordinator.heartbeat_interval"],
         peer_timeout=values["coordinator.peer_timeout"],
+        access_token_ttl=values["security.access_token_ttl"],
         text=text,
         averaging=AveragingConfig(**{key: values[f"averaging.{key}"] for key in _SCHEMA["averaging"]}),
     )
@@ -144,6 +147,9 @@ def _check_ranges(config: RunConfig, where: str) -> None:
         )
     if config.min_peers < 1:
         raise UserError(f"{where}: [training] min_peers must be >= 1, got {config.min_peers}")
+    if config.access_token_ttl < 4 * config.heartbeat_interval:
+        raise UserError(f"{where}: [security] access_token_ttl must be at least 4 heartbeat intervals "
+                        f"({4 * config.heartbeat_interval:g}s), got {config.access_token_ttl:g}")
     for name in ("matchmaking_time", "averaging_timeout", "heartbeat_interval", "peer_timeout"):
         if getattr(config, name) <= 0:
             raise UserError(f"{where}: {name} must be > 0, got {getattr(config, name)}")

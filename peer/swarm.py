@@ -31,18 +31,19 @@ def use_fork_start_method() -> None:
         multiprocessing.set_start_method("fork", force=True)
 
 
-def swarm_peer_id(data_dir: Path) -> str:
-    """The hivemind peer id of this peer, from a key file created once (so it is known before the DHT starts)."""
+def swarm_peer_id(data_dir: Path, file_name: str = SWARM_IDENTITY_FILE) -> str:
+    """The hivemind peer id of this node, from a key file created once (so it is known before the DHT starts)."""
     from hivemind.p2p import P2P, PeerID
 
-    path = Path(data_dir) / SWARM_IDENTITY_FILE
+    path = Path(data_dir) / file_name
     if not path.exists():
         P2P.generate_identity(str(path))
         path.chmod(0o600)
     return PeerID.from_identity(path.read_bytes()).to_base58()
 
 
-def start_dht(data_dir: Path, initial_peers: list[str], host: str, port: int, client_mode: bool):
+def start_dht(data_dir: Path, initial_peers: list[str], host: str, port: int, client_mode: bool, authorizer):
+    """This peer's DHT node; `authorizer` (peer/swarm_access.py) proves its admission to the others."""
     import hivemind
 
     use_fork_start_method()
@@ -51,6 +52,7 @@ def start_dht(data_dir: Path, initial_peers: list[str], host: str, port: int, cl
         host_maddrs=[f"/ip4/{host}/tcp/{port}"],
         identity_path=str(Path(data_dir) / SWARM_IDENTITY_FILE),
         client_mode=client_mode,
+        authorizer=authorizer,
         start=True,
     )
 

@@ -120,6 +120,9 @@ def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLo
         while True:
             if stop.is_set():
                 break
+            if link.evicted:
+                reason = link.evicted
+                break
             if (config.epochs and opt.local_epoch >= config.epochs) or link.view.run_finished:
                 reason = "run finished"
                 break
@@ -169,7 +172,7 @@ def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLo
                 display.epoch_done(progress)
                 epoch, micro_batch, meter = opt.local_epoch, 0, EpochMeter()
 
-    if reason != "stopped":
+    if reason != "stopped" and not link.evicted:
         link.wait_for_peers_to_catch_up(timeout=config.averaging_timeout)
     torch.save({"epoch": opt.local_epoch, "state_dict": model.state_dict()}, Path(options.data_dir) / MODEL_FILE)
     model.eval()
