@@ -40,7 +40,9 @@ def train_diloco(config: RunConfig, task, peer_id: str, dht, make_link, events: 
     settings = config.averaging
     device = options.device
     model = task.build_model(config.seed).to(device)
+    setup_started = time.monotonic()
     diloco = DiLoCo(dht, config, model)  # forks hivemind's averager processes: before any gRPC thread
+    averagers_seconds = time.monotonic() - setup_started
     stop = install_stop_handlers()
     link: CoordinatorLink = make_link().start()
     inner = task.make_optimizer(model.parameters())
@@ -60,7 +62,9 @@ def train_diloco(config: RunConfig, task, peer_id: str, dht, make_link, events: 
         if link.view.epoch > 0 and diloco.load_state_from_peers(timeout=STATE_DOWNLOAD_TIMEOUT):
             events.emit("state_loaded", epoch=diloco.epoch, discarded_samples=0)
             display.message(f"loaded the swarm's state at epoch {diloco.epoch}")
-        events.emit("started", epoch=diloco.epoch, device=str(device), strategy="diloco")
+        events.emit("started", epoch=diloco.epoch, device=str(device), strategy="diloco",
+                    averagers_seconds=round(averagers_seconds, 2),
+                    setup_seconds=round(time.monotonic() - setup_started, 2))
         wait_for_live_peers(link, config.min_peers, stop, display)
 
         def finish_round(final: bool) -> None:
