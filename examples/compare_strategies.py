@@ -59,7 +59,8 @@ def run_arm(workdir: Path, settings: dict, samples: int) -> dict:
         time.sleep(0.5)
         info = json.loads(info_path.read_text())
         token = (workdir / "c" / "default-org.token").read_text().strip()
-        peers = [subprocess.Popen([str(BIN / "peer"), "join", info["address"], "--token", token, "--data-dir",
+        pin = ["--fingerprint", info["tls_fingerprint"]] if info.get("tls_fingerprint") else ["--insecure"]
+        peers = [subprocess.Popen([str(BIN / "peer"), "join", info["address"], "--token", token, *pin, "--data-dir",
                                    str(workdir / name), "--threads", "1", "--progress", "plain"],
                                   stdout=open(workdir / f"{name}.log", "w"), stderr=subprocess.STDOUT,
                                   start_new_session=True) for name in ("a", "b")]
