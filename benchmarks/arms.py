@@ -36,6 +36,7 @@ class Workload:
     target_batch: int = 512
     seconds: float = 40.0  # training time per arm, from the moment the swarm formed
     late_join_after: float = 15.0  # an extra peer joins this long after training started (g); 0: none
+    late_grace: float = 30.0  # at most this long past `seconds` for the late peer's first contribution
     seed: int = 20261128
     matchmaking_time: float = 2.0
     averaging_timeout: float = 30.0
@@ -123,15 +124,15 @@ def attach_compute_seconds(events: list[dict], ledger_path: Path) -> None:
 
 
 class ArmRunner:
-    """Runs arms on fixed hosts: hosts[0] supports (coordinator or bootstrap), hosts[1:] are peers
-    (the last one is the late joiner when the workload has one)."""
+    """Runs arms on the hosts it is given: hosts[0] supports (coordinator or bootstrap), hosts[1:] are
+    peers (the one after the workload's peers is the late joiner when the workload has one)."""
 
-    def __init__(self, lab, hosts: list[Host], processes: Processes, workdir: Path):
-        self.lab, self.hosts, self.processes, self.workdir = lab, hosts, processes, Path(workdir)
+    def __init__(self, lab, processes: Processes, workdir: Path):
+        self.lab, self.processes, self.workdir = lab, processes, Path(workdir)
 
     # -- shared steps -------------------------------------------------------------------------
-    def _start_sampler(self, folder: Path, max_seconds: float):
-        ifaces = [host.hub_interface for host in self.hosts if host.hub_interface] or ["lo"]
+    def _start_sampler(self, folder: Path, max_seconds: float, hosts: list[Host]):
+        ifaces = [host.hub_interface for host in hosts if host.hub_interface] or ["lo"]
         args = [sys.executable, "-m", "benchmarks.counters", str(folder / "counters.jsonl"),
                 str(SAMPLE_INTERVAL), str(max_seconds), *ifaces]
         return self.processes.start(self.lab.counter_command() + args, f"{folder.name}-counters")
@@ -150,20 +151,20 @@ class ArmRunner:
                 raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
             time.sleep(0.1)
 
-    def run(self, arm: Arm, workload: Workload) -> ArmRun:
+    def run(self, arm: Arm, workload: Workload, hosts: list[Host]) -> ArmRun:
         folder = self.workdir / arm.name
         folder.mkdir(parents=True, exist_ok=True)
         if arm.kind == "potluck":
             text = run_toml(workload, arm, f"bench-{arm.name}")
             reason = check_run_toml(text)
             if reason:
-                return ArmRun(arm, workload, [], self.hosts[0], CounterSeries([]), 0, 0, skipped=reason)
+                return ArmRun(arm, workload, [], hosts[0], CounterSeries([]), 0, 0, skipped=reason)
             (folder / "run.toml").write_text(text)
-        sampler = self._start_sampler(folder, workload.seconds + 2 * START_TIMEOUT)
+        sampler = self._start_sampler(folder, workload.seconds + workload.late_grace + 2 * START_TIMEOUT, hosts)
         started = []
         try:
-            support, peer_hosts = self.hosts[0], self.hosts[1:1 + workload.peers]
-            late_host = self.hosts[1 + workload.peers] if workload.late_join_after and len(self.hosts) > 1 + workload.peers else None
+            support, peer_hosts = hosts[0], hosts[1:1 + workload.peers]
+            late_host = hosts[1 + workload.peers] if workload.late_join_after and len(hosts) > 1 + workload.peers else None
             launch = self._potluck(folder, support, started, workload) if arm.kind == "potluck" else \
                 self._baseline(folder, support, started, workload)
             peers = [launch(host, f"peer{i}", late=False) for i, host in enumerate(peer_hosts)]
@@ -179,6 +180,14 @@ class ArmRunner:
                 time.sleep(max(train_start + workload.late_join_after - time.time(), 0))
                 late = launch(late_host, "late", late=True)
             time.sleep(max(train_start + workload.seconds - time.time(), 0))
+            if late is not None:
+                def contributed():
+                    return any(e["event"] == "epoch" and e["samples"] > 0 for e in read_events(late[1]))
+
+                try:
+                    self._wait(contributed, workload.late_grace, "the late peer's first contribution", [late[0]])
+                except RuntimeError:
+                    pass  # figure (g) reports that it did not contribute in time
             train_end = time.time()
             self.processes.stop([popen for popen, _ in peers + ([late] if late else [])])
             self.processes.stop(started)

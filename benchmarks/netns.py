@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 from dataclasses import dataclass
 
 SUBNET = "10.77.0"  # a private /24, only inside our own namespaces
@@ -78,6 +79,7 @@ class NetnsLab:
         self.hub = f"{self.prefix}hub"
         self.hosts: list[Host] = []
         self._namespaces: list[str] = []
+        self._lock = threading.Lock()
         self._add_namespace(self.hub)
         _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
         _ip("-n", self.hub, "link", "set", "br0", "up")
@@ -87,9 +89,20 @@ class NetnsLab:
         self._namespaces.append(name)
         _ip("-n", name, "link", "set", "lo", "up")
 
-    def add_host(self, name: str, rate_mbit: float | None) -> Host:
+    def add_host(self, rate_mbit: float | None) -> Host:
         """A new namespace on the bridge; rate_mbit shapes both directions of its link."""
+        with self._lock:
+            return self._add_host(rate_mbit)
+
+    def hosts_for(self, count: int, rate_mbit: float | None) -> list[Host]:
+        """An unshaped support host (coordinator, bootstrap node), then count shaped peer hosts."""
+        return [self.add_host(None)] + [self.add_host(rate_mbit) for _ in range(count)]
+
+    def _add_host(self, rate_mbit: float | None) -> Host:
         index = len(self.hosts) + 1
+        if index > 250:
+            raise RuntimeError("the lab's /24 is full")
+        name = f"h{index}"
         namespace, hub_end = f"{self.prefix}{name}", f"v{index}"
         self._add_namespace(namespace)
         _ip("link", "add", hub_end, "netns", self.hub, "type", "veth", "peer", "name", "eth0", "netns", namespace)
@@ -128,10 +141,13 @@ class LoopbackLab:
         self.prefix = prefix or f"plk-{os.getpid()}-"
         self.hosts: list[Host] = []
 
-    def add_host(self, name: str, rate_mbit: float | None) -> Host:
-        host = Host(name, "127.0.0.1", None, None, None)
+    def add_host(self, rate_mbit: float | None) -> Host:
+        host = Host(f"h{len(self.hosts) + 1}", "127.0.0.1", None, None, None)
         self.hosts.append(host)
         return host
+
+    def hosts_for(self, count: int, rate_mbit: float | None) -> list[Host]:
+        return [self.add_host(None) for _ in range(count + 1)]
 
     def counter_command(self) -> list[str]:
         return []

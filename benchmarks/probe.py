@@ -25,8 +25,10 @@ def averager_configs(matchmaking_time: float, compression: str, peers: int) -> l
     ]
 
 
-def run_probe(lab, support: Host, hosts: list[Host], processes: Processes, folder: Path, *, values: int,
-              rounds: int, configs: list[dict], env: dict) -> list[dict]:
+def run_probe(hosts: list[Host], processes: Processes, folder: Path, *, values: int, rounds: int,
+              configs: list[dict], env: dict) -> list[dict]:
+    """hosts[0] runs the bootstrap DHT node, hosts[1:] one probe process each."""
+    support, hosts = hosts[0], hosts[1:]
     folder.mkdir(parents=True, exist_ok=True)
     maddrs, barrier, seconds = folder / "maddrs.json", folder / "barrier", 60 * rounds * len(configs) + START_TIMEOUT
     barrier.mkdir(exist_ok=True)

@@ -32,12 +32,17 @@ def step_seconds() -> float:
 
 
 class BenchTask:
+    """width / step_seconds: None reads the environment (how peers get them)."""
+
     name = "benchmarks.simtask"
     version = "1"
 
+    def __init__(self, hidden: int | None = None, sleep_seconds: float | None = None):
+        self.hidden, self.sleep_seconds = hidden, sleep_seconds
+
     def build_model(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
-        hidden = width()
+        hidden = self.hidden if self.hidden is not None else width()
         return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                              nn.Linear(hidden, 10))
 
@@ -49,8 +54,9 @@ class BenchTask:
 
     def loss(self, model, inputs, targets):
         loss = nn.functional.cross_entropy(model(inputs), targets)
-        if step_seconds() > 0:
-            time.sleep(step_seconds())
+        sleep = self.sleep_seconds if self.sleep_seconds is not None else step_seconds()
+        if sleep > 0:
+            time.sleep(sleep)
         return loss
 
     def make_optimizer(self, params):
