@@ -137,8 +137,7 @@ class ArmRunner:
                 str(SAMPLE_INTERVAL), str(max_seconds), *ifaces]
         return self.processes.start(self.lab.counter_command() + args, f"{folder.name}-counters")
 
-    @staticmethod
-    def _wait(predicate, timeout: float, what: str, watch=()):
+    def _wait(self, predicate, timeout: float, what: str, watch=()):
         deadline = time.monotonic() + timeout
         while True:
             value = predicate()
@@ -149,7 +148,7 @@ class ArmRunner:
                     raise RuntimeError(f"{popen.name} exited with {popen.returncode} while waiting for {what}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-            time.sleep(0.1)
+            self.processes.sleep(0.1)
 
     def run(self, arm: Arm, workload: Workload, hosts: list[Host]) -> ArmRun:
         folder = self.workdir / arm.name
@@ -177,9 +176,9 @@ class ArmRunner:
             train_start = min(e["time"] for _, d in peers for e in read_events(d) if e["event"] == "started")
             late = None
             if late_host is not None:
-                time.sleep(max(train_start + workload.late_join_after - time.time(), 0))
+                self.processes.sleep(train_start + workload.late_join_after - time.time())
                 late = launch(late_host, "late", late=True)
-            time.sleep(max(train_start + workload.seconds - time.time(), 0))
+            self.processes.sleep(train_start + workload.seconds - time.time())
             if late is not None:
                 def contributed():
                     return any(e["event"] == "epoch" and e["samples"] > 0 for e in read_events(late[1]))
@@ -187,7 +186,9 @@ class ArmRunner:
                 try:
                     self._wait(contributed, workload.late_grace, "the late peer's first contribution", [late[0]])
                 except RuntimeError:
-                    pass  # figure (g) reports that it did not contribute in time
+                    if self.processes.stopping.is_set():
+                        raise
+                    # otherwise figure (g) reports that it did not contribute in time
             train_end = time.time()
             self.processes.stop([popen for popen, _ in peers + ([late] if late else [])])
             self.processes.stop(started)

@@ -83,7 +83,8 @@ def main() -> None:
                 barrier(folder, f"{round_index}-{name}", args.index, args.peers, max(deadline - time.monotonic(), 1))
                 called = time.perf_counter()
                 control = averagers[name].step(wait=False, require_trigger=True, timeout=ROUND_TIMEOUT)
-                while control.stage != AveragingStage.AWAITING_TRIGGER and not control.done():
+                while control.stage != AveragingStage.AWAITING_TRIGGER and not control.done() \
+                        and time.perf_counter() - called < ROUND_TIMEOUT:
                     time.sleep(0.002)
                 formed = time.perf_counter()
                 control.allow_allreduce()

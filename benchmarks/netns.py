@@ -80,6 +80,7 @@ class NetnsLab:
         self.hosts: list[Host] = []
         self._namespaces: list[str] = []
         self._lock = threading.Lock()
+        self._closed = False
         self._add_namespace(self.hub)
         _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
         _ip("-n", self.hub, "link", "set", "br0", "up")
@@ -92,6 +93,8 @@ class NetnsLab:
     def add_host(self, rate_mbit: float | None) -> Host:
         """A new namespace on the bridge; rate_mbit shapes both directions of its link."""
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the lab is closed")
             return self._add_host(rate_mbit)
 
     def hosts_for(self, count: int, rate_mbit: float | None) -> list[Host]:
@@ -125,6 +128,8 @@ class NetnsLab:
     def close(self) -> list[str]:
         """Delete every namespace this lab made (their veths and the bridge go with them); returns
         the names that could not be deleted."""
+        with self._lock:
+            self._closed = True
         for name in reversed(self._namespaces):
             _ip("netns", "del", name, check=False)
         self._namespaces = [name for name in self._namespaces if name in existing_namespaces(self.prefix)]

@@ -41,7 +41,7 @@ def run_probe(hosts: list[Host], processes: Processes, folder: Path, *, values: 
         while not maddrs.exists():
             if time.monotonic() > deadline or bootstrap.poll() is not None:
                 raise RuntimeError("the probe's bootstrap DHT node did not start")
-            time.sleep(0.1)
+            processes.sleep(0.1)
         for index, host in enumerate(hosts):
             started.append(processes.start(
                 host.command([sys.executable, "-m", "benchmarks.averaging_probe", "--host", host.address,
@@ -51,7 +51,7 @@ def run_probe(hosts: list[Host], processes: Processes, folder: Path, *, values: 
                               "--seconds", str(seconds)]), f"probe-{index}", env=env))
         deadline = time.monotonic() + seconds
         while any(popen.poll() is None for popen in started[1:]) and time.monotonic() < deadline:
-            time.sleep(0.2)
+            processes.sleep(0.2)
     finally:
         processes.stop(started, grace=2)
     path = folder / "rounds.jsonl"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -21,8 +22,16 @@ class Processes:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._started: list[subprocess.Popen] = []
         self._logs: list = []
+        self.stopping = threading.Event()  # set by close(): every wait of the harness ends early
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, unless the run is being torn down (then raise, so a worker thread ends at once)."""
+        if self.stopping.wait(max(seconds, 0)):
+            raise RuntimeError("the benchmark is stopping")
 
     def start(self, args: list[str], name: str, env: dict | None = None) -> subprocess.Popen:
+        if self.stopping.is_set():
+            raise RuntimeError("the benchmark is stopping")
         log = open(self.log_dir / f"{name}.log", "ab")
         self._logs.append(log)
         popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -62,6 +71,7 @@ class Processes:
 
     def close(self) -> None:
         """Kill every group started here, at once (the cleanup path)."""
+        self.stopping.set()
         for popen in self._started:
             self.signal_group(popen, signal.SIGKILL)
         for popen in self._started:

@@ -180,7 +180,7 @@ def run(plan: Plan, workdir: Path | None = None, log=print) -> dict:
         if "f" in plan.figures and main_arm:
             # bare, potluck, bare, baseline, bare: each peer run sits between two bare loops
             pieces += [bare_loop, lambda: alone(main_arm), bare_loop, lambda: alone(arms[0]), bare_loop]
-        probe_rounds = run_pieces(pieces, plan.concurrent)[0] if "b" in plan.figures else []
+        probe_rounds = run_pieces(pieces, plan.concurrent, processes.close)[0] if "b" in plan.figures else []
         if plan.concurrent:
             plan.notes.append("smoke: pieces ran concurrently, so the numbers only check the harness")
         if "b" in plan.figures:
@@ -230,13 +230,20 @@ def run(plan: Plan, workdir: Path | None = None, log=print) -> dict:
     return results
 
 
-def run_pieces(pieces: list, concurrent: bool) -> list:
-    """Run the pieces one after another (benchmarks), or all at once in threads (the smoke check)."""
+def run_pieces(pieces: list, concurrent: bool, abort) -> list:
+    """Run the pieces one after another (benchmarks), or all at once in threads (the smoke check).
+    On an interrupt, abort() kills what the workers started, so they end instead of being awaited."""
     if not concurrent:
         return [piece() for piece in pieces]
-    with ThreadPoolExecutor(max_workers=len(pieces) or 1) as pool:
+    pool = ThreadPoolExecutor(max_workers=len(pieces) or 1)
+    try:
         futures = [pool.submit(piece) for piece in pieces]
         return [future.result() for future in futures]
+    except BaseException:
+        abort()
+        raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def pick(stats: list):
