@@ -3,7 +3,8 @@
 Traps of hivemind 1.1.12 handled here (see docs/HIVEMIND_NOTES.md in the shared docs):
 - DHT and Optimizer get the same client_mode (the Optimizer mis-wires its own default);
 - both are created in the main thread, before any thread of ours starts (they fork processes);
-- no 8-bit codecs (broken with numpy >= 2.4): gradients travel uncompressed;
+- the codec of gradients and averaged state is ``[averaging] compression`` (peer.compression, which
+  also fixes hivemind's 8-bit decoder for numpy >= 2.4);
 - every averaging round has a timeout (all-reduce included), so a dead peer cannot hang the rest.
 """
 
@@ -57,6 +58,9 @@ def start_dht(data_dir: Path, initial_peers: list[str], host: str, port: int, cl
 def make_optimizer(dht, config: RunConfig, model: torch.nn.Module, task, client_mode: bool):
     import hivemind
 
+    from peer.compression import make_compression
+
+    codec = make_compression(config.averaging.compression)
     return hivemind.Optimizer(
         dht=dht,
         run_id=config.run_id,
@@ -68,6 +72,8 @@ def make_optimizer(dht, config: RunConfig, model: torch.nn.Module, task, client_
         averaging_timeout=config.averaging_timeout,
         allreduce_timeout=config.averaging_timeout,
         load_state_timeout=LOAD_STATE_TIMEOUT,
+        grad_compression=codec,
+        state_averaging_compression=codec,
         averager_opts={"request_timeout": min(REQUEST_TIMEOUT, config.matchmaking_time / 2)},
         tracker_opts={"metadata_expiration": PROGRESS_EXPIRATION},
         # parameters are averaged too, right after each optimizer step, so a peer that missed a

@@ -55,6 +55,13 @@ def install_stop_handlers() -> threading.Event:
     return stop
 
 
+def autocast_context(device: torch.device):
+    """bf16 autocast on CUDA, nothing on CPU."""
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 def wait_for_peers(opt, min_peers: int, stop: threading.Event, display: ProgressDisplay) -> None:
     """Hold training after the first micro-batch until min_peers are in the swarm, so nobody runs the
     first epochs alone. hivemind announces a peer only once it has accumulated samples, hence the
@@ -85,8 +92,13 @@ def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLo
     """Train until the run ends, --max-epochs is reached or SIGINT/SIGTERM; returns a summary.
 
     make_link() builds the coordinator link; it is called only after hivemind has forked its
-    processes, so no gRPC thread exists at fork time.
+    processes, so no gRPC thread exists at fork time. ``[averaging] strategy`` picks the loop:
+    this one (sync) or peer.diloco_trainer's.
     """
+    if config.averaging.strategy == "diloco":
+        from peer.diloco_trainer import train_diloco
+
+        return train_diloco(config, task, peer_id, dht, make_link, events, options)
     device = options.device
     model = task.build_model(config.seed).to(device)
     opt = make_optimizer(dht, config, model, task, client_mode=False)
@@ -94,9 +106,7 @@ def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLo
     link: CoordinatorLink = make_link().start()
     inputs, targets = task.train_data()
     eval_inputs, eval_targets = (t.to(device) for t in task.eval_data())
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-    )
+    autocast = autocast_context(device)
     progress = Progress()
     epoch, micro_batch, epochs_done, total_samples = opt.local_epoch, 0, 0, 0
     meter = EpochMeter()
