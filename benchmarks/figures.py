@@ -183,7 +183,7 @@ def figure_d(main: ArmRun, main_stats: ArmStats, base_stats: ArmStats, reference
 
 
 def samples_per_second(run: ArmRun) -> float | None:
-    """Wall-clock samples/s of the (single) peer over its steady state."""
+    """Wall-clock samples/s per peer over the steady state (mean over the peers)."""
     rates = []
     for peer in run.peers:
         steady = steady_epochs(peer)
@@ -197,7 +197,8 @@ def figure_f(potluck: ArmRun, baseline: ArmRun, bare: list[float]) -> dict:
     mine, theirs = samples_per_second(potluck), samples_per_second(baseline)
     return {"value": ratio(mine, bare_rate), "unit": "peer samples/s / bare torch loop samples/s", "bound": 1.0,
             "baseline": ratio(theirs, bare_rate), "peer_samples_per_s": mine, "baseline_samples_per_s": theirs,
-            "bare_samples_per_s": bare, "arm": potluck.arm.name, "goal": ">= 0.95"}
+            "bare_samples_per_s": bare, "arm": potluck.arm.name, "peers": potluck.workload.peers,
+            "goal": ">= 0.95"}
 
 
 def figure_g(main: ArmRun, main_stats: ArmStats, base_stats: ArmStats, parameters: int, rate_bps: float) -> dict:

@@ -7,6 +7,8 @@ Real compute only; with simulated compute the harness adds the fixed sleep per s
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -84,3 +86,20 @@ def bare_loop_samples_per_second(hidden: int, seed: int, micro_batch: int, secon
         optimizer.zero_grad()
         step += 1
     return step * micro_batch / (time.perf_counter() - started)
+
+
+def parallel_bare_loops(processes: int, hidden: int, seed: int, micro_batch: int, seconds: float) -> float:
+    """Mean samples/s of `processes` bare loops running at once (as many as the peers they are compared
+    with, so both face the same CPU contention), each in its own process with one thread."""
+    args = [sys.executable, "-m", "benchmarks.reference", str(hidden), str(seed), str(micro_batch), str(seconds)]
+    loops = [subprocess.Popen(args, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+    rates = []
+    for loop in loops:
+        out, _ = loop.communicate(timeout=seconds + 120)
+        rates.append(float(out.strip()))
+    return sum(rates) / len(rates)
+
+
+if __name__ == "__main__":
+    hidden_, seed_, micro_batch_, seconds_ = sys.argv[1:5]
+    print(bare_loop_samples_per_second(int(hidden_), int(seed_), int(micro_batch_), float(seconds_)))

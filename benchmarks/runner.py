@@ -23,7 +23,7 @@ from benchmarks.arms import Arm, ArmRunner, Workload, check_run_toml, run_toml
 from benchmarks.netns import LoopbackLab, NetnsLab, namespaces_available
 from benchmarks.probe import averager_configs, run_probe
 from benchmarks.procs import Processes
-from benchmarks.reference import bare_loop_samples_per_second, single_process_curve
+from benchmarks.reference import parallel_bare_loops, single_process_curve
 from benchmarks.simtask import parameter_count
 from benchmarks.throughput import loopback_mbit
 
@@ -53,8 +53,9 @@ def default_arms(quick: bool) -> list[Arm]:
     """baseline, then potluck's arms; quick keeps one potluck arm (diloco when this checkout has it)."""
     sync = Arm("sync", "potluck", {"strategy": "sync"})
     diloco = Arm("diloco", "potluck", {"strategy": "diloco", "inner_steps": 100, "compression": "uint8",
-                                       "outer_lr": 0.7, "outer_momentum": 0.9})
-    arms = [Arm("baseline", "baseline"), sync, diloco]
+                                       "outer_lr": 0.7, "outer_momentum": 0.9, "overlap": True})
+    blocking = Arm("diloco-blocking", "potluck", {**diloco.averaging, "overlap": False})
+    arms = [Arm("baseline", "baseline"), sync, blocking, diloco]
     if quick:
         usable = [arm for arm in (diloco, sync) if not check_run_toml(run_toml(Workload(), arm, "probe"))]
         arms = [arms[0], usable[0] if usable else sync]
@@ -144,11 +145,12 @@ def run(plan: Plan, workdir: Path | None = None, log=print) -> dict:
         meta["workload"] = asdict(workload)
         runner = ArmRunner(lab, processes, workdir / "arms")
         main_arm = next((a for a in reversed(arms) if a.kind == "potluck"), None)
-        main_compression = main_arm.averaging.get("compression", "none") if main_arm else "none"
-        probe_configs = averager_configs(workload.matchmaking_time, main_compression, workload.peers)
-        single = replace(workload, peers=1, step_seconds=0.0, late_join_after=0.0,
+        # (b) compares averaging protocols at the same fp32 payload; what codecs save shows in (c)
+        probe_configs = averager_configs(workload.matchmaking_time, "none", workload.peers)
+        # (f): two peers with real compute (the most 2 cores allow; a DiLoCo round needs a group of two)
+        single = replace(workload, peers=2, step_seconds=0.0, late_join_after=0.0,
                          seconds=plan.overhead_seconds, target_batch=plan.overhead_target_batch)
-        bare_seconds = min(plan.overhead_seconds / 2, 10)
+        bare_seconds = min(plan.overhead_seconds / 3, 8)
         bare: list[float] = []
         runs: dict[str, list] = {arm.name: [] for arm in arms}
         overhead: dict = {}
@@ -165,12 +167,13 @@ def run(plan: Plan, workdir: Path | None = None, log=print) -> dict:
             runs[arm.name].append(runner.run(replace(arm, name=f"{arm.name}-{repeat}"), workload, hosts))
 
         def alone(arm: Arm):
-            log(f"(f) arm {arm.name}: one peer alone, real compute ...")
+            log(f"(f) arm {arm.name}: two peers, real compute ...")
             overhead[arm.kind] = runner.run(replace(arm, name=f"f-{arm.name}"), single,
                                             lab.hosts_for(1, workload.rate_mbit))
 
         def bare_loop():
-            bare.append(bare_loop_samples_per_second(workload.width, workload.seed, workload.micro_batch, bare_seconds))
+            bare.append(parallel_bare_loops(single.peers, workload.width, workload.seed, workload.micro_batch,
+                                            bare_seconds))
 
         pieces = []
         if "b" in plan.figures:
@@ -184,7 +187,7 @@ def run(plan: Plan, workdir: Path | None = None, log=print) -> dict:
         if plan.concurrent:
             plan.notes.append("smoke: pieces ran concurrently, so the numbers only check the harness")
         if "b" in plan.figures:
-            payload = formulas.payload_bytes(plan.probe_values, main_compression)
+            payload = formulas.payload_bytes(plan.probe_values, "none")
             results["b"] = figures.figure_b(probe_rounds, workload.peers, payload, rate_bps)
             results["b"]["potluck_config"] = probe_configs[1]
         if "potluck" in overhead and "baseline" in overhead:
