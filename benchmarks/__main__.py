@@ -42,8 +42,8 @@ def build_plan(args) -> Plan:
                     overhead_seconds=6, overhead_target_batch=512, reference_cap=5_000, label="smoke",
                     concurrent=True)
     elif args.quick:
-        plan = Plan(Workload(peers=4, seconds=30, late_join_after=6, late_grace=25, width=512), default_arms(quick=True),
-                    probe_rounds=3, overhead_seconds=12, reference_cap=30_000, label="quick")
+        plan = Plan(Workload(peers=4, seconds=30, late_join_after=6, late_grace=15, width=512), default_arms(quick=True),
+                    probe_rounds=3, probe_peers=2, overhead_seconds=10, reference_cap=30_000, label="quick")
     else:
         plan = Plan(Workload(peers=4, seconds=90, late_join_after=20), default_arms(quick=False), repeats=2)
     workload = plan.workload

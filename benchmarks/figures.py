@@ -38,6 +38,24 @@ class ArmStats:
     rounds: int
 
 
+def empty_stats(name: str) -> ArmStats:
+    """The stats of an arm that did not run (its figures are null)."""
+    return ArmStats(name, None, None, None, 0, None, None, 0, None, None, None, {}, 0)
+
+
+UNITS = {"a": "fraction of peer-time computing", "b": "T_bound / T_round (group formation included)",
+         "c": "wire bytes per trained sample", "d": "x speed-up to the target loss vs one process",
+         "f": "peer samples/s / bare torch loop samples/s", "g": "s from launch until the new peer's first contribution"}
+
+
+def not_measured(letter: str) -> dict:
+    figure = {"value": None, "unit": UNITS[letter], "bound": None, "baseline": None,
+              "note": "not measured in this run (see meta.notes)"}
+    if letter == "c":
+        figure["loss_ratio"] = None
+    return figure
+
+
 def steady_epochs(peer: PeerRecord) -> list[dict]:
     """The epochs after the first: each was computed entirely in steady state."""
     return epochs(peer)[1:]

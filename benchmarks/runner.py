@@ -45,6 +45,7 @@ class Plan:
     reference_cap: int = 60_000  # most samples the single-process reference trains
     figures: tuple[str, ...] = ("a", "b", "c", "d", "f", "g")
     label: str = "full"
+    probe_peers: int = 0  # figure (b) peers (0: the workload's)
     concurrent: bool = False  # smoke only: every piece at once, to check the harness in seconds
     notes: list[str] = field(default_factory=list)
 
@@ -146,7 +147,8 @@ def run(plan: Plan, workdir: Path | None = None, log=print) -> dict:
         runner = ArmRunner(lab, processes, workdir / "arms")
         main_arm = next((a for a in reversed(arms) if a.kind == "potluck"), None)
         # (b) compares averaging protocols at the same fp32 payload; what codecs save shows in (c)
-        probe_configs = averager_configs(workload.matchmaking_time, "none", workload.peers)
+        probe_peers = plan.probe_peers or workload.peers
+        probe_configs = averager_configs(workload.matchmaking_time, "none", probe_peers)
         # (f): two peers with real compute (the most 2 cores allow; a DiLoCo round needs a group of two)
         single = replace(workload, peers=2, step_seconds=0.0, late_join_after=0.0,
                          seconds=plan.overhead_seconds, target_batch=plan.overhead_target_batch)
@@ -156,8 +158,8 @@ def run(plan: Plan, workdir: Path | None = None, log=print) -> dict:
         overhead: dict = {}
 
         def probe():
-            log(f"(b) averaging rounds of {plan.probe_values * 4 / 1e6:.1f} MB, {workload.peers} peers ...")
-            return run_probe(lab.hosts_for(workload.peers, workload.rate_mbit), processes, workdir / "probe",
+            log(f"(b) averaging rounds of {plan.probe_values * 4 / 1e6:.1f} MB, {probe_peers} peers ...")
+            return run_probe(lab.hosts_for(probe_peers, workload.rate_mbit), processes, workdir / "probe",
                              values=plan.probe_values, rounds=plan.probe_rounds, configs=probe_configs,
                              env=workload.env())
 
@@ -169,7 +171,7 @@ def run(plan: Plan, workdir: Path | None = None, log=print) -> dict:
         def alone(arm: Arm):
             log(f"(f) arm {arm.name}: two peers, real compute ...")
             overhead[arm.kind] = runner.run(replace(arm, name=f"f-{arm.name}"), single,
-                                            lab.hosts_for(1, workload.rate_mbit))
+                                            lab.hosts_for(single.peers, workload.rate_mbit))
 
         def bare_loop():
             bare.append(parallel_bare_loops(single.peers, workload.width, workload.seed, workload.micro_batch,
@@ -183,25 +185,27 @@ def run(plan: Plan, workdir: Path | None = None, log=print) -> dict:
         if "f" in plan.figures and main_arm:
             # bare, potluck, bare, baseline, bare: each peer run sits between two bare loops
             pieces += [bare_loop, lambda: alone(main_arm), bare_loop, lambda: alone(arms[0]), bare_loop]
-        probe_rounds = run_pieces(pieces, plan.concurrent, processes.close)[0] if "b" in plan.figures else []
+        outcomes = run_pieces(pieces, plan.concurrent, processes.close, plan.notes, log)
+        probe_rounds = outcomes[0] if "b" in plan.figures else []
         if plan.concurrent:
             plan.notes.append("smoke: pieces ran concurrently, so the numbers only check the harness")
         if "b" in plan.figures:
             payload = formulas.payload_bytes(plan.probe_values, "none")
-            results["b"] = figures.figure_b(probe_rounds, workload.peers, payload, rate_bps)
+            results["b"] = figures.figure_b(probe_rounds or [], probe_peers, payload, rate_bps)
             results["b"]["potluck_config"] = probe_configs[1]
         if "potluck" in overhead and "baseline" in overhead:
             results["f"] = figures.figure_f(overhead["potluck"], overhead["baseline"], bare)
 
         for name, rs in runs.items():
             for r in rs:
-                if r.skipped:
+                if r and r.skipped:
                     plan.notes.append(f"arm {r.arm.name} skipped: {r.skipped}")
-        stats = {name: [figures.arm_stats(r, plan.target_loss) for r in rs if not r.skipped] for name, rs in runs.items()}
+        stats = {name: [figures.arm_stats(r, plan.target_loss) for r in rs if r and not r.skipped]
+                 for name, rs in runs.items()}
         meta["arm_stats"] = {name: [asdict(s) for s in ss] for name, ss in stats.items()}
-        if main_arm and stats.get(main_arm.name) and stats.get("baseline"):
+        if main_arm and stats.get(main_arm.name):
             main_run, main_stats = runs[main_arm.name][-1], pick(stats[main_arm.name])
-            base_stats = pick(stats["baseline"])
+            base_stats = pick(stats["baseline"]) if stats.get("baseline") else figures.empty_stats("baseline")
             needed = max([s.final_samples for ss in stats.values() for s in ss] + [1])
             log(f"reference: one process, {min(needed, plan.reference_cap):,} samples, real compute ...")
             reference = single_process_curve(workload.width, workload.seed, workload.micro_batch,
@@ -222,6 +226,9 @@ def run(plan: Plan, workdir: Path | None = None, log=print) -> dict:
                                                 workload.step_seconds)
             if "g" in plan.figures and workload.late_join_after:
                 results["g"] = figures.figure_g(main_run, main_stats, base_stats, parameters, rate_bps)
+        for letter in plan.figures:
+            if letter not in results:
+                results[letter] = figures.not_measured(letter)
     finally:
         processes.close()
         leftovers = lab.close()
@@ -233,14 +240,26 @@ def run(plan: Plan, workdir: Path | None = None, log=print) -> dict:
     return results
 
 
-def run_pieces(pieces: list, concurrent: bool, abort) -> list:
+def run_pieces(pieces: list, concurrent: bool, abort, notes: list[str], log) -> list:
     """Run the pieces one after another (benchmarks), or all at once in threads (the smoke check).
+    A piece that fails is noted and yields None (its figure is then null), the others still run.
     On an interrupt, abort() kills what the workers started, so they end instead of being awaited."""
+
+    def guarded(piece):
+        try:
+            return piece()
+        except Exception as error:  # a failed arm is a result to report, not a reason to lose the others
+            if isinstance(error, RuntimeError) and str(error) == "the benchmark is stopping":
+                raise
+            notes.append(f"a piece failed: {type(error).__name__}: {error}")
+            log(f"failed: {error}")
+            return None
+
     if not concurrent:
-        return [piece() for piece in pieces]
+        return [guarded(piece) for piece in pieces]
     pool = ThreadPoolExecutor(max_workers=len(pieces) or 1)
     try:
-        futures = [pool.submit(piece) for piece in pieces]
+        futures = [pool.submit(guarded, piece) for piece in pieces]
         return [future.result() for future in futures]
     except BaseException:
         abort()
