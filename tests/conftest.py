@@ -131,11 +131,11 @@ class Coordinator:
 
 
 def start_coordinator(procs: list, data_dir: Path, run: Path, port: int = 0, name: str = "coordinator",
-                      insecure: bool = False) -> Coordinator:
+                      insecure: bool = False, extra: tuple[str, ...] = ()) -> Coordinator:
     data_dir.mkdir(parents=True, exist_ok=True)
     proc = Proc(
         [str(BIN / "coordinator"), "serve", "--run", str(run), "--data-dir", str(data_dir), "--port", str(port),
-         *(["--insecure"] if insecure else [])],
+         *(["--insecure"] if insecure else []), *extra],
         data_dir.parent / f"{name}.log",
     )
     procs.append(proc)
