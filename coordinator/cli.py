@@ -34,6 +34,11 @@ class TableOrJson(str, Enum):
     json = "json"
 
 
+class ExportFormat(str, Enum):
+    safetensors = "safetensors"
+    torch = "torch"
+
+
 
 @app.command("serve")
 def serve_command(
@@ -81,6 +86,21 @@ def status_command(
         print(json.dumps(state, indent=2))
     else:
         render_status(state)
+
+
+@app.command("export")
+def export_command(
+    out: Annotated[Path, typer.Argument(help="File to write the model to.")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    format: Annotated[ExportFormat, typer.Option("--format", help="safetensors, or a torch.save dict "
+                                                 "{'epoch', 'run_id', 'state_dict'} (load it with weights_only=True).")]
+    = ExportFormat.safetensors,
+):
+    """Write the run's latest checkpoint (the swarm's averaged model) for use outside potluck."""
+    from coordinator.export import export_latest
+
+    manifest = export_latest(data_dir, out, format.value)
+    print(f"exported epoch {manifest.epoch} of run '{manifest.run_id}' to {out} ({format.value})")
 
 
 def main() -> None:

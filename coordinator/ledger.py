@@ -123,6 +123,15 @@ class Ledger:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
+    def query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        """A read-only query, for views (dashboard, reports) that join tables other modules own."""
+        return self._read(sql, args)
+
+    def authenticate(self, peer_id: str, session: str) -> None:
+        """Raise LedgerError unless ``session`` is this peer's current session."""
+        with self._lock:
+            self._check_session(self._db, peer_id, session)
+
     # --- run metadata -------------------------------------------------------------------------
     def bind_run(self, run_id: str, config_hash: str) -> None:
         """Record which run this ledger belongs to; refuse a different run on an existing ledger."""

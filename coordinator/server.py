@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -18,11 +20,12 @@ from pathlib import Path
 
 import grpc
 
+from coordinator.checkpoints import latest_checkpoint
 from coordinator.ledger import LEDGER_FILE, Ledger
 from coordinator.service import CoordinatorService
 from peer.errors import UserError
 from peer.identity import load_or_create_identity
-from peer.runconfig import load_run_config
+from peer.runconfig import RunConfig, load_run_config
 from peer.swarm import use_fork_start_method
 from protos import coordinator_pb2_grpc as pb_grpc
 
@@ -90,6 +93,39 @@ def _start_dht(host: str, dht_port: int, data_dir: Path):
         raise UserError(f"could not start the swarm's DHT node on {host}:{dht_port}: {error}") from None
 
 
+def _check_task_installed(config: RunConfig) -> None:
+    """Checkpoints need the task's model (to check what the swarm sends): fail early, with the fix."""
+    from peer.task import load_task
+
+    if config.checkpoint_every > 0:
+        try:
+            load_task(config.task_name, config.task_version)
+        except UserError as error:
+            raise UserError(f"{error} (the coordinator needs the task for checkpoints; or set [checkpoints] "
+                            f"every = 0)") from None
+
+
+def _start_observer(run_path: Path, data_dir: Path, host: str, dht_maddrs: list[str], config: RunConfig):
+    """The checkpoint writer, in its own process (it forks hivemind's; this process will run gRPC)."""
+    if config.checkpoint_every <= 0:
+        return None
+    args = [sys.executable, "-m", "coordinator.observer", "--run", str(Path(run_path).resolve()),
+            "--data-dir", str(Path(data_dir).resolve()), "--host", host]
+    for maddr in dht_maddrs:
+        args += ["--initial-peer", maddr]
+    return subprocess.Popen(args, stdin=subprocess.DEVNULL)
+
+
+def _stop_observer(observer) -> None:
+    if observer is None:
+        return
+    observer.terminate()
+    try:
+        observer.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        observer.kill()
+
+
 def _lock_data_dir(data_dir: Path):
     """One coordinator per data dir; the OS drops the lock when the process dies, even by kill -9."""
     lock = open(Path(data_dir) / LOCK_FILE, "a+")
@@ -107,6 +143,7 @@ def _lock_data_dir(data_dir: Path):
 def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int) -> None:
     """Run the coordinator until SIGINT/SIGTERM."""
     config = load_run_config(run_path)
+    _check_task_installed(config)
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_data_dir(data_dir)
@@ -118,6 +155,7 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int) -
 
     dht = _start_dht(host, dht_port, data_dir)
     dht_maddrs = [str(addr) for addr in dht.get_visible_maddrs()]
+    observer = _start_observer(run_path, data_dir, host, dht_maddrs, config)
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS),
@@ -127,12 +165,13 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int) -
             ("grpc.so_reuseport", 0),
         ],
     )
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(ledger, config, dht_maddrs), server)
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(ledger, config, dht_maddrs, data_dir), server)
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:
         bound = 0
     if bound == 0:
+        _stop_observer(observer)
         dht.shutdown()
         raise UserError(f"cannot listen on {host}:{port} (in use or not permitted); pick another --port, or 0")
     server.start()
@@ -154,6 +193,10 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int) -
           f"{data_dir / LEDGER_FILE})", flush=True)
     print(f"  gRPC     {address}", flush=True)
     print(f"  swarm    {dht_maddrs[0] if dht_maddrs else '(no address)'}", flush=True)
+    checkpoint = latest_checkpoint(data_dir)
+    if checkpoint is not None:
+        print(f"  resume   from checkpoint epoch {checkpoint.epoch} ({checkpoint.file}) if no peer is left",
+              flush=True)
     print("Volunteers join with:", flush=True)
     print(f"  {join_command(address, token)}", flush=True)
     print("Tokens for partner orgs: coordinator token issue --org NAME"
@@ -163,6 +206,7 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int) -
     finally:
         print("coordinator stopping", flush=True)
         server.stop(grace=2).wait()
+        _stop_observer(observer)
         dht.shutdown()
         ledger.close()
         lock.close()

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import grpc
 
+from coordinator.accounting import accounts
+from coordinator.checkpoints import find_checkpoint, latest_checkpoint, read_checkpoint_bytes
 from coordinator.ledger import Ledger, LedgerError
 from peer.identity import peer_id_of
 from peer.runconfig import RunConfig
@@ -20,6 +23,7 @@ from protos import coordinator_pb2_grpc as pb_grpc
 log = logging.getLogger("potluck.coordinator")
 
 MAX_METRICS = 32
+CHECKPOINT_CHUNK_BYTES = 512 * 1024  # well under the 1 MiB message limit
 
 
 def _abort(context: grpc.ServicerContext, error: LedgerError):
@@ -27,10 +31,11 @@ def _abort(context: grpc.ServicerContext, error: LedgerError):
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, ledger: Ledger, config: RunConfig, initial_peers: list[str]):
+    def __init__(self, ledger: Ledger, config: RunConfig, initial_peers: list[str], data_dir: Path | None = None):
         self.ledger = ledger
         self.config = config
         self.initial_peers = initial_peers
+        self.data_dir = data_dir  # where checkpoints live; None: no checkpoints
 
     def _run_finished(self, epoch: int) -> bool:
         return self.config.epochs > 0 and epoch >= self.config.epochs
@@ -49,7 +54,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             log.info("refused join of %s: %s", peer_id, error)
             _abort(context, error)
         log.info("admitted peer %s (org %s, %s)", peer_id, admission.org, request.device)
-        return pb.JoinReply(
+        state = self.ledger.snapshot(self.config.peer_timeout)
+        reply = pb.JoinReply(
             peer_id=peer_id,
             session=admission.session,
             org=admission.org,
@@ -57,8 +63,30 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             run_config_toml=self.config.text,
             run_config_hash=self.config.config_hash,
             initial_peers=self.initial_peers,
-            epoch=self.ledger.snapshot(self.config.peer_timeout)["epoch"],
+            epoch=state["epoch"],
         )
+        checkpoint = latest_checkpoint(self.data_dir) if self.data_dir is not None else None
+        if checkpoint is not None and checkpoint.run_id == self.config.run_id:
+            others_alive = any(p["alive"] and p["id"] != peer_id for p in state["peers"])
+            reply.checkpoint_epoch = checkpoint.epoch
+            reply.checkpoint_sha256 = checkpoint.sha256
+            reply.checkpoint_bytes = checkpoint.bytes
+            # with a live swarm the newcomer loads state from its peers; with none it resumes from disk
+            reply.start_from_checkpoint = not others_alive
+        return reply
+
+    def CheckpointFetch(self, request: pb.CheckpointFetchRequest, context):
+        try:
+            self.ledger.authenticate(request.peer_id, request.session)
+        except LedgerError as error:
+            _abort(context, error)
+        manifest = find_checkpoint(self.data_dir, request.sha256) if self.data_dir is not None else None
+        if manifest is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "no such checkpoint (a newer one replaced it); join again")
+        data = read_checkpoint_bytes(self.data_dir, manifest)
+        log.info("sending checkpoint epoch %d (%d bytes) to %s", manifest.epoch, len(data), request.peer_id)
+        for offset in range(0, len(data), CHECKPOINT_CHUNK_BYTES):
+            yield pb.CheckpointChunk(offset=offset, data=data[offset:offset + CHECKPOINT_CHUNK_BYTES])
 
     def Report(self, request: pb.ReportRequest, context):
         bad = (
@@ -92,7 +120,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         except LedgerError as error:
             _abort(context, error)
         state = self.ledger.snapshot(self.config.peer_timeout)
+        account = accounts(self.ledger.query).get(request.peer_id)
+        me = next((p for p in state["peers"] if p["id"] == request.peer_id), None)
         return pb.HeartbeatReply(
+            credit=account.credit if account else 0.0,
+            credit_verified=bool(account and account.credit_verified),
+            audits_passed=account.audits_passed if account else 0,
+            audits_failed=account.audits_failed if account else 0,
+            samples_recorded=me["samples"] if me else 0,
             epoch=state["epoch"],
             live_peers=sum(p["alive"] for p in state["peers"]),
             swarm_samples_per_second=state["swarm_samples_per_second"],

@@ -23,6 +23,7 @@ DataDir = Annotated[
     Path, typer.Option("--data-dir", envvar="POTLUCK_PEER_DIR", help="Where this peer's identity and state live.")
 ]
 
+CHECKPOINT_FETCH_TIMEOUT = 300.0  # seconds for the whole checkpoint download at join
 SHUTDOWN_GRACE = 20.0  # seconds hivemind may take to stop before the process exits anyway
 
 
@@ -63,7 +64,8 @@ def join_command(
     """Join a run: train with the swarm until the run ends, --max-epochs, or Ctrl-C."""
     import torch
 
-    from peer.client import CoordinatorLink, join, leave
+    from peer.checkpoint import state_from_bytes
+    from peer.client import CoordinatorLink, fetch_checkpoint, join, leave
     from peer.events import EventLog
     from peer.outbox import Outbox
     from peer.runconfig import parse_run_config
@@ -98,6 +100,15 @@ def join_command(
         leave(address, reply.peer_id, reply.session, f"cannot train: {error}")
         raise
     print(f"joined run '{config.run_id}' as {reply.peer_id} (org {reply.org}) on {chosen_device}", flush=True)
+    initial_state = None
+    if reply.start_from_checkpoint and reply.checkpoint_sha256:
+        # nobody is left to load state from: continue from the coordinator's checkpoint, fetched
+        # before hivemind forks its processes (no gRPC channel may be open across a fork)
+        data = fetch_checkpoint(address, reply.peer_id, reply.session, reply.checkpoint_sha256,
+                                reply.checkpoint_bytes, CHECKPOINT_FETCH_TIMEOUT)
+        initial_state = (reply.checkpoint_epoch, state_from_bytes(data, reply.checkpoint_sha256, "run's checkpoint"),
+                         reply.checkpoint_sha256)
+        print(f"starting from the run's checkpoint at epoch {reply.checkpoint_epoch}", flush=True)
 
     dht = start_dht(data_dir, list(reply.initial_peers), host, port, client_mode=False)
     events = EventLog(data_dir)
@@ -108,7 +119,7 @@ def join_command(
         return CoordinatorLink(address, reply.peer_id, reply.session, outbox, config.heartbeat_interval)
 
     summary = train(config, task, reply.peer_id, dht, make_link, events,
-                    TrainOptions(data_dir, chosen_device, max_epochs, progress.value))
+                    TrainOptions(data_dir, chosen_device, max_epochs, progress.value, initial_state))
     accuracy = summary["metrics"].get("accuracy")
     print(f"left at epoch {summary['epoch']} ({summary['reason']}): {summary['samples']:,} samples contributed"
           + (f", held-out accuracy {accuracy:.3f}" if accuracy is not None else ""), flush=True)

@@ -50,6 +50,28 @@ def join(address: str, request: pb.JoinRequest, connect_timeout: float) -> pb.Jo
         channel.close()
 
 
+def fetch_checkpoint(address: str, peer_id: str, session: str, sha256: str, size: int, timeout: float) -> bytes:
+    """The bytes of the checkpoint the Join reply announced (checked by the caller against its sha256)."""
+    channel = _channel(address)
+    parts, received = [], 0
+    try:
+        stream = pb_grpc.CoordinatorStub(channel).CheckpointFetch(
+            pb.CheckpointFetchRequest(peer_id=peer_id, session=session, sha256=sha256), timeout=timeout
+        )
+        for chunk in stream:
+            if chunk.offset != received or received + len(chunk.data) > size:
+                raise UserError("the coordinator sent a malformed checkpoint stream; join again")
+            parts.append(chunk.data)
+            received += len(chunk.data)
+    except grpc.RpcError as error:
+        raise UserError(f"could not fetch the run's checkpoint from the coordinator: {error.details()}") from None
+    finally:
+        channel.close()
+    if received != size:
+        raise UserError(f"the checkpoint arrived incomplete ({received} of {size} bytes); join again")
+    return b"".join(parts)
+
+
 def leave(address: str, peer_id: str, session: str, reason: str) -> None:
     """Tell the coordinator this peer will not train after all (best effort)."""
     channel = _channel(address)

@@ -29,6 +29,8 @@ class RunConfig:
     heartbeat_interval: float
     peer_timeout: float
     text: str
+    checkpoint_every: int = 10
+    checkpoint_keep: int = 3
 
     @property
     def config_hash(self) -> str:
@@ -47,6 +49,7 @@ _SCHEMA: dict[str, dict[str, tuple[type, object]]] = {
         "averaging_timeout": (float, 20.0),
     },
     "coordinator": {"heartbeat_interval": (float, 2.0), "peer_timeout": (float, 10.0)},
+    "checkpoints": {"every": (int, 10), "keep": (int, 3)},
 }
 
 
@@ -92,6 +95,8 @@ def parse_run_config(text: str, where: str = "run config") -> RunConfig:
         heartbeat_interval=values["coordinator.heartbeat_interval"],
         peer_timeout=values["coordinator.peer_timeout"],
         text=text,
+        checkpoint_every=values["checkpoints.every"],
+        checkpoint_keep=values["checkpoints.keep"],
     )
     _check_ranges(config, where)
     return config
@@ -112,6 +117,9 @@ def _check_ranges(config: RunConfig, where: str) -> None:
         )
     if config.min_peers < 1:
         raise UserError(f"{where}: [training] min_peers must be >= 1, got {config.min_peers}")
+    if config.checkpoint_every < 0 or config.checkpoint_keep < 1:
+        raise UserError(f"{where}: [checkpoints] needs every >= 0 (0: no checkpoints) and keep >= 1, "
+                        f"got every={config.checkpoint_every}, keep={config.checkpoint_keep}")
     for name in ("matchmaking_time", "averaging_timeout", "heartbeat_interval", "peer_timeout"):
         if getattr(config, name) <= 0:
             raise UserError(f"{where}: {name} must be > 0, got {getattr(config, name)}")

@@ -96,3 +96,15 @@ def load_state(opt, model: torch.nn.Module) -> None:
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise RuntimeError(f"state downloaded from peers has non-finite values in {name}")
+
+
+def start_at_epoch(opt, epoch: int) -> None:
+    """Make a fresh Optimizer continue a run at ``epoch`` (resuming from a checkpoint, no peer left).
+
+    Mirrors what hivemind 1.1.12's own load_state_from_peers sets after a download: the state
+    averager's epoch, the tracker's local progress, and the priority with which peers share state.
+    """
+    opt.state_averager.local_epoch = epoch
+    with opt.tracker.pause_updates():
+        opt.tracker.update_epoch(epoch)
+    opt.state_averager.state_sharing_priority = epoch

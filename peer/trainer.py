@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 
 from peer.assignment import micro_batch_indices
+from peer.checkpoint import load_into_model, state_fingerprint
 from peer.client import CoordinatorLink
 from peer.events import EventLog
 from peer.progress import Progress, ProgressDisplay
 from peer.runconfig import RunConfig
-from peer.swarm import FIRST_FETCH_TIMEOUT, load_state, make_optimizer, needs_state_from_peers
+from peer.swarm import FIRST_FETCH_TIMEOUT, load_state, make_optimizer, needs_state_from_peers, start_at_epoch
 
 MODEL_FILE = "model.pt"
 
@@ -28,6 +29,8 @@ class TrainOptions:
     device: torch.device
     max_epochs: int  # 0: until the run ends or the peer is stopped
     progress: str
+    # (epoch, state_dict, sha256) of a checkpoint to start from when the swarm has no peer left
+    initial_state: tuple[int, dict, str] | None = None
 
 
 def pick_device(choice: str) -> torch.device:
@@ -88,8 +91,15 @@ def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLo
     processes, so no gRPC thread exists at fork time.
     """
     device = options.device
-    model = task.build_model(config.seed).to(device)
+    model = task.build_model(config.seed)
+    if options.initial_state is not None:
+        load_into_model(model, options.initial_state[1], what="run's checkpoint")
+    model = model.to(device)
     opt = make_optimizer(dht, config, model, task, client_mode=False)
+    if options.initial_state is not None:
+        start_at_epoch(opt, options.initial_state[0])
+        events.emit("checkpoint_loaded", epoch=options.initial_state[0], sha256=options.initial_state[2],
+                    fingerprint=state_fingerprint(model.state_dict()))
     stop = install_stop_handlers()
     link: CoordinatorLink = make_link().start()
     inputs, targets = task.train_data()

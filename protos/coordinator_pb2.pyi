@@ -21,7 +21,7 @@ class JoinRequest(_message.Message):
     def __init__(self, token: _Optional[str] = ..., public_key: _Optional[bytes] = ..., hivemind_peer_id: _Optional[str] = ..., device: _Optional[str] = ..., client_version: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("peer_id", "session", "org", "run_id", "run_config_toml", "run_config_hash", "initial_peers", "epoch")
+    __slots__ = ("peer_id", "session", "org", "run_id", "run_config_toml", "run_config_hash", "initial_peers", "epoch", "checkpoint_epoch", "checkpoint_sha256", "checkpoint_bytes", "start_from_checkpoint")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     ORG_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,10 @@ class JoinReply(_message.Message):
     RUN_CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
     INITIAL_PEERS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    START_FROM_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     session: str
     org: str
@@ -38,7 +42,11 @@ class JoinReply(_message.Message):
     run_config_hash: str
     initial_peers: _containers.RepeatedScalarFieldContainer[str]
     epoch: int
-    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., org: _Optional[str] = ..., run_id: _Optional[str] = ..., run_config_toml: _Optional[str] = ..., run_config_hash: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    checkpoint_epoch: int
+    checkpoint_sha256: str
+    checkpoint_bytes: int
+    start_from_checkpoint: bool
+    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., org: _Optional[str] = ..., run_id: _Optional[str] = ..., run_config_toml: _Optional[str] = ..., run_config_hash: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., checkpoint_epoch: _Optional[int] = ..., checkpoint_sha256: _Optional[str] = ..., checkpoint_bytes: _Optional[int] = ..., start_from_checkpoint: _Optional[bool] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("peer_id", "session", "report_id", "epoch", "samples", "loss", "compute_seconds", "metrics")
@@ -86,18 +94,28 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., epoch: _Optional[int] = ..., samples_per_second: _Optional[float] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("epoch", "live_peers", "swarm_samples_per_second", "run_finished", "peers_behind")
+    __slots__ = ("epoch", "live_peers", "swarm_samples_per_second", "run_finished", "peers_behind", "credit", "samples_recorded", "audits_passed", "audits_failed", "credit_verified")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LIVE_PEERS_FIELD_NUMBER: _ClassVar[int]
     SWARM_SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     RUN_FINISHED_FIELD_NUMBER: _ClassVar[int]
     PEERS_BEHIND_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_RECORDED_FIELD_NUMBER: _ClassVar[int]
+    AUDITS_PASSED_FIELD_NUMBER: _ClassVar[int]
+    AUDITS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_VERIFIED_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     live_peers: int
     swarm_samples_per_second: float
     run_finished: bool
     peers_behind: int
-    def __init__(self, epoch: _Optional[int] = ..., live_peers: _Optional[int] = ..., swarm_samples_per_second: _Optional[float] = ..., run_finished: _Optional[bool] = ..., peers_behind: _Optional[int] = ...) -> None: ...
+    credit: float
+    samples_recorded: int
+    audits_passed: int
+    audits_failed: int
+    credit_verified: bool
+    def __init__(self, epoch: _Optional[int] = ..., live_peers: _Optional[int] = ..., swarm_samples_per_second: _Optional[float] = ..., run_finished: _Optional[bool] = ..., peers_behind: _Optional[int] = ..., credit: _Optional[float] = ..., samples_recorded: _Optional[int] = ..., audits_passed: _Optional[int] = ..., audits_failed: _Optional[int] = ..., credit_verified: _Optional[bool] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("peer_id", "session", "reason")
@@ -112,3 +130,21 @@ class LeaveRequest(_message.Message):
 class LeaveReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class CheckpointFetchRequest(_message.Message):
+    __slots__ = ("peer_id", "session", "sha256")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    session: str
+    sha256: str
+    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class CheckpointChunk(_message.Message):
+    __slots__ = ("offset", "data")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...

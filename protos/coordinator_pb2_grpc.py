@@ -54,6 +54,11 @@ class CoordinatorStub:
                 request_serializer=protos_dot_coordinator__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=protos_dot_coordinator__pb2.LeaveReply.FromString,
                 _registered_method=True)
+        self.CheckpointFetch = channel.unary_stream(
+                '/potluck.v1.Coordinator/CheckpointFetch',
+                request_serializer=protos_dot_coordinator__pb2.CheckpointFetchRequest.SerializeToString,
+                response_deserializer=protos_dot_coordinator__pb2.CheckpointChunk.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -87,6 +92,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckpointFetch(self, request, context):
+        """The bytes of a checkpoint the Join reply announced, in chunks; only to start a swarm that has no peer left.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +121,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=protos_dot_coordinator__pb2.LeaveRequest.FromString,
                     response_serializer=protos_dot_coordinator__pb2.LeaveReply.SerializeToString,
+            ),
+            'CheckpointFetch': grpc.unary_stream_rpc_method_handler(
+                    servicer.CheckpointFetch,
+                    request_deserializer=protos_dot_coordinator__pb2.CheckpointFetchRequest.FromString,
+                    response_serializer=protos_dot_coordinator__pb2.CheckpointChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +236,33 @@ class Coordinator:
             '/potluck.v1.Coordinator/Leave',
             protos_dot_coordinator__pb2.LeaveRequest.SerializeToString,
             protos_dot_coordinator__pb2.LeaveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckpointFetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/potluck.v1.Coordinator/CheckpointFetch',
+            protos_dot_coordinator__pb2.CheckpointFetchRequest.SerializeToString,
+            protos_dot_coordinator__pb2.CheckpointChunk.FromString,
             options,
             channel_credentials,
             insecure,
