@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from coordinator.dashboard import DEFAULT_DASHBOARD_PORT
 from coordinator.ledger import Ledger
 from coordinator.server import join_command, read_info, serve
 from peer.cli_support import new_app, run_app
@@ -47,11 +48,14 @@ def serve_command(
     host: Annotated[str, typer.Option(help="Address to listen on (gRPC and the swarm's DHT node).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="gRPC port; 0 picks a free one.", min=0, max=65535)] = 7450,
     dht_port: Annotated[int, typer.Option(help="DHT port; 0 picks a free one.", min=0, max=65535)] = 0,
+    dashboard_port: Annotated[int, typer.Option(help="HTTP port of the dashboard (/, /api/v1/state, /metrics); "
+                                                "0 picks a free one.", min=0, max=65535)] = DEFAULT_DASHBOARD_PORT,
+    dashboard: Annotated[bool, typer.Option("--dashboard/--no-dashboard", help="Serve the dashboard.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
 ):
     """Start the coordinator: ledger, swarm bootstrap and gRPC service; prints the join command."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(message)s")
-    serve(run, data_dir, host, port, dht_port)
+    serve(run, data_dir, host, port, dht_port, dashboard_port if dashboard else None)
 
 
 @token_app.command("issue")

@@ -21,7 +21,10 @@ from pathlib import Path
 import grpc
 
 from coordinator.checkpoints import latest_checkpoint
+from coordinator.dashboard import CachedState, Dashboard
 from coordinator.ledger import LEDGER_FILE, Ledger
+from coordinator.metrics import Metrics
+from coordinator.run_view import run_state
 from coordinator.service import CoordinatorService
 from peer.errors import UserError
 from peer.identity import load_or_create_identity
@@ -140,8 +143,9 @@ def _lock_data_dir(data_dir: Path):
     return lock
 
 
-def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int) -> None:
-    """Run the coordinator until SIGINT/SIGTERM."""
+def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int,
+          dashboard_port: int | None = None) -> None:
+    """Run the coordinator until SIGINT/SIGTERM; ``dashboard_port`` None: no dashboard."""
     config = load_run_config(run_path)
     _check_task_installed(config)
     data_dir = Path(data_dir)
@@ -157,8 +161,11 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int) -
     dht_maddrs = [str(addr) for addr in dht.get_visible_maddrs()]
     observer = _start_observer(run_path, data_dir, host, dht_maddrs, config)
 
+    state = CachedState(lambda: run_state(ledger, config.peer_timeout, data_dir))
+    metrics = Metrics(state)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS),
+        interceptors=[metrics.interceptor()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -174,6 +181,12 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int) -
         _stop_observer(observer)
         dht.shutdown()
         raise UserError(f"cannot listen on {host}:{port} (in use or not permitted); pick another --port, or 0")
+    try:
+        dashboard = Dashboard(host, dashboard_port, state, metrics).start() if dashboard_port is not None else None
+    except UserError:
+        _stop_observer(observer)
+        dht.shutdown()
+        raise
     server.start()
     address = f"{host}:{bound}"
     _write_info(data_dir, {
@@ -183,6 +196,7 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int) -
         "run_id": config.run_id,
         "run_config_hash": config.config_hash,
         "public_key": identity.public_bytes.hex(),
+        "dashboard": dashboard.url if dashboard else None,
     })
 
     stop = threading.Event()
@@ -193,6 +207,8 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int) -
           f"{data_dir / LEDGER_FILE})", flush=True)
     print(f"  gRPC     {address}", flush=True)
     print(f"  swarm    {dht_maddrs[0] if dht_maddrs else '(no address)'}", flush=True)
+    if dashboard is not None:
+        print(f"  dashboard {dashboard.url}", flush=True)
     checkpoint = latest_checkpoint(data_dir)
     if checkpoint is not None:
         print(f"  resume   from checkpoint epoch {checkpoint.epoch} ({checkpoint.file}) if no peer is left",
@@ -206,6 +222,8 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int) -
     finally:
         print("coordinator stopping", flush=True)
         server.stop(grace=2).wait()
+        if dashboard is not None:
+            dashboard.stop()
         _stop_observer(observer)
         dht.shutdown()
         ledger.close()

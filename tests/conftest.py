@@ -104,6 +104,7 @@ class Coordinator:
     data_dir: Path
     address: str
     token: str
+    dashboard: str  # the dashboard's URL, e.g. http://127.0.0.1:PORT/
 
     def status(self) -> dict:
         result = cli("coordinator", "status", "--data-dir", str(self.data_dir), "--format", "json")
@@ -119,7 +120,8 @@ class Coordinator:
 def start_coordinator(procs: list, data_dir: Path, run: Path, port: int = 0, name: str = "coordinator") -> Coordinator:
     data_dir.mkdir(parents=True, exist_ok=True)
     proc = Proc(
-        [str(BIN / "coordinator"), "serve", "--run", str(run), "--data-dir", str(data_dir), "--port", str(port)],
+        [str(BIN / "coordinator"), "serve", "--run", str(run), "--data-dir", str(data_dir), "--port", str(port),
+         "--dashboard-port", "0"],
         data_dir.parent / f"{name}.log",
     )
     procs.append(proc)
@@ -135,7 +137,7 @@ def start_coordinator(procs: list, data_dir: Path, run: Path, port: int = 0, nam
 
     info = wait_until(ready, 60, "the coordinator to write coordinator.json")
     token = (data_dir / "default-org.token").read_text().strip()
-    return Coordinator(proc, data_dir, info["address"], token)
+    return Coordinator(proc, data_dir, info["address"], token, info["dashboard"])
 
 
 def start_peer(procs: list, address: str, token: str, data_dir: Path, *extra: str, name: str | None = None) -> Proc:
