@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 from pathlib import Path
 
 import grpc
@@ -24,6 +25,8 @@ log = logging.getLogger("potluck.coordinator")
 
 MAX_METRICS = 32
 CHECKPOINT_CHUNK_BYTES = 512 * 1024  # well under the 1 MiB message limit
+PROBE_TIMEOUT = 3.0  # seconds to connect to a peer's announced address and read its greeting
+PROBE_GREETING_BYTES = 64
 
 
 def _abort(context: grpc.ServicerContext, error: LedgerError):
@@ -87,6 +90,28 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         log.info("sending checkpoint epoch %d (%d bytes) to %s", manifest.epoch, len(data), request.peer_id)
         for offset in range(0, len(data), CHECKPOINT_CHUNK_BYTES):
             yield pb.CheckpointChunk(offset=offset, data=data[offset:offset + CHECKPOINT_CHUNK_BYTES])
+
+    def StatusProbe(self, request: pb.StatusProbeRequest, context):
+        """Dial the address a peer will announce, as another peer would; say whether it answered.
+
+        Only admitted peers may ask (valid session), and the coordinator sends nothing and reads at
+        most a short greeting, so this cannot be used to talk to other services.
+        """
+        try:
+            self.ledger.authenticate(request.peer_id, request.session)
+        except LedgerError as error:
+            _abort(context, error)
+        if not request.host or len(request.host) > 255 or not 0 < request.port < 65536:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "probe needs a host and a port in 1-65535")
+        try:
+            with socket.create_connection((request.host, request.port), timeout=PROBE_TIMEOUT) as connection:
+                connection.settimeout(PROBE_TIMEOUT)
+                greeting = connection.recv(PROBE_GREETING_BYTES)
+        except OSError as error:
+            detail = error.strerror or type(error).__name__
+            log.info("peer %s is not reachable at %s:%d: %s", request.peer_id, request.host, request.port, detail)
+            return pb.StatusProbeReply(connected=False, detail=detail)
+        return pb.StatusProbeReply(connected=True, greeting=greeting.decode("ascii", "replace").strip())
 
     def Report(self, request: pb.ReportRequest, context):
         bad = (

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
 import threading
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -37,7 +39,13 @@ class ProgressMode(str, Enum):
     auto = "auto"
     live = "live"
     plain = "plain"
+    json = "json"
     quiet = "quiet"
+
+
+class TextOrJson(str, Enum):
+    text = "text"
+    json = "json"
 
 
 
@@ -56,9 +64,13 @@ def join_command(
     max_epochs: Annotated[int, typer.Option(help="Leave after this many epochs (0: until the run ends).", min=0)] = 0,
     host: Annotated[str, typer.Option(help="Address this peer's swarm node listens on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Swarm (DHT) port; 0 picks a free one.", min=0, max=65535)] = 0,
+    public_ip: Annotated[Optional[str], typer.Option(help="Address other peers should dial (default: --host).")] = None,
+    client_mode: Annotated[bool, typer.Option("--client-mode", help="Accept no connections: train as a client "
+                                              "(skips the reachability test).")] = False,
     threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).", min=0)] = 0,
     connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.")] = 10.0,
-    progress: Annotated[ProgressMode, typer.Option(help="live panel, plain lines, or quiet.")] = ProgressMode.auto,
+    progress: Annotated[ProgressMode, typer.Option(help="live panel, plain lines, json event lines, or quiet.")]
+    = ProgressMode.auto,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show hivemind's own logs.")] = False,
 ):
     """Join a run: train with the swarm until the run ends, --max-epochs, or Ctrl-C."""
@@ -68,6 +80,8 @@ def join_command(
     from peer.client import CoordinatorLink, fetch_checkpoint, join, leave
     from peer.events import EventLog
     from peer.outbox import Outbox
+    from peer.pidfile import remove_pidfile, running_peer, write_pidfile
+    from peer.reachability import check_reachability, fix_it_message, free_port
     from peer.runconfig import parse_run_config
     from peer.swarm import start_dht, swarm_peer_id
     from peer.task import load_task
@@ -80,9 +94,15 @@ def join_command(
         logging.getLogger("hivemind").setLevel(logging.ERROR)
     if ":" not in address:
         raise UserError(f"coordinator address {address!r} must be HOST:PORT, e.g. 127.0.0.1:7450")
+    json_mode = progress is ProgressMode.json
+    say = (lambda text: None) if json_mode else (lambda text: print(text, flush=True))
     if threads:
         torch.set_num_threads(threads)
     data_dir.mkdir(parents=True, exist_ok=True)
+    other = running_peer(data_dir)
+    if other is not None:
+        raise UserError(f"a peer (pid {other['pid']}) is already running from {data_dir}; stop it with "
+                        f"'peer leave --data-dir {data_dir}' or use another --data-dir")
     identity = load_or_create_identity(data_dir)
     chosen_device = pick_device(device.value)
     reply = join(
@@ -99,38 +119,82 @@ def join_command(
     except UserError as error:
         leave(address, reply.peer_id, reply.session, f"cannot train: {error}")
         raise
-    print(f"joined run '{config.run_id}' as {reply.peer_id} (org {reply.org}) on {chosen_device}", flush=True)
-    initial_state = None
-    if reply.start_from_checkpoint and reply.checkpoint_sha256:
-        # nobody is left to load state from: continue from the coordinator's checkpoint, fetched
-        # before hivemind forks its processes (no gRPC channel may be open across a fork)
-        data = fetch_checkpoint(address, reply.peer_id, reply.session, reply.checkpoint_sha256,
-                                reply.checkpoint_bytes, CHECKPOINT_FETCH_TIMEOUT)
-        initial_state = (reply.checkpoint_epoch, state_from_bytes(data, reply.checkpoint_sha256, "run's checkpoint"),
-                         reply.checkpoint_sha256)
-        print(f"starting from the run's checkpoint at epoch {reply.checkpoint_epoch}", flush=True)
+    write_pidfile(data_dir, coordinator=address, run_id=config.run_id, peer_id=reply.peer_id)
+    try:
+        events = EventLog(data_dir, echo=json_mode)
+        say(f"joined run '{config.run_id}' as {reply.peer_id} (org {reply.org}) on {chosen_device}")
+        events.emit("joined", peer_id=reply.peer_id, org=reply.org, run_id=config.run_id,
+                    coordinator_epoch=reply.epoch, coordinator=address, device=str(chosen_device))
+        initial_state = None
+        if reply.start_from_checkpoint and reply.checkpoint_sha256:
+            # nobody is left to load state from: continue from the coordinator's checkpoint, fetched
+            # before hivemind forks its processes (no gRPC channel may be open across a fork)
+            data = fetch_checkpoint(address, reply.peer_id, reply.session, reply.checkpoint_sha256,
+                                    reply.checkpoint_bytes, CHECKPOINT_FETCH_TIMEOUT)
+            initial_state = (reply.checkpoint_epoch,
+                             state_from_bytes(data, reply.checkpoint_sha256, "run's checkpoint"),
+                             reply.checkpoint_sha256)
+            say(f"starting from the run's checkpoint at epoch {reply.checkpoint_epoch}")
 
-    dht = start_dht(data_dir, list(reply.initial_peers), host, port, client_mode=False)
-    events = EventLog(data_dir)
-    events.emit("joined", peer_id=reply.peer_id, org=reply.org, run_id=config.run_id, coordinator_epoch=reply.epoch)
-    outbox = Outbox(data_dir)
+        if not client_mode:
+            port = port or free_port(host)
+            result = check_reachability(address, reply.peer_id, reply.session, host,
+                                        public_ip or host, port)
+            events.emit("reachability", checked=result.checked, reachable=result.reachable,
+                        address=f"{result.host}:{result.port}", detail=result.detail)
+            if not result.reachable:
+                print(fix_it_message(result), file=sys.stderr, flush=True)
+                client_mode = True
 
-    def make_link() -> CoordinatorLink:
-        return CoordinatorLink(address, reply.peer_id, reply.session, outbox, config.heartbeat_interval)
+        dht = start_dht(data_dir, list(reply.initial_peers), host, port, client_mode=client_mode, public_ip=public_ip)
+        outbox = Outbox(data_dir)
 
-    summary = train(config, task, reply.peer_id, dht, make_link, events,
-                    TrainOptions(data_dir, chosen_device, max_epochs, progress.value, initial_state))
-    accuracy = summary["metrics"].get("accuracy")
-    print(f"left at epoch {summary['epoch']} ({summary['reason']}): {summary['samples']:,} samples contributed"
-          + (f", held-out accuracy {accuracy:.3f}" if accuracy is not None else ""), flush=True)
-    events.emit("left", reason=summary["reason"])
-    events.close()
-    outbox.close()
+        def make_link() -> CoordinatorLink:
+            return CoordinatorLink(address, reply.peer_id, reply.session, outbox, config.heartbeat_interval)
+
+        summary = train(config, task, reply.peer_id, dht, make_link, events,
+                        TrainOptions(data_dir, chosen_device, max_epochs, progress.value, initial_state, client_mode))
+        accuracy = summary["metrics"].get("accuracy")
+        say(f"left at epoch {summary['epoch']} ({summary['reason']}): {summary['samples']:,} samples contributed"
+            + (f", held-out accuracy {accuracy:.3f}" if accuracy is not None else ""))
+        events.emit("left", reason=summary["reason"])
+        events.close()
+        outbox.close()
+    finally:
+        remove_pidfile(data_dir)
     # hivemind's shutdown can hang (trap 10): give it a bounded grace, then exit regardless
     watchdog = threading.Timer(SHUTDOWN_GRACE, lambda: os._exit(0))
     watchdog.daemon = True
     watchdog.start()
     dht.shutdown()
+
+
+@app.command("status")
+def status_command(
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    format: Annotated[TextOrJson, typer.Option("--format", help="text for people, json for scripts.")]
+    = TextOrJson.text,
+):
+    """Show this peer: identity, whether it is running, the runs it joined, samples and credit."""
+    from peer.peer_status import peer_status, render_peer_status
+
+    status = peer_status(data_dir)
+    if format is TextOrJson.json:
+        print(json.dumps(status, indent=2))
+    else:
+        render_peer_status(status)
+
+
+@app.command("leave")
+def leave_command(
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the peer to finish leaving.", min=1)] = 60.0,
+):
+    """Ask the peer running from this data dir to leave cleanly (as Ctrl-C would), and wait for it."""
+    from peer.peer_status import ask_to_leave
+
+    record = ask_to_leave(data_dir, timeout)
+    print(f"peer {record.get('peer_id', '?')} (pid {record['pid']}) left run '{record.get('run_id', '?')}'")
 
 
 def main() -> None:

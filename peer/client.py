@@ -72,6 +72,15 @@ def fetch_checkpoint(address: str, peer_id: str, session: str, sha256: str, size
     return b"".join(parts)
 
 
+def status_probe(address: str, request: pb.StatusProbeRequest, timeout: float) -> pb.StatusProbeReply:
+    """Ask the coordinator to dial this peer (reachability self-test); raises grpc.RpcError."""
+    channel = _channel(address)
+    try:
+        return pb_grpc.CoordinatorStub(channel).StatusProbe(request, timeout=timeout)
+    finally:
+        channel.close()
+
+
 def leave(address: str, peer_id: str, session: str, reason: str) -> None:
     """Tell the coordinator this peer will not train after all (best effort)."""
     channel = _channel(address)
@@ -96,6 +105,10 @@ class SwarmView:
     peers_behind: int = 0
     reachable: bool = True
     updated: float = 0.0
+    credit: float = 0.0
+    credit_verified: bool = False
+    audits_passed: int = 0
+    audits_failed: int = 0
 
 
 class CoordinatorLink:
@@ -173,7 +186,9 @@ class CoordinatorLink:
                 log.warning("heartbeat refused: %s", error.details())
             return False
         self.view = SwarmView(reply.epoch, reply.live_peers, reply.swarm_samples_per_second, reply.run_finished,
-                              reply.peers_behind, updated=time.monotonic())
+                              reply.peers_behind, updated=time.monotonic(), credit=reply.credit,
+                              credit_verified=reply.credit_verified, audits_passed=reply.audits_passed,
+                              audits_failed=reply.audits_failed)
         return True
 
     def _run(self) -> None:

@@ -41,13 +41,15 @@ def swarm_peer_id(data_dir: Path) -> str:
     return PeerID.from_identity(path.read_bytes()).to_base58()
 
 
-def start_dht(data_dir: Path, initial_peers: list[str], host: str, port: int, client_mode: bool):
+def start_dht(data_dir: Path, initial_peers: list[str], host: str, port: int, client_mode: bool,
+              public_ip: str | None = None):
     import hivemind
 
     use_fork_start_method()
     return hivemind.DHT(
         initial_peers=initial_peers,
         host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+        announce_maddrs=[f"/ip4/{public_ip}/tcp/{port}"] if public_ip and not client_mode else None,
         identity_path=str(Path(data_dir) / SWARM_IDENTITY_FILE),
         client_mode=client_mode,
         start=True,

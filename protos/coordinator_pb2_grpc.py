@@ -59,6 +59,11 @@ class CoordinatorStub:
                 request_serializer=protos_dot_coordinator__pb2.CheckpointFetchRequest.SerializeToString,
                 response_deserializer=protos_dot_coordinator__pb2.CheckpointChunk.FromString,
                 _registered_method=True)
+        self.StatusProbe = channel.unary_unary(
+                '/potluck.v1.Coordinator/StatusProbe',
+                request_serializer=protos_dot_coordinator__pb2.StatusProbeRequest.SerializeToString,
+                response_deserializer=protos_dot_coordinator__pb2.StatusProbeReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -99,6 +104,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StatusProbe(self, request, context):
+        """Reachability self-test at join: the coordinator dials the address the peer will announce to the swarm.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +138,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.CheckpointFetch,
                     request_deserializer=protos_dot_coordinator__pb2.CheckpointFetchRequest.FromString,
                     response_serializer=protos_dot_coordinator__pb2.CheckpointChunk.SerializeToString,
+            ),
+            'StatusProbe': grpc.unary_unary_rpc_method_handler(
+                    servicer.StatusProbe,
+                    request_deserializer=protos_dot_coordinator__pb2.StatusProbeRequest.FromString,
+                    response_serializer=protos_dot_coordinator__pb2.StatusProbeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +280,33 @@ class Coordinator:
             '/potluck.v1.Coordinator/CheckpointFetch',
             protos_dot_coordinator__pb2.CheckpointFetchRequest.SerializeToString,
             protos_dot_coordinator__pb2.CheckpointChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StatusProbe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/potluck.v1.Coordinator/StatusProbe',
+            protos_dot_coordinator__pb2.StatusProbeRequest.SerializeToString,
+            protos_dot_coordinator__pb2.StatusProbeReply.FromString,
             options,
             channel_credentials,
             insecure,
