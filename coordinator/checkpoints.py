@@ -13,14 +13,16 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from peer.checkpoint import sha256_hex, state_from_bytes, state_to_bytes
 from peer.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT = "potluck-checkpoint-1"
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)

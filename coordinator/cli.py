@@ -6,19 +6,18 @@ import json
 import logging
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-from coordinator.dashboard import DEFAULT_DASHBOARD_PORT
 from coordinator.ledger import Ledger
-from coordinator.server import join_command, read_info, serve
 from peer.cli_support import new_app, run_app
 
 app = new_app("coordinator", "Host a potluck run: admit volunteers, track progress, keep the credit ledger.")
 token_app = typer.Typer(help="Join tokens for organizations.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 
+DEFAULT_DASHBOARD_PORT = 7451
 DEFAULT_DATA_DIR = Path.home() / ".potluck" / "coordinator"
 DataDir = Annotated[
     Path, typer.Option("--data-dir", envvar="POTLUCK_COORDINATOR_DIR", help="Where the ledger and keys live.")
@@ -33,6 +32,12 @@ class TextOrJson(str, Enum):
 class TableOrJson(str, Enum):
     table = "table"
     json = "json"
+
+
+class ReportFormat(str, Enum):
+    csv = "csv"
+    json = "json"
+    png = "png"
 
 
 class ExportFormat(str, Enum):
@@ -54,6 +59,8 @@ def serve_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
 ):
     """Start the coordinator: ledger, swarm bootstrap and gRPC service; prints the join command."""
+    from coordinator.server import serve
+
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(message)s")
     serve(run, data_dir, host, port, dht_port, dashboard_port if dashboard else None)
 
@@ -65,6 +72,8 @@ def token_issue(
     format: Annotated[TextOrJson, typer.Option("--format")] = TextOrJson.text,
 ):
     """Print a new join token for an organization."""
+    from coordinator.server import join_command, read_info
+
     ledger = Ledger.open_existing(data_dir)
     token_id, token = ledger.issue_token(org)
     info = read_info(data_dir)
@@ -105,6 +114,28 @@ def export_command(
 
     manifest = export_latest(data_dir, out, format.value)
     print(f"exported epoch {manifest.epoch} of run '{manifest.run_id}' to {out} ({format.value})")
+
+
+@app.command("report")
+def report_command(
+    org: Annotated[str, typer.Option("--org", help="The organization to report on.")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    since: Annotated[Optional[str], typer.Option(help="Count work from this date or time on (ISO, UTC), "
+                                                 "e.g. 2026-11-28 or 2026-11-28T14:30.")] = None,
+    format: Annotated[ReportFormat, typer.Option("--format", help="csv or json (stdout unless --out), "
+                                                 "png (a plot, needs --out).")] = ReportFormat.json,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write to this file instead of stdout.")] = None,
+):
+    """An organization's statement: its peers, samples, credit, device-hours and share of the run."""
+    import sys
+
+    from coordinator.org_report import write_report
+
+    data = write_report(data_dir, org, since, format.value, out)
+    if data is None:
+        print(f"wrote the {format.value} report of org '{org}' to {out}")
+    else:
+        sys.stdout.buffer.write(data)
 
 
 def main() -> None:

@@ -24,7 +24,6 @@ from peer.errors import UserError
 
 log = logging.getLogger("potluck.dashboard")
 
-DEFAULT_DASHBOARD_PORT = 7451
 CACHE_SECONDS = 1.0
 STATIC_FILES = {  # URL path -> (file under coordinator/static, content type)
     "/": ("index.html", "text/html; charset=utf-8"),

@@ -29,7 +29,6 @@ from coordinator.service import CoordinatorService
 from peer.errors import UserError
 from peer.identity import load_or_create_identity
 from peer.runconfig import RunConfig, load_run_config
-from peer.swarm import use_fork_start_method
 from protos import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("potluck.coordinator")
@@ -85,6 +84,8 @@ def _default_token(ledger: Ledger, data_dir: Path) -> str:
 def _start_dht(host: str, dht_port: int, data_dir: Path):
     import hivemind  # imported late: it is slow to import and only serve needs it
 
+    from peer.swarm import use_fork_start_method
+
     use_fork_start_method()
     try:
         return hivemind.DHT(
@@ -96,21 +97,23 @@ def _start_dht(host: str, dht_port: int, data_dir: Path):
         raise UserError(f"could not start the swarm's DHT node on {host}:{dht_port}: {error}") from None
 
 
-def _check_task_installed(config: RunConfig) -> None:
-    """Checkpoints need the task's model (to check what the swarm sends): fail early, with the fix."""
+def _checkpoints_possible(config: RunConfig) -> bool:
+    """Checkpoints need the task's model (to check what the swarm sends); without it, serve on, warned."""
     from peer.task import load_task
 
-    if config.checkpoint_every > 0:
-        try:
-            load_task(config.task_name, config.task_version)
-        except UserError as error:
-            raise UserError(f"{error} (the coordinator needs the task for checkpoints; or set [checkpoints] "
-                            f"every = 0)") from None
+    if config.checkpoint_every <= 0:
+        return False
+    try:
+        load_task(config.task_name, config.task_version)
+    except UserError as error:
+        print(f"warning: no checkpoints for this run: {error}", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 def _start_observer(run_path: Path, data_dir: Path, host: str, dht_maddrs: list[str], config: RunConfig):
     """The checkpoint writer, in its own process (it forks hivemind's; this process will run gRPC)."""
-    if config.checkpoint_every <= 0:
+    if not _checkpoints_possible(config):
         return None
     args = [sys.executable, "-m", "coordinator.observer", "--run", str(Path(run_path).resolve()),
             "--data-dir", str(Path(data_dir).resolve()), "--host", host]
@@ -147,7 +150,6 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int,
           dashboard_port: int | None = None) -> None:
     """Run the coordinator until SIGINT/SIGTERM; ``dashboard_port`` None: no dashboard."""
     config = load_run_config(run_path)
-    _check_task_installed(config)
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_data_dir(data_dir)

@@ -8,10 +8,12 @@ against the task's model (every key, shape and dtype, finite values).
 from __future__ import annotations
 
 import hashlib
-
-import torch
+from typing import TYPE_CHECKING
 
 from peer.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: CLIs that only read files stay fast
+    import torch
 
 
 def sha256_hex(data: bytes) -> str:
@@ -38,6 +40,7 @@ def state_from_bytes(data: bytes, expected_sha256: str, what: str = "checkpoint"
 
 def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
     """Load a state dict that must match the model exactly and hold only finite values."""
+    import torch
     expected = model.state_dict()
     if set(expected) != set(state_dict):
         raise UserError(f"the {what} does not fit this task's model (different tensor names)")
@@ -52,6 +55,8 @@ def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
 
 def state_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
     """A sha256 over names, shapes and exact values: equal fingerprints mean bit-identical parameters."""
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().cpu().contiguous()
