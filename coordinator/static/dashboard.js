@@ -34,7 +34,7 @@ function fillTable(id, rows, render) {
 }
 
 function chartWidth() {
-  return Math.max(320, Math.min(620, (document.body.clientWidth - 80) / 2));
+  return Math.max(320, Math.min(620, (document.body.clientWidth - 110) / 2));
 }
 
 function makeCharts() {
