@@ -15,35 +15,41 @@ from coordinator.checkpoints import latest_checkpoint
 from coordinator.ledger import Ledger
 
 HISTORY_EPOCHS = 500  # the charts show at most this many recent epochs
+THROUGHPUT_WINDOW = 5  # epochs averaged into one throughput point
 
 
 def epoch_history(ledger: Ledger, limit: int = HISTORY_EPOCHS) -> dict[str, list]:
     """Per epoch: sample-weighted training loss, mean held-out accuracy, samples, when it ended, samples/s.
 
-    An epoch ends when its last report arrives; its throughput is its samples over the time since
-    the previous epoch ended (the first epoch counts from the first join).
+    An epoch ends when its last report arrives (never before the previous epoch's end). Reports can
+    arrive in bursts (a peer flushes its outbox after a delay), so throughput is a moving average:
+    the samples of the last THROUGHPUT_WINDOW epochs over the time they took (from the first join
+    for the first epochs).
     """
     rows = ledger.query(
         """SELECT epoch, SUM(samples) AS samples, SUM(samples * loss) / MAX(SUM(samples), 1) AS loss,
                   AVG(json_extract(metrics, '$.accuracy')) AS accuracy, MAX(received) AS ended
            FROM reports GROUP BY epoch ORDER BY epoch DESC LIMIT ?""",
-        (limit + 1,),
+        (limit + THROUGHPUT_WINDOW,),
     )[::-1]
     first_join = ledger.query("SELECT MIN(joined) AS t FROM peers")[0]["t"]
+    ends: list[float] = []
+    for row in rows:
+        ends.append(max(row["ended"], ends[-1]) if ends else row["ended"])
     history = {"epoch": [], "loss": [], "accuracy": [], "samples": [], "time": [], "samples_per_second": []}
-    previous_end = first_join
+    skipped = max(len(rows) - limit, 0)  # the oldest rows only give the window its start
     for index, row in enumerate(rows):
-        if index == 0 and len(rows) > limit:  # only there to give the next epoch its start time
-            previous_end = row["ended"]
+        if index < skipped:
             continue
-        elapsed = max(row["ended"] - (previous_end if previous_end is not None else row["ended"]), 1e-3)
+        start = index - THROUGHPUT_WINDOW
+        began = ends[start] if start >= 0 else (first_join if first_join is not None else ends[0])
+        window_samples = sum(r["samples"] for r in rows[max(start + 1, 0):index + 1])
         history["epoch"].append(row["epoch"])
         history["loss"].append(row["loss"])
         history["accuracy"].append(row["accuracy"])
         history["samples"].append(row["samples"])
-        history["time"].append(round(row["ended"], 3))
-        history["samples_per_second"].append(round(row["samples"] / elapsed, 2))
-        previous_end = row["ended"]
+        history["time"].append(round(ends[index], 3))
+        history["samples_per_second"].append(round(window_samples / max(ends[index] - began, 1e-3), 2))
     return history
 
 

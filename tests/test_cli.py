@@ -62,9 +62,13 @@ def test_version(program):
     ("coordinator", "token"),
     ("coordinator", "token", "issue"),
     ("coordinator", "status"),
+    ("coordinator", "export"),
+    ("coordinator", "report"),
     ("peer",),
     ("peer", "join"),
     ("peer", "id"),
+    ("peer", "status"),
+    ("peer", "leave"),
 ], ids=" ".join)
 def test_help(command):
     result = cli(*command, "--help")
