@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import torch
-
 from coordinator.checkpoints import Manifest, load_checkpoint, require_latest, write_atomically
 from peer.checkpoint import state_to_bytes
 from peer.errors import UserError
@@ -24,6 +22,8 @@ def export_latest(data_dir: Path, out: Path, format: str) -> Manifest:
         data = state_to_bytes(state, {"epoch": str(manifest.epoch), "run_id": manifest.run_id,
                                       "run_config_hash": manifest.run_config_hash})
     elif format == "torch":
+        import torch
+
         buffer = io.BytesIO()
         torch.save({"epoch": manifest.epoch, "run_id": manifest.run_id, "state_dict": state}, buffer)
         data = buffer.getvalue()

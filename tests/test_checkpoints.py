@@ -24,7 +24,7 @@ def _accuracy(state_dict: dict) -> float:
 
 def test_restart_resumes_from_the_checkpoint_and_export_round_trips(procs, tmp_path):
     # one peer, no end: the run lives only as long as its peer, then only in the checkpoint
-    run = write_run(tmp_path / "run.toml", epochs=0, min_peers=1, every=2, keep=2,
+    run = write_run(tmp_path / "run.toml", epochs=0, min_peers=1, every=2, keep=2, target_batch_size=2048,
                     heartbeat_interval=0.5, peer_timeout=3.0)
     data_dir = tmp_path / "c"
     coordinator = start_coordinator(procs, data_dir, run)

@@ -12,7 +12,7 @@ PEER_EXIT = 180
 
 
 def test_unreachable_peer_gets_a_fix_it_message_and_still_trains_in_client_mode(procs, tmp_path):
-    run = write_run(tmp_path / "run.toml", epochs=3)
+    run = write_run(tmp_path / "run.toml", epochs=2, matchmaking_time=1.0)
     coordinator = start_coordinator(procs, tmp_path / "c", run)
     reachable = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "a")
     # it listens on 127.0.0.1 but tells the swarm to dial 127.0.0.2, where nobody listens
@@ -32,9 +32,9 @@ def test_unreachable_peer_gets_a_fix_it_message_and_still_trains_in_client_mode(
     assert [(e["checked"], e["reachable"]) for e in checks["b"]] == [(True, False)]
 
     # in client mode it still averaged with the other peer every epoch: same parameters at the end
-    assert epochs_reported(tmp_path / "b") == [0, 1, 2] == epochs_reported(tmp_path / "a")
+    assert epochs_reported(tmp_path / "b") == [0, 1] == epochs_reported(tmp_path / "a")
     a, b = load_model(tmp_path / "a"), load_model(tmp_path / "b")
-    assert a["epoch"] == b["epoch"] == 3
+    assert a["epoch"] == b["epoch"] == 2
     for name, tensor in a["state_dict"].items():
         torch.testing.assert_close(tensor, b["state_dict"][name], atol=1e-4, rtol=0)
 
@@ -46,7 +46,8 @@ def test_unreachable_peer_gets_a_fix_it_message_and_still_trains_in_client_mode(
 
 
 def test_peer_status_leave_and_one_peer_per_data_dir(procs, tmp_path):
-    run = write_run(tmp_path / "run.toml", epochs=0, min_peers=1, matchmaking_time=0.5)
+    # alone, a peer would finish an epoch every few milliseconds: bigger epochs keep the box quiet
+    run = write_run(tmp_path / "run.toml", epochs=0, min_peers=1, target_batch_size=8192)
     coordinator = start_coordinator(procs, tmp_path / "c", run)
     peer_dir = tmp_path / "a"
 
