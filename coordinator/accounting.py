@@ -13,11 +13,11 @@ import sqlite3
 from dataclasses import asdict, dataclass
 
 _AUDIT_TABLES = ("audits", "audit_verdicts")
-_CREDIT_TABLES = ("credit", "credits", "settled_credit")
+_CREDIT_TABLES = ("settlements", "credit", "credits", "settled_credit")  # settlements: coordinator/credit.py
 _BAN_TABLES = ("bans", "banned_peers")
 _PASSED = {"pass", "passed", "ok", "verified", "honest"}
 _FAILED = {"fail", "failed", "strike", "cheat", "mismatch", "rejected"}
-_TIME_COLUMNS = ("created", "time", "at", "decided", "recorded", "banned_at", "received")
+_TIME_COLUMNS = ("at", "created", "time", "decided", "recorded", "banned_at", "received")
 
 
 @dataclass
@@ -102,8 +102,9 @@ def accounts(query) -> dict[str, Account]:
 def banned_peers(query) -> set[str]:
     bans = _first_table(query, _BAN_TABLES, {"peer_id"})
     banned = {row[0] for row in query(f"SELECT peer_id FROM {bans[0]}")} if bans else set()
-    if "banned" in _columns(query, "peers"):
-        banned |= {row[0] for row in query("SELECT peer_id FROM peers WHERE banned")}
+    for table in ("peers", "standing"):  # standing: coordinator/credit.py's strikes and bans
+        if "banned" in _columns(query, table):
+            banned |= {row[0] for row in query(f"SELECT peer_id FROM {table} WHERE banned")}
     return banned
 
 
@@ -123,4 +124,7 @@ def recent_audits(query, limit: int = 20) -> list[dict]:
 
 
 def recent_bans(query, limit: int = 20) -> list[dict]:
+    if {"peer_id", "banned", "reason", "at"} <= _columns(query, "standing"):
+        return [dict(row) for row in query("SELECT peer_id, reason, strikes, at FROM standing WHERE banned "
+                                           "ORDER BY at DESC LIMIT ?", (limit,))]
     return _recent(query, _BAN_TABLES, limit)

@@ -19,12 +19,15 @@ from pathlib import Path
 
 from coordinator.checkpoints import latest_checkpoint, save_checkpoint
 from coordinator.ledger import Ledger
+from coordinator.swarm_pass import SwarmPass
 from coordinator.swarm_snapshot import SnapshotError, SwarmObserver
+from peer.identity import load_or_create_identity
 from peer.runconfig import load_run_config
 from peer.task import load_task
 
 log = logging.getLogger("potluck.observer")
 
+OBSERVER_DIR = "observer"  # the observer's swarm identity and access files, inside the data dir
 POLL_SECONDS = 1.0  # how often the ledger's epoch is read
 RETRY_SECONDS = 5.0  # wait after a download that brought nothing new
 DOWNLOAD_TIMEOUT = 30.0
@@ -36,6 +39,10 @@ def run_observer(run_path: Path, data_dir: Path, initial_peers: list[str], host:
         return
     task = load_task(config.task_name, config.task_version)
     ledger = Ledger.open_existing(data_dir)
+    from coordinator.server import KEY_FILE  # the coordinator's key signs this process's swarm access
+
+    swarm_pass = SwarmPass(data_dir, OBSERVER_DIR, ledger, load_or_create_identity(data_dir, KEY_FILE),
+                           config.access_token_ttl)
     parent = os.getppid()
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -46,12 +53,14 @@ def run_observer(run_path: Path, data_dir: Path, initial_peers: list[str], host:
     observer: SwarmObserver | None = None
     try:
         while not stop.is_set() and os.getppid() == parent:
+            swarm_pass.refresh()
             epoch = ledger.snapshot(config.peer_timeout)["epoch"]
             if epoch < last_saved + config.checkpoint_every:
                 stop.wait(POLL_SECONDS)
                 continue
             if observer is None:
-                observer = SwarmObserver(config, task, initial_peers, host)
+                observer = SwarmObserver(config, task, initial_peers, host, authorizer=swarm_pass.authorizer,
+                                         identity_path=swarm_pass.identity_path)
             try:
                 snapshot = observer.download(DOWNLOAD_TIMEOUT)
             except SnapshotError as error:

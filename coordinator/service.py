@@ -13,17 +13,20 @@ from pathlib import Path
 
 import grpc
 
+from coordinator import tokens
 from coordinator.accounting import accounts
 from coordinator.checkpoints import find_checkpoint, latest_checkpoint, read_checkpoint_bytes
 from coordinator.ledger import Ledger, LedgerError
-from peer.identity import peer_id_of
+from peer.identity import Identity, peer_id_of
 from peer.runconfig import RunConfig
+from peer.swarm_access import issue_access_token
 from protos import coordinator_pb2 as pb
 from protos import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("potluck.coordinator")
 
 MAX_METRICS = 32
+MAX_SWARM_AUTH_KEY = 1024  # an RSA public key in DER is ~300 bytes
 CHECKPOINT_CHUNK_BYTES = 512 * 1024  # well under the 1 MiB message limit
 PROBE_TIMEOUT = 3.0  # seconds to connect to a peer's announced address and read its greeting
 PROBE_GREETING_BYTES = 64
@@ -33,12 +36,24 @@ def _abort(context: grpc.ServicerContext, error: LedgerError):
     context.abort(getattr(grpc.StatusCode, error.code), str(error))
 
 
+def access_lists(ledger: Ledger) -> pb.AccessLists:
+    version, allow, deny = ledger.swarm_lists()
+    return pb.AccessLists(version=version, allow=allow, deny=deny)
+
+
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, ledger: Ledger, config: RunConfig, initial_peers: list[str], data_dir: Path | None = None):
+    def __init__(self, ledger: Ledger, config: RunConfig, initial_peers: list[str], identity: Identity,
+                 data_dir: Path | None = None):
+        self.data_dir = data_dir  # where checkpoints live; None: no checkpoints
         self.ledger = ledger
         self.config = config
         self.initial_peers = initial_peers
-        self.data_dir = data_dir  # where checkpoints live; None: no checkpoints
+        self.identity = identity
+
+    def _access_token(self, hivemind_peer_id: str, swarm_auth_key: bytes) -> bytes:
+        return issue_access_token(
+            self.identity.private_key, hivemind_peer_id, swarm_auth_key, self.config.access_token_ttl
+        ).SerializeToString()
 
     def _run_finished(self, epoch: int) -> bool:
         return self.config.epochs > 0 and epoch >= self.config.epochs
@@ -48,10 +63,21 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "public_key must be a 32-byte Ed25519 key")
         if not request.hivemind_peer_id or len(request.hivemind_peer_id) > 128 or len(request.device) > 64:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "hivemind_peer_id (1-128 chars) and device (<=64) required")
+        if not 0 < len(request.swarm_auth_key) <= MAX_SWARM_AUTH_KEY:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "swarm_auth_key required (the DHT's request-signing key)")
         peer_id = peer_id_of(request.public_key)
         try:
+            claims = tokens.decode(request.token, self.identity.public_bytes)
+        except tokens.TokenError as error:
+            log.info("refused join of %s: %s", peer_id, error)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
+        if claims.run_id != self.config.run_id:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"this token is for run '{claims.run_id}', not '{self.config.run_id}'")
+        try:
             admission = self.ledger.admit(
-                request.token, peer_id, request.public_key, request.hivemind_peer_id, request.device
+                claims, peer_id, request.public_key, request.hivemind_peer_id, request.device,
+                request.swarm_auth_key,
             )
         except LedgerError as error:
             log.info("refused join of %s: %s", peer_id, error)
@@ -67,6 +93,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             run_config_hash=self.config.config_hash,
             initial_peers=self.initial_peers,
             epoch=state["epoch"],
+            coordinator_public_key=self.identity.public_bytes,
+            access_token=self._access_token(request.hivemind_peer_id, request.swarm_auth_key),
+            access_lists=access_lists(self.ledger),
         )
         checkpoint = latest_checkpoint(self.data_dir) if self.data_dir is not None else None
         if checkpoint is not None and checkpoint.run_id == self.config.run_id:
@@ -79,6 +108,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return reply
 
     def CheckpointFetch(self, request: pb.CheckpointFetchRequest, context):
+        """One chunk of a checkpoint's bytes (unary, so the signed-request interceptor checks every call)."""
         try:
             self.ledger.authenticate(request.peer_id, request.session)
         except LedgerError as error:
@@ -86,16 +116,19 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         manifest = find_checkpoint(self.data_dir, request.sha256) if self.data_dir is not None else None
         if manifest is None:
             context.abort(grpc.StatusCode.NOT_FOUND, "no such checkpoint (a newer one replaced it); join again")
+        if not 0 <= request.offset < max(manifest.bytes, 1):
+            context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset must be in [0, {manifest.bytes})")
         data = read_checkpoint_bytes(self.data_dir, manifest)
-        log.info("sending checkpoint epoch %d (%d bytes) to %s", manifest.epoch, len(data), request.peer_id)
-        for offset in range(0, len(data), CHECKPOINT_CHUNK_BYTES):
-            yield pb.CheckpointChunk(offset=offset, data=data[offset:offset + CHECKPOINT_CHUNK_BYTES])
+        if request.offset == 0:
+            log.info("sending checkpoint epoch %d (%d bytes) to %s", manifest.epoch, len(data), request.peer_id)
+        return pb.CheckpointChunk(offset=request.offset,
+                                  data=data[request.offset:request.offset + CHECKPOINT_CHUNK_BYTES])
 
     def StatusProbe(self, request: pb.StatusProbeRequest, context):
         """Dial the address a peer will announce, as another peer would; say whether it answered.
 
-        Only admitted peers may ask (valid session), and the coordinator sends nothing and reads at
-        most a short greeting, so this cannot be used to talk to other services.
+        Only admitted peers may ask (signed request, valid session), and the coordinator sends nothing
+        and reads at most a short greeting, so this cannot be used to talk to other services.
         """
         try:
             self.ledger.authenticate(request.peer_id, request.session)
@@ -140,11 +173,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def Heartbeat(self, request: pb.HeartbeatRequest, context):
         if request.epoch < 0 or not math.isfinite(request.samples_per_second) or request.samples_per_second < 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed heartbeat")
+        if len(request.access_lists_version) > 64:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed heartbeat")
         try:
-            self.ledger.heartbeat(request.peer_id, request.session, request.epoch, request.samples_per_second)
+            peer = self.ledger.heartbeat(request.peer_id, request.session, request.epoch, request.samples_per_second)
         except LedgerError as error:
             _abort(context, error)
         state = self.ledger.snapshot(self.config.peer_timeout)
+        lists = access_lists(self.ledger)
         account = accounts(self.ledger.query).get(request.peer_id)
         me = next((p for p in state["peers"] if p["id"] == request.peer_id), None)
         return pb.HeartbeatReply(
@@ -153,6 +189,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             audits_passed=account.audits_passed if account else 0,
             audits_failed=account.audits_failed if account else 0,
             samples_recorded=me["samples"] if me else 0,
+            access_token=(
+                self._access_token(peer["hivemind_peer_id"], peer["swarm_auth_key"])
+                if request.renew_access_token else b""
+            ),
+            access_lists=lists if lists.version != request.access_lists_version else None,
             epoch=state["epoch"],
             live_peers=sum(p["alive"] for p in state["peers"]),
             swarm_samples_per_second=state["swarm_samples_per_second"],

@@ -105,14 +105,18 @@ def _download_only_averager_class():
 class SwarmObserver:
     """A read-only member of the run's swarm: DHT node in client mode plus a download-only averager."""
 
-    def __init__(self, config: RunConfig, task, initial_peers: list[str], host: str = "127.0.0.1"):
+    def __init__(self, config: RunConfig, task, initial_peers: list[str], host: str = "127.0.0.1",
+                 authorizer=None, identity_path: str | None = None):
+        """``authorizer`` and ``identity_path``: the swarm access of this process (a SwarmPass in
+        coordinator/swarm_watch.py); without them, only a swarm without access control can be joined."""
         import hivemind
 
         self.order, self.reference = parameter_order(task, config.seed)
         use_fork_start_method()
         # client mode for both (trap 2): nobody dials us, we are never part of a group
         self.dht = hivemind.DHT(
-            initial_peers=initial_peers, host_maddrs=[f"/ip4/{host}/tcp/0"], client_mode=True, start=True
+            initial_peers=initial_peers, host_maddrs=[f"/ip4/{host}/tcp/0"], client_mode=True, start=True,
+            authorizer=authorizer, identity_path=identity_path,
         )
         self.averager = _download_only_averager_class()(
             averaged_tensors=[torch.zeros(1)],  # never averaged: we only download

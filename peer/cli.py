@@ -15,7 +15,7 @@ import typer
 
 from peer import __version__
 from peer.cli_support import new_app, run_app
-from peer.errors import UserError
+from peer.errors import EVICTED_PREFIX, UserError
 from peer.identity import load_or_create_identity
 
 app = new_app("peer", "Lend your machine to a potluck training run.")
@@ -68,6 +68,13 @@ def join_command(
     client_mode: Annotated[bool, typer.Option("--client-mode", help="Accept no connections: train as a client "
                                               "(skips the reachability test).")] = False,
     threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).", min=0)] = 0,
+    fingerprint: Annotated[Optional[str], typer.Option(
+        envvar="POTLUCK_FINGERPRINT",
+        help="SHA-256 of the coordinator's TLS certificate, from the join command; the peer refuses any other.")] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure",
+        help="Talk plaintext gRPC to a coordinator started with --insecure. RISK: your token and reports can be "
+             "read and altered by anyone on the network path.")] = False,
     connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.")] = 10.0,
     progress: Annotated[ProgressMode, typer.Option(help="live panel, plain lines, json event lines, or quiet.")]
     = ProgressMode.auto,
@@ -77,15 +84,17 @@ def join_command(
     import torch
 
     from peer.checkpoint import state_from_bytes
-    from peer.client import CoordinatorLink, fetch_checkpoint, join, leave
+    from peer.client import Admission, CoordinatorLink, fetch_checkpoint, join, leave
     from peer.events import EventLog
     from peer.outbox import Outbox
     from peer.pidfile import remove_pidfile, running_peer, write_pidfile
     from peer.reachability import check_reachability, fix_it_message, free_port
     from peer.runconfig import parse_run_config
     from peer.swarm import start_dht, swarm_peer_id
+    from peer.swarm_access import AccessFiles, install_averaging_guard, make_authorizer, rsa_public_key
     from peer.task import load_task
     from peer.trainer import TrainOptions, pick_device, train
+    from peer.transport import Endpoint, normalize_fingerprint
     from protos import coordinator_pb2 as pb
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -94,6 +103,12 @@ def join_command(
         logging.getLogger("hivemind").setLevel(logging.ERROR)
     if ":" not in address:
         raise UserError(f"coordinator address {address!r} must be HOST:PORT, e.g. 127.0.0.1:7450")
+    if insecure and fingerprint:
+        raise UserError("--insecure and --fingerprint contradict each other; use the join command as printed")
+    if not insecure and not fingerprint:
+        raise UserError("missing --fingerprint: copy the whole join command printed by 'coordinator serve' "
+                        "(it pins the coordinator's TLS certificate)")
+    endpoint = Endpoint(address, None if insecure else normalize_fingerprint(fingerprint), insecure)
     json_mode = progress is ProgressMode.json
     say = (lambda text: None) if json_mode else (lambda text: print(text, flush=True))
     if threads:
@@ -105,10 +120,12 @@ def join_command(
                         f"'peer leave --data-dir {data_dir}' or use another --data-dir")
     identity = load_or_create_identity(data_dir)
     chosen_device = pick_device(device.value)
+    authorizer = make_authorizer(data_dir, b"")  # the coordinator's key is known after Join; set below
     reply = join(
-        address,
+        endpoint, identity,
         pb.JoinRequest(token=token, public_key=identity.public_bytes, hivemind_peer_id=swarm_peer_id(data_dir),
-                       device=str(chosen_device), client_version=__version__),
+                       device=str(chosen_device), client_version=__version__,
+                       swarm_auth_key=rsa_public_key(authorizer)),
         connect_timeout,
     )
     config = parse_run_config(reply.run_config_toml, where="the run config sent by the coordinator")
@@ -117,8 +134,13 @@ def join_command(
     try:
         task = load_task(config.task_name, config.task_version)
     except UserError as error:
-        leave(address, reply.peer_id, reply.session, f"cannot train: {error}")
+        leave(endpoint, identity, config.run_id, reply.peer_id, reply.session, f"cannot train: {error}")
         raise
+    access = AccessFiles(data_dir)
+    access.write_token(reply.access_token)
+    access.write_lists(reply.access_lists.version, list(reply.access_lists.allow), list(reply.access_lists.deny))
+    authorizer.coordinator_public_key = reply.coordinator_public_key
+    install_averaging_guard(data_dir)
     write_pidfile(data_dir, coordinator=address, run_id=config.run_id, peer_id=reply.peer_id)
     try:
         events = EventLog(data_dir, echo=json_mode)
@@ -129,8 +151,8 @@ def join_command(
         if reply.start_from_checkpoint and reply.checkpoint_sha256:
             # nobody is left to load state from: continue from the coordinator's checkpoint, fetched
             # before hivemind forks its processes (no gRPC channel may be open across a fork)
-            data = fetch_checkpoint(address, reply.peer_id, reply.session, reply.checkpoint_sha256,
-                                    reply.checkpoint_bytes, CHECKPOINT_FETCH_TIMEOUT)
+            data = fetch_checkpoint(endpoint, identity, config.run_id, reply.peer_id, reply.session,
+                                    reply.checkpoint_sha256, reply.checkpoint_bytes, CHECKPOINT_FETCH_TIMEOUT)
             initial_state = (reply.checkpoint_epoch,
                              state_from_bytes(data, reply.checkpoint_sha256, "run's checkpoint"),
                              reply.checkpoint_sha256)
@@ -138,7 +160,7 @@ def join_command(
 
         if not client_mode:
             port = port or free_port(host)
-            result = check_reachability(address, reply.peer_id, reply.session, host,
+            result = check_reachability(endpoint, identity, config.run_id, reply.peer_id, reply.session, host,
                                         public_ip or host, port)
             events.emit("reachability", checked=result.checked, reachable=result.reachable,
                         address=f"{result.host}:{result.port}", detail=result.detail)
@@ -146,27 +168,37 @@ def join_command(
                 print(fix_it_message(result), file=sys.stderr, flush=True)
                 client_mode = True
 
-        dht = start_dht(data_dir, list(reply.initial_peers), host, port, client_mode=client_mode, public_ip=public_ip)
+        dht = start_dht(data_dir, list(reply.initial_peers), host, port, client_mode=client_mode,
+                        authorizer=authorizer, public_ip=public_ip)
         outbox = Outbox(data_dir)
+        admission = Admission(identity, reply.peer_id, reply.session, config.run_id, access, config.access_token_ttl)
 
         def make_link() -> CoordinatorLink:
-            return CoordinatorLink(address, reply.peer_id, reply.session, outbox, config.heartbeat_interval)
+            return CoordinatorLink(endpoint, admission, outbox, config.heartbeat_interval)
 
         summary = train(config, task, reply.peer_id, dht, make_link, events,
-                        TrainOptions(data_dir, chosen_device, max_epochs, progress.value, initial_state, client_mode))
+                        TrainOptions(data_dir, chosen_device, max_epochs, progress.value,
+                                     initial_state=initial_state, client_mode=client_mode))
         accuracy = summary["metrics"].get("accuracy")
         say(f"left at epoch {summary['epoch']} ({summary['reason']}): {summary['samples']:,} samples contributed"
             + (f", held-out accuracy {accuracy:.3f}" if accuracy is not None else ""))
         events.emit("left", reason=summary["reason"])
         events.close()
+        if summary["reason"].startswith(EVICTED_PREFIX):
+            print(f"error: {summary['reason']}; contact the run's operator", file=sys.stderr, flush=True)
+            exit_code = 3
+        else:
+            exit_code = 0
         outbox.close()
     finally:
         remove_pidfile(data_dir)
     # hivemind's shutdown can hang (trap 10): give it a bounded grace, then exit regardless
-    watchdog = threading.Timer(SHUTDOWN_GRACE, lambda: os._exit(0))
+    watchdog = threading.Timer(SHUTDOWN_GRACE, lambda: os._exit(exit_code))
     watchdog.daemon = True
     watchdog.start()
     dht.shutdown()
+    if exit_code:
+        raise typer.Exit(exit_code)
 
 
 @app.command("status")

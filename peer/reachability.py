@@ -73,9 +73,9 @@ class _GreetingListener:
         self._socket.close()
 
 
-def check_reachability(address: str, peer_id: str, session: str, listen_host: str, announce_host: str,
-                       port: int) -> Reachability:
-    """Listen on listen_host:port and ask the coordinator at ``address`` to dial announce_host:port."""
+def check_reachability(endpoint, identity, run_id: str, peer_id: str, session: str, listen_host: str,
+                       announce_host: str, port: int) -> Reachability:
+    """Listen on listen_host:port and ask the coordinator at ``endpoint`` to dial announce_host:port."""
     nonce = secrets.token_hex(8)
     try:
         listener = _GreetingListener(listen_host, port, nonce)
@@ -83,8 +83,11 @@ def check_reachability(address: str, peer_id: str, session: str, listen_host: st
         raise UserError(f"cannot listen on {listen_host}:{port} for the swarm ({error.strerror}); "
                         f"pick another --port, or 0 for a free one") from None
     try:
-        reply = status_probe(address, pb.StatusProbeRequest(peer_id=peer_id, session=session, host=announce_host,
-                                                            port=port), PROBE_CALL_TIMEOUT)
+        reply = status_probe(endpoint, identity, run_id, pb.StatusProbeRequest(
+            peer_id=peer_id, session=session, host=announce_host, port=port), PROBE_CALL_TIMEOUT)
+    except (grpc.RpcError, UserError) as error:
+        detail = error.details() if isinstance(error, grpc.RpcError) else str(error)
+        return Reachability(False, True, announce_host, port, f"coordinator could not test: {detail}")
     except grpc.RpcError as error:
         return Reachability(False, True, announce_host, port, f"coordinator could not test: {error.details()}")
     finally:

@@ -59,6 +59,13 @@ def install_stop_handlers() -> threading.Event:
     return stop
 
 
+def autocast_context(device: torch.device):
+    """bf16 autocast on CUDA, nothing on CPU."""
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 def wait_for_peers(opt, min_peers: int, stop: threading.Event, display: ProgressDisplay) -> None:
     """Hold training after the first micro-batch until min_peers are in the swarm, so nobody runs the
     first epochs alone. hivemind announces a peer only once it has accumulated samples, hence the
@@ -89,8 +96,13 @@ def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLo
     """Train until the run ends, --max-epochs is reached or SIGINT/SIGTERM; returns a summary.
 
     make_link() builds the coordinator link; it is called only after hivemind has forked its
-    processes, so no gRPC thread exists at fork time.
+    processes, so no gRPC thread exists at fork time. ``[averaging] strategy`` picks the loop:
+    this one (sync) or peer.diloco_trainer's.
     """
+    if config.averaging.strategy == "diloco":
+        from peer.diloco_trainer import train_diloco
+
+        return train_diloco(config, task, peer_id, dht, make_link, events, options)
     device = options.device
     model = task.build_model(config.seed)
     if options.initial_state is not None:
@@ -105,9 +117,7 @@ def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLo
     link: CoordinatorLink = make_link().start()
     inputs, targets = task.train_data()
     eval_inputs, eval_targets = (t.to(device) for t in task.eval_data())
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-    )
+    autocast = autocast_context(device)
     progress = Progress()
     epoch, micro_batch, epochs_done, total_samples = opt.local_epoch, 0, 0, 0
     meter = EpochMeter()
@@ -120,6 +130,9 @@ def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLo
         gated = config.min_peers <= 1 or opt.tracker.global_epoch > 0
         while True:
             if stop.is_set():
+                break
+            if link.evicted:
+                reason = link.evicted
                 break
             if (config.epochs and opt.local_epoch >= config.epochs) or link.view.run_finished:
                 reason = "run finished"
@@ -175,7 +188,7 @@ def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLo
                 display.epoch_done(progress)
                 epoch, micro_batch, meter = opt.local_epoch, 0, EpochMeter()
 
-    if reason != "stopped":
+    if reason != "stopped" and not link.evicted:
         link.wait_for_peers_to_catch_up(timeout=config.averaging_timeout)
     torch.save({"epoch": opt.local_epoch, "state_dict": model.state_dict()}, Path(options.data_dir) / MODEL_FILE)
     model.eval()

@@ -2,26 +2,38 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JoinRequest(_message.Message):
-    __slots__ = ("token", "public_key", "hivemind_peer_id", "device", "client_version")
+    __slots__ = ("token", "public_key", "hivemind_peer_id", "device", "client_version", "swarm_auth_key")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     HIVEMIND_PEER_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SWARM_AUTH_KEY_FIELD_NUMBER: _ClassVar[int]
     token: str
     public_key: bytes
     hivemind_peer_id: str
     device: str
     client_version: str
-    def __init__(self, token: _Optional[str] = ..., public_key: _Optional[bytes] = ..., hivemind_peer_id: _Optional[str] = ..., device: _Optional[str] = ..., client_version: _Optional[str] = ...) -> None: ...
+    swarm_auth_key: bytes
+    def __init__(self, token: _Optional[str] = ..., public_key: _Optional[bytes] = ..., hivemind_peer_id: _Optional[str] = ..., device: _Optional[str] = ..., client_version: _Optional[str] = ..., swarm_auth_key: _Optional[bytes] = ...) -> None: ...
+
+class AccessLists(_message.Message):
+    __slots__ = ("version", "allow", "deny")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_FIELD_NUMBER: _ClassVar[int]
+    DENY_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    allow: _containers.RepeatedScalarFieldContainer[str]
+    deny: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., deny: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("peer_id", "session", "org", "run_id", "run_config_toml", "run_config_hash", "initial_peers", "epoch", "checkpoint_epoch", "checkpoint_sha256", "checkpoint_bytes", "start_from_checkpoint")
+    __slots__ = ("peer_id", "session", "org", "run_id", "run_config_toml", "run_config_hash", "initial_peers", "epoch", "checkpoint_epoch", "checkpoint_sha256", "checkpoint_bytes", "start_from_checkpoint", "coordinator_public_key", "access_token", "access_lists")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     ORG_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +46,9 @@ class JoinReply(_message.Message):
     CHECKPOINT_SHA256_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_BYTES_FIELD_NUMBER: _ClassVar[int]
     START_FROM_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_LISTS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     session: str
     org: str
@@ -46,7 +61,10 @@ class JoinReply(_message.Message):
     checkpoint_sha256: str
     checkpoint_bytes: int
     start_from_checkpoint: bool
-    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., org: _Optional[str] = ..., run_id: _Optional[str] = ..., run_config_toml: _Optional[str] = ..., run_config_hash: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., checkpoint_epoch: _Optional[int] = ..., checkpoint_sha256: _Optional[str] = ..., checkpoint_bytes: _Optional[int] = ..., start_from_checkpoint: _Optional[bool] = ...) -> None: ...
+    coordinator_public_key: bytes
+    access_token: bytes
+    access_lists: AccessLists
+    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., org: _Optional[str] = ..., run_id: _Optional[str] = ..., run_config_toml: _Optional[str] = ..., run_config_hash: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., checkpoint_epoch: _Optional[int] = ..., checkpoint_sha256: _Optional[str] = ..., checkpoint_bytes: _Optional[int] = ..., start_from_checkpoint: _Optional[bool] = ..., coordinator_public_key: _Optional[bytes] = ..., access_token: _Optional[bytes] = ..., access_lists: _Optional[_Union[AccessLists, _Mapping]] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("peer_id", "session", "report_id", "epoch", "samples", "loss", "compute_seconds", "metrics")
@@ -82,19 +100,23 @@ class ReportReply(_message.Message):
     def __init__(self, duplicate: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("peer_id", "session", "epoch", "samples_per_second")
+    __slots__ = ("peer_id", "session", "epoch", "samples_per_second", "access_lists_version", "renew_access_token")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_LISTS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RENEW_ACCESS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     session: str
     epoch: int
     samples_per_second: float
-    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., epoch: _Optional[int] = ..., samples_per_second: _Optional[float] = ...) -> None: ...
+    access_lists_version: str
+    renew_access_token: bool
+    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., epoch: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., access_lists_version: _Optional[str] = ..., renew_access_token: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("epoch", "live_peers", "swarm_samples_per_second", "run_finished", "peers_behind", "credit", "samples_recorded", "audits_passed", "audits_failed", "credit_verified")
+    __slots__ = ("epoch", "live_peers", "swarm_samples_per_second", "run_finished", "peers_behind", "credit", "samples_recorded", "audits_passed", "audits_failed", "credit_verified", "access_token", "access_lists")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LIVE_PEERS_FIELD_NUMBER: _ClassVar[int]
     SWARM_SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +127,8 @@ class HeartbeatReply(_message.Message):
     AUDITS_PASSED_FIELD_NUMBER: _ClassVar[int]
     AUDITS_FAILED_FIELD_NUMBER: _ClassVar[int]
     CREDIT_VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_LISTS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     live_peers: int
     swarm_samples_per_second: float
@@ -115,7 +139,9 @@ class HeartbeatReply(_message.Message):
     audits_passed: int
     audits_failed: int
     credit_verified: bool
-    def __init__(self, epoch: _Optional[int] = ..., live_peers: _Optional[int] = ..., swarm_samples_per_second: _Optional[float] = ..., run_finished: _Optional[bool] = ..., peers_behind: _Optional[int] = ..., credit: _Optional[float] = ..., samples_recorded: _Optional[int] = ..., audits_passed: _Optional[int] = ..., audits_failed: _Optional[int] = ..., credit_verified: _Optional[bool] = ...) -> None: ...
+    access_token: bytes
+    access_lists: AccessLists
+    def __init__(self, epoch: _Optional[int] = ..., live_peers: _Optional[int] = ..., swarm_samples_per_second: _Optional[float] = ..., run_finished: _Optional[bool] = ..., peers_behind: _Optional[int] = ..., credit: _Optional[float] = ..., samples_recorded: _Optional[int] = ..., audits_passed: _Optional[int] = ..., audits_failed: _Optional[int] = ..., credit_verified: _Optional[bool] = ..., access_token: _Optional[bytes] = ..., access_lists: _Optional[_Union[AccessLists, _Mapping]] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("peer_id", "session", "reason")
@@ -132,14 +158,16 @@ class LeaveReply(_message.Message):
     def __init__(self) -> None: ...
 
 class CheckpointFetchRequest(_message.Message):
-    __slots__ = ("peer_id", "session", "sha256")
+    __slots__ = ("peer_id", "session", "sha256", "offset")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     session: str
     sha256: str
-    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
+    offset: int
+    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class CheckpointChunk(_message.Message):
     __slots__ = ("offset", "data")

@@ -54,7 +54,7 @@ class CoordinatorStub:
                 request_serializer=protos_dot_coordinator__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=protos_dot_coordinator__pb2.LeaveReply.FromString,
                 _registered_method=True)
-        self.CheckpointFetch = channel.unary_stream(
+        self.CheckpointFetch = channel.unary_unary(
                 '/potluck.v1.Coordinator/CheckpointFetch',
                 request_serializer=protos_dot_coordinator__pb2.CheckpointFetchRequest.SerializeToString,
                 response_deserializer=protos_dot_coordinator__pb2.CheckpointChunk.FromString,
@@ -98,7 +98,7 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CheckpointFetch(self, request, context):
-        """The bytes of a checkpoint the Join reply announced, in chunks; only to start a swarm that has no peer left.
+        """One chunk of the checkpoint the Join reply announced; only to start a swarm that has no peer left.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -134,7 +134,7 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_coordinator__pb2.LeaveRequest.FromString,
                     response_serializer=protos_dot_coordinator__pb2.LeaveReply.SerializeToString,
             ),
-            'CheckpointFetch': grpc.unary_stream_rpc_method_handler(
+            'CheckpointFetch': grpc.unary_unary_rpc_method_handler(
                     servicer.CheckpointFetch,
                     request_deserializer=protos_dot_coordinator__pb2.CheckpointFetchRequest.FromString,
                     response_serializer=protos_dot_coordinator__pb2.CheckpointChunk.SerializeToString,
@@ -274,7 +274,7 @@ class Coordinator:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
+        return grpc.experimental.unary_unary(
             request,
             target,
             '/potluck.v1.Coordinator/CheckpointFetch',

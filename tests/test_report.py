@@ -10,8 +10,10 @@ import sqlite3
 import pytest
 
 from conftest import cli
+from coordinator import tokens
 from coordinator.accounting import accounts
 from coordinator.ledger import LEDGER_FILE, Ledger
+from peer.identity import load_or_create_identity
 
 
 @pytest.fixture
@@ -19,11 +21,15 @@ def data_dir(tmp_path):
     """A ledger with two orgs: acme has two peers (3 epochs of 100 and 50 samples), beta one (3 x 50)."""
     ledger = Ledger(tmp_path / LEDGER_FILE)
     ledger.bind_run("report-run", "0" * 64)
+    signer = load_or_create_identity(tmp_path, "coordinator.key")
     peers = []
     for org, name, device in (("acme", "a1", "cuda:0"), ("acme", "a2", "cpu"), ("beta", "b1", "cpu")):
-        _, token = ledger.issue_token(org)
+        if org not in {o["name"] for o in ledger.orgs()}:
+            ledger.add_org(org)
+        token, _ = tokens.issue(ledger, signer.private_key, "report-run", org, 3600, 0)
+        claims = tokens.decode(token, signer.public_bytes)
         peer_id = f"p-{name}"
-        admission = ledger.admit(token, peer_id, bytes(32), f"hm-{name}", device)
+        admission = ledger.admit(claims, peer_id, bytes([len(peers)]) * 32, f"hm-{name}", device)
         peers.append((admission, 100 if name == "a1" else 50))
     for epoch in range(3):
         for admission, samples in peers:

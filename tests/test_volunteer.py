@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from conftest import cli, epochs_reported, events, load_model, start_coordinator, start_peer, wait_until, write_run
+from conftest import cli, epochs_reported, events, load_model, pin, start_coordinator, start_peer, wait_until, write_run
 
 PEER_EXIT = 180
 
@@ -64,7 +64,8 @@ def test_peer_status_leave_and_one_peer_per_data_dir(procs, tmp_path):
     assert run_status["org"] == "default" and run_status["epochs"] >= 2 and run_status["samples"] > 0
     assert run_status["credit"] is not None
 
-    again = cli("peer", "join", coordinator.address, "--token", coordinator.token, "--data-dir", str(peer_dir))
+    again = cli("peer", "join", coordinator.address, "--token", coordinator.token, *pin(coordinator.address),
+                "--data-dir", str(peer_dir))
     assert again.returncode == 2 and "already running" in again.stderr and "peer leave" in again.stderr
 
     result = cli("peer", "leave", "--data-dir", str(peer_dir), timeout=90)
