@@ -52,6 +52,8 @@ class RunConfig:
     peer_timeout: float
     access_token_ttl: float
     text: str
+    checkpoint_every: int = 10
+    checkpoint_keep: int = 3
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
 
     @property
@@ -71,6 +73,7 @@ _SCHEMA: dict[str, dict[str, tuple[type, object]]] = {
         "averaging_timeout": (float, 20.0),
     },
     "coordinator": {"heartbeat_interval": (float, 2.0), "peer_timeout": (float, 10.0)},
+    "checkpoints": {"every": (int, 10), "keep": (int, 3)},
     "averaging": {
         "strategy": (str, AveragingConfig.strategy),
         "compression": (str, AveragingConfig.compression),
@@ -126,6 +129,8 @@ def parse_run_config(text: str, where: str = "run config") -> RunConfig:
         peer_timeout=values["coordinator.peer_timeout"],
         access_token_ttl=values["security.access_token_ttl"],
         text=text,
+        checkpoint_every=values["checkpoints.every"],
+        checkpoint_keep=values["checkpoints.keep"],
         averaging=AveragingConfig(**{key: values[f"averaging.{key}"] for key in _SCHEMA["averaging"]}),
     )
     _check_ranges(config, where)
@@ -147,6 +152,9 @@ def _check_ranges(config: RunConfig, where: str) -> None:
         )
     if config.min_peers < 1:
         raise UserError(f"{where}: [training] min_peers must be >= 1, got {config.min_peers}")
+    if config.checkpoint_every < 0 or config.checkpoint_keep < 1:
+        raise UserError(f"{where}: [checkpoints] needs every >= 0 (0: no checkpoints) and keep >= 1, "
+                        f"got every={config.checkpoint_every}, keep={config.checkpoint_keep}")
     if config.access_token_ttl < 4 * config.heartbeat_interval:
         raise UserError(f"{where}: [security] access_token_ttl must be at least 4 heartbeat intervals "
                         f"({4 * config.heartbeat_interval:g}s), got {config.access_token_ttl:g}")
