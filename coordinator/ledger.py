@@ -200,6 +200,11 @@ class Ledger:
             raise LedgerError("UNAUTHENTICATED", "unknown peer session; join the run again")
         return row
 
+    def authenticate(self, peer_id: str, session: str) -> bytes:
+        """Check a peer's session; returns its Ed25519 public key."""
+        with self._lock:
+            return self._check_session(self._db, peer_id, session)["public_key"]
+
     def heartbeat(self, peer_id: str, session: str, epoch: int, samples_per_second: float) -> None:
         with self._write() as db:
             self._check_session(db, peer_id, session)

@@ -11,6 +11,7 @@ import math
 
 import grpc
 
+from coordinator.credit import Credit
 from coordinator.ledger import Ledger, LedgerError
 from peer.identity import peer_id_of
 from peer.runconfig import RunConfig
@@ -27,10 +28,16 @@ def _abort(context: grpc.ServicerContext, error: LedgerError):
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, ledger: Ledger, config: RunConfig, initial_peers: list[str]):
+    def __init__(self, ledger: Ledger, config: RunConfig, initial_peers: list[str], credit: Credit | None = None):
         self.ledger = ledger
         self.config = config
         self.initial_peers = initial_peers
+        self.credit = credit or Credit(ledger.path, config.verification, config.run_id)
+
+    def _refuse_banned(self, peer_id: str, context) -> None:
+        reason = self.credit.banned_reason(peer_id)
+        if reason is not None:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this peer was banned from the run: {reason}")
 
     def _run_finished(self, epoch: int) -> bool:
         return self.config.epochs > 0 and epoch >= self.config.epochs
@@ -41,6 +48,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if not request.hivemind_peer_id or len(request.hivemind_peer_id) > 128 or len(request.device) > 64:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "hivemind_peer_id (1-128 chars) and device (<=64) required")
         peer_id = peer_id_of(request.public_key)
+        self._refuse_banned(peer_id, context)
         try:
             admission = self.ledger.admit(
                 request.token, peer_id, request.public_key, request.hivemind_peer_id, request.device
@@ -73,12 +81,23 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if bad:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed report: negative, non-finite or oversized field")
         try:
+            public_key = self.ledger.authenticate(request.peer_id, request.session)
+        except LedgerError as error:
+            _abort(context, error)
+        self._refuse_banned(request.peer_id, context)
+        if not self.credit.signature_ok(request, public_key):
+            self.credit.record_check_failure(request.peer_id, request.epoch, "report signature does not verify")
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "report signature does not verify against this peer's key")
+        try:
             fresh = self.ledger.record_report(
                 request.peer_id, request.session, request.report_id, request.epoch, request.samples,
                 request.loss, request.compute_seconds, dict(request.metrics),
             )
         except LedgerError as error:
             _abort(context, error)
+        admitted = self.credit.record_report(request, public_key, self.config.micro_batch_size)
+        for problem in admitted.problems:
+            log.warning("report %s of peer %s failed a check: %s", request.report_id, request.peer_id, problem)
         if fresh:
             log.info("report %s: peer %s epoch %d, %d samples, loss %.4f",
                      request.report_id, request.peer_id, request.epoch, request.samples, request.loss)
@@ -87,8 +106,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def Heartbeat(self, request: pb.HeartbeatRequest, context):
         if request.epoch < 0 or not math.isfinite(request.samples_per_second) or request.samples_per_second < 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed heartbeat")
+        self._refuse_banned(request.peer_id, context)
+        # an epoch beyond what the run can have reached is a lie; it must not move the run's epoch
+        epoch = min(request.epoch, self.credit.plausible_epoch())
         try:
-            self.ledger.heartbeat(request.peer_id, request.session, request.epoch, request.samples_per_second)
+            self.ledger.heartbeat(request.peer_id, request.session, epoch, request.samples_per_second)
         except LedgerError as error:
             _abort(context, error)
         state = self.ledger.snapshot(self.config.peer_timeout)

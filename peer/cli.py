@@ -66,6 +66,7 @@ def join_command(
     from peer.client import CoordinatorLink, join, leave
     from peer.events import EventLog
     from peer.outbox import Outbox
+    from peer.report import sign_report
     from peer.runconfig import parse_run_config
     from peer.swarm import start_dht, swarm_peer_id
     from peer.task import load_task
@@ -105,7 +106,8 @@ def join_command(
     outbox = Outbox(data_dir)
 
     def make_link() -> CoordinatorLink:
-        return CoordinatorLink(address, reply.peer_id, reply.session, outbox, config.heartbeat_interval)
+        return CoordinatorLink(address, reply.peer_id, reply.session, outbox, config.heartbeat_interval,
+                               sign=lambda request: sign_report(request, config.run_id, identity.private_key))
 
     summary = train(config, task, reply.peer_id, dht, make_link, events,
                     TrainOptions(data_dir, chosen_device, max_epochs, progress.value))
