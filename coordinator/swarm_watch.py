@@ -57,14 +57,20 @@ def read_progress(dht, run_id: str) -> list[ProgressEntry]:
     return entries
 
 
+def _state_averager_client():
+    """A bare averager whose RPC names match the peers' TrainingStateAverager (hivemind names a
+    handler after the servicer's class), so it can call their rpc_download_state."""
+    from hivemind.averaging import DecentralizedAverager
+
+    return type("TrainingStateAverager", (DecentralizedAverager,), {})
+
+
 class StateDownloader:
     """Downloads the swarm's current parameters (and the epoch they belong to) from one peer."""
 
     def __init__(self, dht, run_id: str, template: list[torch.Tensor]):
-        from hivemind.averaging import DecentralizedAverager
-
         self.template = template
-        self._averager = DecentralizedAverager(
+        self._averager = _state_averager_client()(
             [torch.zeros(1)], dht, start=True, prefix=f"{run_id}_state_averager", client_mode=True,
             min_matchmaking_time=2.0, request_timeout=1.0,
         )

@@ -103,11 +103,17 @@ def forge_signature(request, run_id, private_key) -> None:
 
 
 def lie_about_epoch() -> None:
-    """Publishes an epoch 1000 ahead in hivemind's progress records (HIVEMIND_NOTES trap 4)."""
-    from hivemind.optim.progress_tracker import ProgressTracker
+    """Publishes an epoch 1000 ahead in hivemind's progress records (HIVEMIND_NOTES trap 4), while
+    its own training goes on as usual (so it keeps publishing)."""
+    from hivemind.optim.progress_tracker import LocalTrainingProgress
 
-    honest = ProgressTracker._get_local_progress
-    ProgressTracker._get_local_progress = lambda self, epoch, samples: honest(self, epoch + 1000, samples)
+    honest = LocalTrainingProgress.dict
+
+    def published(self, *args, **kwargs):
+        record = honest(self, *args, **kwargs)
+        return {**record, "epoch": record["epoch"] + 1000}
+
+    LocalTrainingProgress.dict = published
 
 
 def replay_old_reports() -> None:
