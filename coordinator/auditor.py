@@ -23,7 +23,7 @@ import secrets
 import time
 from pathlib import Path
 
-from coordinator.credit import FAIL, INCONCLUSIVE, PASS, Credit
+from coordinator.credit import INCONCLUSIVE, PASS, Credit
 from coordinator.replay import Replayer, judge, tolerance_for
 from peer.runconfig import RunConfig, VerificationConfig
 from peer.sketch import Sketch
@@ -108,9 +108,10 @@ class Auditor:
             if not self._snapshot_trusted(epoch):
                 self.credit.mark_report(row["report_id"], "unaudited")
                 return []
-            self.credit.record_audit(row["report_id"], peer_id, epoch, -1, FAIL if fingerprint.verdict == FAIL
-                                     else INCONCLUSIVE, fingerprint.relative_error, fingerprint.norm_ratio,
-                                     f"stale or foreign parameters: {fingerprint.reason}")
+            # an honest peer can miss an averaging round (or land in another group) and start an epoch
+            # elsewhere: not punishable, but its work there cannot be verified (see Credit._settle_one)
+            self.credit.record_audit(row["report_id"], peer_id, epoch, -1, INCONCLUSIVE, fingerprint.relative_error,
+                                     fingerprint.norm_ratio, f"parameters differ from the swarm's: {fingerprint.reason}")
             self.credit.mark_report(row["report_id"], "done")
             return [fingerprint.verdict]
         flags = json.loads(row["flags"])

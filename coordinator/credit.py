@@ -315,7 +315,12 @@ class Credit:
                             (peer_id, FAIL, lo, hi)).fetchone()[0]
         samples = db.execute("SELECT COALESCE(SUM(credited_samples), 0) FROM credit_reports WHERE peer_id=? AND "
                              "epoch>=? AND epoch<?", (peer_id, lo, hi)).fetchone()[0]
-        status = "forfeited" if forfeit or failed else "settled"
+        judged, passed = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(verdict=?), 0) FROM audits WHERE peer_id=? AND epoch>=? AND epoch<?",
+            (PASS, peer_id, lo, hi)).fetchone()
+        # audited, yet nothing could be confirmed (e.g. every report started from other parameters):
+        # not punished, not credited
+        status = "forfeited" if forfeit or failed else "unverified" if judged and not passed else "settled"
         credited = samples if status == "settled" else 0
         flops = credited * self.flops_per_sample
         db.execute("INSERT INTO settlements VALUES (?, ?, ?, ?, ?, ?)", (peer_id, window, credited, flops, status,

@@ -30,14 +30,18 @@ class Cheat:
     """A do_micro_batch replacement that cheats on a fraction of micro-batches."""
 
     def __init__(self, kind: str, fraction: float = 1.0, seed: int = 0, victim: str = "p-0000000000000000"):
-        self.kind, self.fraction, self.victim = kind, fraction, victim
+        self.kind, self.fraction, self.seed, self.victim = kind, fraction, seed, victim
         self.rng = random.Random(seed)
         self.frozen = None  # the stale cheat's old model
+
+    def cheats_on(self, epoch: int, micro_batch: int) -> bool:
+        """Which micro-batches are faked: a fixed, seeded choice per (epoch, micro-batch)."""
+        return random.Random(f"{self.seed}|{epoch}|{micro_batch}").random() < self.fraction
 
     def __call__(self, task, model, inputs, targets, **kw):
         if self.kind == "stale" and self.frozen is None:
             self.frozen = copy.deepcopy(model)
-        if self.rng.random() >= self.fraction:
+        if not self.cheats_on(kw["epoch"], kw["micro_batch"]):
             return honest_micro_batch(task, model, inputs, targets, **kw)
         return getattr(self, self.kind)(task, model, inputs, targets, **kw)
 

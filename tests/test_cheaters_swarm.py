@@ -46,7 +46,9 @@ def test_cheaters_are_caught_in_a_real_swarm(procs, tmp_path):
     run.write_text(run.read_text() + VERIFY)
     coordinator = start_coordinator(procs, tmp_path / "c", run)
     honest = [start_peer(procs, coordinator.address, coordinator.token, tmp_path / name) for name in ("h1", "h2")]
-    cheats = ["free_rider", "sign_flip", "stale", "forged", "epoch_lie"]
+    # sign flip, stale parameters and the rest are caught at replay level (tests/test_verification.py);
+    # here the cheats that need the swarm or the real service path, with few enough peers for 2 cores
+    cheats = ["free_rider", "forged", "epoch_lie"]
     cheaters = {cheat: start_cheater(procs, coordinator, tmp_path / cheat, cheat) for cheat in cheats}
     for peer in honest:
         assert peer.wait(300) == 0, peer.log()
