@@ -43,11 +43,11 @@ class VerificationConfig:
     sketch_dims: int = 64               # length of every gradient / parameter sketch
     fp32_tolerance: float = 1e-3        # relative L2 error (and norm ratio - 1) a fp32 replay may show
     bf16_tolerance: float = 5e-2        # the same for peers computing under bf16 autocast
-    audit_rate_new: float = 0.2         # fraction of micro-batches replayed for new peers
-    audit_rate: float = 0.05            # ... and for established peers (x snapshot_rate = replayed share)
+    audit_rate_new: float = 0.1         # fraction of micro-batches replayed for new peers
+    audit_rate: float = 0.025           # ... and for established peers (x snapshot_rate = replayed share)
     audit_floor: int = 4                # audits per peer per window at least, whatever the rate
     established_after: int = 20         # passed audits before a peer counts as established
-    snapshot_rate: float = 0.5          # fraction of epochs (secretly chosen) whose parameters the auditor keeps
+    snapshot_rate: float = 1.0          # fraction of epochs (secretly chosen) whose parameters the auditor keeps
     window_epochs: int = 10             # credit settles per window of this many epochs
     ban_after_strikes: int = 1          # strikes (two independent failed audits each) before a ban
     epoch_slack: int = 3                # epochs a peer may be ahead of the run before its progress is a lie
@@ -133,8 +133,9 @@ def _check_ranges(config: RunConfig, where: str) -> None:
     if config.min_peers < 1:
         raise UserError(f"{where}: [training] min_peers must be >= 1, got {config.min_peers}")
     v = config.verification
-    if not 8 <= v.sketch_dims <= 1024:
-        raise UserError(f"{where}: [verification] sketch_dims must be 8..1024, got {v.sketch_dims}")
+    if v.sketch_dims not in (8, 16, 32, 64, 128, 256, 512, 1024):
+        raise UserError(f"{where}: [verification] sketch_dims must be a power of two from 8 to 1024, "
+                        f"got {v.sketch_dims}")
     for name in ("audit_rate_new", "audit_rate", "snapshot_rate"):
         if not 0 < getattr(v, name) <= 1:
             raise UserError(f"{where}: [verification] {name} must be in (0, 1], got {getattr(v, name)}")

@@ -1,16 +1,18 @@
 """Sketches: short random projections of a gradient or of parameters, so work can be checked cheaply.
 
-A peer sends, per micro-batch, the norm of its gradient and a ``dims``-long signed count sketch
-(every coordinate is added, with a random sign, into one of ``dims`` buckets). The sketch is
-linear, so ``||S(a - b)|| / ||S b||`` estimates the relative L2 error ``||a - b|| / ||b||``; an
-auditor that recomputes the micro-batch compares the two sketches without either side sending the
-gradient itself.
+A peer sends, per micro-batch, the norm of its gradient and a ``dims``-long sketch ``S g``: every
+coordinate gets a random sign and is added into one of ``dims`` buckets (a count sketch). ``S`` is
+linear with E[S^T S] = I, so ``||S(a - b)|| / ||S b||`` estimates the relative L2 error
+``||a - b|| / ||b||``; an auditor that recomputes the micro-batch compares the two sketches without
+either side sending the gradient itself.
 
-Bucket and sign come from a polynomial hash of (seed, coordinate index) computed with integer
-tensor ops on the gradient's own device: the same numbers on CPU and GPU, no random matrix to
-store, O(parameters) work. The seed is per (run, epoch, peer, micro-batch); it is known in
-advance, which is fine for credit (producing the sketch still needs the gradient), not for binding
-an averaged vector (see VERIFICATION.md, "The projection seed").
+Cheap for big models: the flattened vector is laid out in rows of ``ROW`` coordinates; the sign of
+coordinate (r, c) is ``row_sign[r] * column_sign[c]`` and its bucket is ``c mod dims``. So the sketch
+is one matrix-vector product over the gradient (``row_sign @ rows``) plus O(ROW) work, on the
+gradient's own device. The signs come from torch's CPU generator, seeded per (run, epoch, peer,
+micro-batch): the same numbers on every machine. A seed known in advance is fine for credit
+(producing the sketch still needs the gradient), not for binding an averaged vector (see
+VERIFICATION.md, "The projection seed").
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-PRIME = (1 << 31) - 1  # hash arithmetic stays below 2**62, so int64 never overflows
-CHUNK = 1 << 24  # coordinates hashed at a time, to bound the temporary memory on huge tensors
+ROW = 4096  # coordinates per row; a multiple of every allowed sketch size (powers of two up to 1024)
 
 
 def _seed(*parts) -> int:
@@ -39,11 +40,6 @@ def parameter_seed(run_seed: int, epoch: int) -> int:
     return _seed("parameter-sketch", run_seed, epoch)
 
 
-def _coefficients(seed: int) -> list[int]:
-    digest = hashlib.blake2b(str(seed).encode(), digest_size=48, person=b"potluck-sketch").digest()
-    return [int.from_bytes(digest[i : i + 8], "little") % PRIME for i in range(0, 48, 8)]
-
-
 @dataclass(frozen=True)
 class Sketch:
     """The L2 norm of a vector and its count sketch (float64 for comparisons)."""
@@ -52,31 +48,33 @@ class Sketch:
     projection: tuple[float, ...]
 
 
+def _signs(generator: torch.Generator, count: int, device) -> torch.Tensor:
+    return (torch.randint(0, 2, (count,), generator=generator, dtype=torch.int8) * 2 - 1).to(device, torch.float32)
+
+
 @torch.no_grad()
 def count_sketch(tensors, seed: int, dims: int) -> Sketch:
     """Sketch the concatenation of ``tensors`` (any devices, float dtypes) into ``dims`` buckets."""
-    a1, b1, a2, b2, c2, d2 = _coefficients(seed)
-    out, norm_sq, offset = None, 0.0, 0
+    if dims <= 0 or ROW % dims:
+        raise ValueError(f"sketch size must divide {ROW}, got {dims}")
+    generator = torch.Generator().manual_seed(seed)
+    column_signs, acc, norm_sq = None, None, 0.0
     for tensor in tensors:
         flat = tensor.detach().reshape(-1).float()
-        if out is None:
-            out = torch.zeros(dims, dtype=torch.float64, device=flat.device)
-        norm_sq += float(flat.double().square().sum())
-        for start in range(0, flat.numel(), CHUNK):
-            part = flat[start : start + CHUNK]
-            index = torch.arange(offset + start, offset + start + part.numel(), device=part.device, dtype=torch.int64)
-            index = index % PRIME
-            bucket = ((a1 * index + b1) % PRIME) % dims
-            # a cubic polynomial: 4-wise independent signs, as the count sketch's variance bound assumes
-            h = (a2 * index + b2) % PRIME
-            h = (h * index + c2) % PRIME
-            h = (h * index + d2) % PRIME
-            signs = 1.0 - 2.0 * (h & 1).to(torch.float64)
-            out.index_add_(0, bucket, part.double() * signs)
-        offset += flat.numel()
-    if out is None:
-        out = torch.zeros(dims, dtype=torch.float64)
-    return Sketch(math.sqrt(norm_sq), tuple(out.cpu().tolist()))
+        if acc is None:
+            column_signs = _signs(generator, ROW, flat.device)
+            acc = torch.zeros(ROW, dtype=torch.float32, device=flat.device)
+        norm_sq += float(torch.linalg.vector_norm(flat)) ** 2
+        rows, tail = divmod(flat.numel(), ROW)
+        row_signs = _signs(generator, rows + 1, flat.device)
+        if rows:
+            acc += row_signs[:rows] @ flat[: rows * ROW].view(rows, ROW)
+        if tail:
+            acc[:tail] += row_signs[rows] * flat[rows * ROW:]
+    if acc is None:
+        return Sketch(0.0, (0.0,) * dims)
+    projection = (acc * column_signs).view(ROW // dims, dims).sum(0, dtype=torch.float64)
+    return Sketch(math.sqrt(norm_sq), tuple(projection.cpu().tolist()))
 
 
 def gradient_sketch(model: torch.nn.Module, seed: int, dims: int) -> Sketch:
