@@ -171,20 +171,27 @@ def run_auditor(run_path: Path, data_dir: Path, initial_peers: list[str], stop=N
     """The auditor process's main loop (until SIGTERM)."""
     import threading
 
-    from coordinator.ledger import LEDGER_FILE
-    from coordinator.swarm_watch import StateDownloader, read_progress, start_watch_dht
+    from coordinator.ledger import BANNED, LEDGER_FILE, Ledger
+    from coordinator.server import KEY_FILE
+    from coordinator.swarm_watch import StateDownloader, SwarmPass, read_progress, start_watch_dht
+    from peer.identity import load_or_create_identity
     from peer.runconfig import load_run_config
     from peer.task import load_task
 
     config = load_run_config(run_path)
-    credit = Credit(Path(data_dir) / LEDGER_FILE, config.verification, config.run_id)
+    ledger = Ledger(Path(data_dir) / LEDGER_FILE)
+    credit = Credit(ledger.path, config.verification, config.run_id,
+                    proof_required=config.averaging.strategy == "sync")
+    # a ban is an eviction: the session is refused, the token and swarm access withdrawn
+    credit.on_ban = lambda peer_id, reason: ledger.evict(peer_id, f"{BANNED}: {reason}")
+    swarm_pass = SwarmPass(data_dir, ledger, load_or_create_identity(data_dir, KEY_FILE), config.access_token_ttl)
     stop = stop or threading.Event()
     try:
         task = load_task(config.task_name, config.task_version)
     except Exception as error:  # the coordinator may lack the task: cheap checks still run, audits do not
         log.error("auditor cannot replay work: %s", error)
         task = None
-    dht = start_watch_dht(initial_peers, config.run_id)
+    dht = start_watch_dht(initial_peers, config.run_id, swarm_pass)
     auditor = Auditor(config, task, credit) if task is not None else None
     if auditor is not None:
         credit.flops_per_sample = 6.0 * auditor.replayer.parameter_count
@@ -193,6 +200,7 @@ def run_auditor(run_path: Path, data_dir: Path, initial_peers: list[str], stop=N
     attempted: set[int] = set()
     print("auditor ready", flush=True)
     while not stop.is_set():
+        swarm_pass.refresh()
         limit = credit.plausible_epoch()
         entries = [e for e in read_progress(dht, config.run_id) if not e.client_mode]
         liars = {e.hivemind_peer_id: e.epoch for e in entries if e.epoch > limit}

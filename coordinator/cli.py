@@ -1,25 +1,29 @@
-"""The operator's CLI: `coordinator serve | token issue | status`."""
+"""The operator's CLI: `coordinator serve | status | org add|list|remove | token issue|list|revoke`."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from coordinator.ledger import Ledger
 from coordinator.server import join_command, read_info, serve
 from peer.cli_support import new_app, run_app
+from peer.errors import UserError
 
 app = new_app("coordinator", "Host a potluck run: admit volunteers, track progress, keep the credit ledger.")
-token_app = typer.Typer(help="Join tokens for organizations.", no_args_is_help=True)
+token_app = typer.Typer(help="Signed join tokens for organizations.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 ledger_app = typer.Typer(help="The credit ledger: provisional and settled credit, audits; `verify` checks it.")
 app.add_typer(ledger_app, name="ledger")
+org_app = typer.Typer(help="Organizations taking part in the run.", no_args_is_help=True)
+app.add_typer(org_app, name="org")
 
 DEFAULT_DATA_DIR = Path.home() / ".potluck" / "coordinator"
 DataDir = Annotated[
@@ -45,29 +49,142 @@ def serve_command(
     host: Annotated[str, typer.Option(help="Address to listen on (gRPC and the swarm's DHT node).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="gRPC port; 0 picks a free one.", min=0, max=65535)] = 7450,
     dht_port: Annotated[int, typer.Option(help="DHT port; 0 picks a free one.", min=0, max=65535)] = 0,
+    cert: Annotated[Optional[Path], typer.Option(help="Your own TLS certificate (PEM); default: a self-signed one.")] = None,
+    key: Annotated[Optional[Path], typer.Option(help="The private key (PEM) of --cert.")] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure",
+        help="Serve plaintext gRPC. RISK: tokens, reports and replies can be read and altered by anyone on the "
+             "network path. Only for a trusted, isolated network.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
 ):
-    """Start the coordinator: ledger, swarm bootstrap and gRPC service; prints the join command."""
+    """Start the coordinator: ledger, swarm bootstrap and gRPC service (TLS); prints the join command."""
+    from coordinator.server import Transport
+
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(message)s")
-    serve(run, data_dir, host, port, dht_port)
+    if insecure and (cert or key):
+        raise UserError("--insecure and --cert/--key contradict each other; pick one")
+    serve(run, data_dir, host, port, dht_port, Transport(insecure, cert, key))
+
+
+def _signing_key(data_dir: Path):
+    from coordinator.server import KEY_FILE
+    from peer.identity import load_or_create_identity
+
+    if not (Path(data_dir) / KEY_FILE).exists():
+        raise UserError(f"no coordinator key in {data_dir}; start 'coordinator serve' there once first")
+    return load_or_create_identity(data_dir, KEY_FILE)
 
 
 @token_app.command("issue")
 def token_issue(
-    org: Annotated[str, typer.Option("--org", help="Organization the token admits peers into (created if new).")],
+    org: Annotated[str, typer.Option("--org", help="Organization the token admits peers into ('org add' it first).")],
+    expires: Annotated[str, typer.Option(help="Lifetime: 90m, 12h, 7d, 2w, or 'never'.")] = "7d",
+    max_peers: Annotated[int, typer.Option(help="How many peer identities may use it (0: any number).", min=0)] = 1,
     data_dir: DataDir = DEFAULT_DATA_DIR,
     format: Annotated[TextOrJson, typer.Option("--format")] = TextOrJson.text,
 ):
-    """Print a new join token for an organization."""
+    """Print a new signed join token for an organization."""
+    from coordinator import tokens
+
+    try:
+        ttl = tokens.parse_duration(expires)
+    except ValueError as error:
+        raise UserError(f"--expires: {error}") from None
     ledger = Ledger.open_existing(data_dir)
-    token_id, token = ledger.issue_token(org)
-    info = read_info(data_dir)
-    address = info["address"] if info else "<coordinator-address>"
-    command = join_command(address, token)
+    identity = _signing_key(data_dir)
+    token, claims = tokens.issue(ledger, identity.private_key, ledger.meta("run_id"), org, ttl, max_peers)
+    info = read_info(data_dir) or {}
+    command = join_command(info.get("address", "<coordinator-address>"), token, info.get("tls_fingerprint"))
     if format is TextOrJson.json:
-        print(json.dumps({"id": token_id, "token": token, "org": org.strip(), "join_command": command}))
+        print(json.dumps({"id": claims.id, "token": token, "org": claims.org, "expires": _when(claims.expires),
+                          "max_peers": claims.max_peers, "join_command": command}))
     else:
-        print(f"token for org '{org.strip()}' (id {token_id}):\n  {token}\njoin with:\n  {command}")
+        print(f"token for org '{claims.org}' (id {claims.id}, expires {_when(claims.expires)}, "
+              f"{claims.max_peers or 'any number of'} peer(s)):\n  {token}\njoin with:\n  {command}")
+
+
+def _when(timestamp: float | None) -> str | None:
+    if not timestamp:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+@token_app.command("list")
+def token_list(
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    format: Annotated[TableOrJson, typer.Option("--format")] = TableOrJson.table,
+):
+    """List issued tokens: id, org, expiry, use limit, identities bound, revoked."""
+    rows = [
+        {"id": t["id"], "org": t["org"], "created": _when(t["created"]), "expires": _when(t["expires"]),
+         "max_peers": t["max_peers"], "peers": t["peers"], "revoked": t["revoked"],
+         "expired": bool(t["expires"]) and t["expires"] < time.time()}
+        for t in Ledger.open_existing(data_dir).tokens()
+    ]
+    if format is TableOrJson.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _table("tokens", rows, ["id", "org", "expires", "max_peers", "peers", "revoked", "expired"])
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[str, typer.Argument(help="The token's id (see 'token list').")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+):
+    """Revoke a token; the peers it admitted are evicted (coordinator and swarm) within seconds."""
+    evicted = Ledger.open_existing(data_dir).revoke_token(token_id)
+    print(f"token {token_id} revoked; {evicted} peer(s) evicted")
+
+
+@org_app.command("add")
+def org_add(
+    name: Annotated[str, typer.Argument(help="The organization's name.")],
+    max_peers: Annotated[int, typer.Option(help="Most peers of this org active at once (0: no quota).", min=0)] = 0,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+):
+    """Add an organization (or change its quota); then issue it tokens."""
+    Ledger.open_existing(data_dir).add_org(name, max_peers)
+    print(f"org '{name.strip()}' ready" + (f" (at most {max_peers} active peers)" if max_peers else ""))
+
+
+@org_app.command("list")
+def org_list(
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    format: Annotated[TableOrJson, typer.Option("--format")] = TableOrJson.table,
+):
+    """List organizations with their quota, peers and active tokens."""
+    rows = [
+        {"name": o["name"], "created": _when(o["created"]), "max_peers": o["max_peers"], "peers": o["peers"],
+         "active_tokens": o["active_tokens"], "removed": o["removed"]}
+        for o in Ledger.open_existing(data_dir).orgs()
+    ]
+    if format is TableOrJson.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _table("orgs", rows, ["name", "max_peers", "peers", "active_tokens", "removed"])
+
+
+@org_app.command("remove")
+def org_remove(
+    name: Annotated[str, typer.Argument(help="The organization to remove.")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+):
+    """Remove an organization: its tokens are revoked and its peers evicted; its credit history stays."""
+    evicted = Ledger.open_existing(data_dir).remove_org(name)
+    print(f"org '{name}' removed; {evicted} peer(s) evicted")
+
+
+def _table(title: str, rows: list[dict], columns: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if row[c] is None else str(row[c]) for c in columns))
+    Console().print(table)
 
 
 @app.command("status")

@@ -81,9 +81,12 @@ def _digest(projection) -> str:
 
 
 class Credit:
-    def __init__(self, path: Path, verification: VerificationConfig, run_id: str, flops_per_sample: float = 0.0):
+    def __init__(self, path: Path, verification: VerificationConfig, run_id: str, flops_per_sample: float = 0.0,
+                 proof_required: bool = True):
         self.v = verification
         self.run_id = run_id
+        # DiLoCo reports carry no per-micro-batch sketches yet: accepted unaudited (see auditor.py)
+        self.proof_required = proof_required
         self.flops_per_sample = flops_per_sample
         self._lock = threading.Lock()
         self._db = sqlite3.connect(Path(path), isolation_level=None, check_same_thread=False, timeout=30)
@@ -167,17 +170,18 @@ class Credit:
         body = canonical_body(request, self.run_id)
         problems, flags = [], {"report": [], "micro_batches": []}
         sketches = body["sketches"]
+        unproven = not sketches and not body["parameters"]["projection"] and not self.proof_required
         indices = [s["index"] for s in sketches]
         if indices != list(range(len(sketches))) or len(sketches) > MAX_MICRO_BATCHES:
             problems.append("micro-batch indices are not 0, 1, 2, ... in order")
         if any(not 0 < s["samples"] <= micro_batch_size for s in sketches):
             problems.append(f"a micro-batch claims more than the assigned {micro_batch_size} samples")
-        if sum(s["samples"] for s in sketches) != request.samples:
+        if not unproven and sum(s["samples"] for s in sketches) != request.samples:
             problems.append(f"{request.samples} samples claimed, {sum(s['samples'] for s in sketches)} sketched")
-        if any(len(s["projection"]) != self.v.sketch_dims for s in sketches) or \
-                len(body["parameters"]["projection"]) != self.v.sketch_dims:
+        if not unproven and (any(len(s["projection"]) != self.v.sketch_dims for s in sketches) or
+                             len(body["parameters"]["projection"]) != self.v.sketch_dims):
             problems.append(f"sketches must have {self.v.sketch_dims} dimensions")
-        if body["compute_dtype"] not in ("fp32", "bf16"):
+        if not unproven and body["compute_dtype"] not in ("fp32", "bf16"):
             problems.append(f"unknown compute dtype {body['compute_dtype']!r}")
         if request.epoch > self.plausible_epoch():
             problems.append(f"epoch {request.epoch} is beyond what the run has reached")
@@ -220,7 +224,8 @@ class Credit:
                 "median_norm, samples_per_second, received, audit_state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (request.report_id, request.peer_id, request.epoch, request.samples, credited,
                  json.dumps(entry["report"]), json.dumps(flags), median_norm,
-                 min(samples_per_second, 1e12), time.time(), "done" if problems else "new"),
+                 min(samples_per_second, 1e12), time.time(),
+                 "done" if problems else "unproven" if unproven else "new"),
             )
             contribution_log.append(db, "report", request.peer_id, entry)
             for problem in problems:

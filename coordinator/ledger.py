@@ -18,19 +18,25 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from peer.errors import UserError
+from peer.errors import EVICTED_PREFIX, UserError
 
 LEDGER_FILE = "ledger.sqlite"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
-CREATE TABLE IF NOT EXISTS orgs (name TEXT PRIMARY KEY, created REAL NOT NULL) STRICT;
+CREATE TABLE IF NOT EXISTS orgs (
+    name TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    max_peers INTEGER NOT NULL DEFAULT 0,
+    removed REAL
+) STRICT;
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY,
     org TEXT NOT NULL REFERENCES orgs(name),
-    secret_sha256 TEXT NOT NULL,
     created REAL NOT NULL,
-    revoked INTEGER NOT NULL DEFAULT 0
+    expires REAL NOT NULL,
+    max_peers INTEGER NOT NULL,
+    revoked REAL
 ) STRICT;
 CREATE TABLE IF NOT EXISTS peers (
     peer_id TEXT PRIMARY KEY,
@@ -38,13 +44,21 @@ CREATE TABLE IF NOT EXISTS peers (
     token_id TEXT NOT NULL REFERENCES tokens(id),
     public_key BLOB NOT NULL,
     hivemind_peer_id TEXT NOT NULL,
+    swarm_auth_key BLOB NOT NULL,
     device TEXT NOT NULL,
     session_sha256 TEXT NOT NULL,
     joined REAL NOT NULL,
     last_seen REAL NOT NULL,
     left_at REAL,
+    evicted TEXT,
     epoch INTEGER NOT NULL DEFAULT 0,
     samples_per_second REAL NOT NULL DEFAULT 0
+) STRICT;
+CREATE TABLE IF NOT EXISTS token_bindings (
+    token_id TEXT NOT NULL REFERENCES tokens(id),
+    peer_id TEXT NOT NULL,
+    bound REAL NOT NULL,
+    PRIMARY KEY (token_id, peer_id)
 ) STRICT;
 CREATE TABLE IF NOT EXISTS reports (
     report_id TEXT PRIMARY KEY,
@@ -66,6 +80,17 @@ class LedgerError(UserError):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
+
+
+BANNED = "banned"  # an eviction reason starting with this also refuses later joins of the identity
+QUOTA_LIVENESS = 60.0  # seconds: a peer silent longer no longer counts toward its org's quota
+
+
+def check_org_name(name: str) -> str:
+    name = name.strip()
+    if not name or len(name) > 64 or not all(c.isalnum() or c in "-_. " for c in name):
+        raise UserError(f"invalid org name {name!r}: use 1-64 letters, digits, spaces, '-', '_' or '.'")
+    return name
 
 
 def _sha256(text: str) -> str:
@@ -93,6 +118,10 @@ class Ledger:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            columns = {row["name"] for row in db.execute("PRAGMA table_info(tokens)")}
+            if "expires" not in columns:
+                raise UserError(f"{self.path} was written by an older potluck (unsigned tokens); "
+                                f"start the run in a new --data-dir")
 
     @classmethod
     def open_existing(cls, data_dir: Path) -> "Ledger":
@@ -141,63 +170,167 @@ class Ledger:
         return rows[0]["value"] if rows else None
 
     # --- orgs and tokens ----------------------------------------------------------------------
-    def issue_token(self, org: str) -> tuple[str, str]:
-        """Create ``org`` if new and a join token for it; returns (token id, token)."""
-        org = org.strip()
-        if not org or len(org) > 64 or not all(c.isalnum() or c in "-_. " for c in org):
-            raise UserError(f"invalid org name {org!r}: use 1-64 letters, digits, spaces, '-', '_' or '.'")
-        token_id = secrets.token_hex(4)
-        secret = secrets.token_urlsafe(24)
+    def add_org(self, name: str, max_peers: int = 0) -> None:
+        """Create an organization (or re-admit a removed one); max_peers 0 means no quota."""
+        name = check_org_name(name)
+        if max_peers < 0:
+            raise UserError(f"--max-peers must be >= 0 (0: no limit), got {max_peers}")
+        with self._write() as db:
+            row = db.execute("SELECT removed FROM orgs WHERE name=?", (name,)).fetchone()
+            if row is not None and row["removed"] is None:
+                db.execute("UPDATE orgs SET max_peers=? WHERE name=?", (max_peers, name))
+                return
+            db.execute(
+                "INSERT INTO orgs (name, created, max_peers) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET removed=NULL, max_peers=excluded.max_peers",
+                (name, time.time(), max_peers),
+            )
+
+    def orgs(self) -> list[dict]:
+        rows = self._read(
+            """SELECT o.name, o.created, o.max_peers, o.removed,
+                      (SELECT COUNT(*) FROM peers p WHERE p.org=o.name AND p.evicted IS NULL) AS peers,
+                      (SELECT COUNT(*) FROM tokens t WHERE t.org=o.name AND t.revoked IS NULL) AS active_tokens
+               FROM orgs o ORDER BY o.name"""
+        )
+        return [dict(row) | {"removed": row["removed"] is not None} for row in rows]
+
+    def remove_org(self, name: str) -> int:
+        """Remove an org: revoke its tokens and evict its peers; returns how many peers were evicted."""
         now = time.time()
         with self._write() as db:
-            db.execute("INSERT OR IGNORE INTO orgs VALUES (?, ?)", (org, now))
-            db.execute(
-                "INSERT INTO tokens (id, org, secret_sha256, created) VALUES (?, ?, ?, ?)",
-                (token_id, org, _sha256(secret), now),
-            )
-        return token_id, f"plk_{token_id}_{secret}"
+            row = db.execute("SELECT removed FROM orgs WHERE name=?", (name,)).fetchone()
+            if row is None or row["removed"] is not None:
+                raise UserError(f"no org named {name!r}; 'coordinator org list' shows the orgs")
+            db.execute("UPDATE orgs SET removed=? WHERE name=?", (now, name))
+            db.execute("UPDATE tokens SET revoked=? WHERE org=? AND revoked IS NULL", (now, name))
+            return db.execute(
+                "UPDATE peers SET evicted=? WHERE org=? AND evicted IS NULL", (f"org '{name}' was removed", name)
+            ).rowcount
 
-    def _check_token(self, db: sqlite3.Connection, token: str) -> sqlite3.Row:
-        parts = token.split("_", 2)
-        unknown = LedgerError("UNAUTHENTICATED", "unknown join token; ask the run's operator for a valid token")
-        if len(parts) != 3 or parts[0] != "plk":
-            raise unknown
-        row = db.execute("SELECT * FROM tokens WHERE id=?", (parts[1],)).fetchone()
-        if row is None or not hmac.compare_digest(row["secret_sha256"], _sha256(parts[2])):
-            raise unknown
-        if row["revoked"]:
-            raise LedgerError("PERMISSION_DENIED", "this join token was revoked; ask the operator for a new one")
-        return row
+    def add_token(self, token_id: str, org: str, expires: float, max_peers: int) -> None:
+        """Record an issued token (the signed token itself is never stored: its id is enough to revoke it)."""
+        with self._write() as db:
+            row = db.execute("SELECT removed FROM orgs WHERE name=?", (org,)).fetchone()
+            if row is None or row["removed"] is not None:
+                raise UserError(f"unknown org {org!r}; add it first with 'coordinator org add {org}'")
+            db.execute(
+                "INSERT INTO tokens (id, org, created, expires, max_peers) VALUES (?, ?, ?, ?, ?)",
+                (token_id, org, time.time(), expires, max_peers),
+            )
+
+    def tokens(self) -> list[dict]:
+        rows = self._read(
+            """SELECT t.id, t.org, t.created, t.expires, t.max_peers, t.revoked,
+                      (SELECT COUNT(*) FROM token_bindings b WHERE b.token_id=t.id) AS peers
+               FROM tokens t ORDER BY t.created"""
+        )
+        return [dict(row) | {"revoked": row["revoked"] is not None} for row in rows]
+
+    def revoke_token(self, token_id: str) -> int:
+        """Revoke a token and evict the peers it admitted; returns how many peers were evicted."""
+        with self._write() as db:
+            row = db.execute("SELECT revoked FROM tokens WHERE id=?", (token_id,)).fetchone()
+            if row is None:
+                raise UserError(f"no token with id {token_id!r}; 'coordinator token list' shows the ids")
+            if row["revoked"] is None:
+                db.execute("UPDATE tokens SET revoked=? WHERE id=?", (time.time(), token_id))
+            return db.execute(
+                "UPDATE peers SET evicted=? WHERE token_id=? AND evicted IS NULL",
+                (f"token {token_id} was revoked", token_id),
+            ).rowcount
+
+    def evict(self, peer_id: str, reason: str) -> bool:
+        """Withdraw one peer's admission (a ban); its further calls are refused and its swarm access ends."""
+        with self._write() as db:
+            return db.execute(
+                "UPDATE peers SET evicted=? WHERE peer_id=? AND evicted IS NULL", (reason[:200], peer_id)
+            ).rowcount > 0
+
+    def swarm_lists(self) -> tuple[str, list[str], list[str]]:
+        """(version, allowed, denied) hivemind peer ids: who may average with the swarm, who is shut out."""
+        rows = self._read("SELECT hivemind_peer_id, evicted FROM peers ORDER BY hivemind_peer_id")
+        internal = json.loads(self.meta("internal_swarm_ids") or "[]")
+        allow = sorted({r["hivemind_peer_id"] for r in rows if r["evicted"] is None} | set(internal))
+        deny = sorted({r["hivemind_peer_id"] for r in rows if r["evicted"] is not None} - set(allow))
+        version = hashlib.sha256(json.dumps([allow, deny]).encode()).hexdigest()[:16]
+        return version, allow, deny
+
+    def set_internal_swarm_ids(self, ids: list[str]) -> None:
+        """hivemind ids of the coordinator's own swarm processes (DHT node, observers): always admitted."""
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('internal_swarm_ids', ?)", (json.dumps(sorted(ids)),))
 
     # --- peers --------------------------------------------------------------------------------
-    def admit(self, token: str, peer_id: str, public_key: bytes, hivemind_peer_id: str, device: str) -> Admission:
+    def admit(self, claims, peer_id: str, public_key: bytes, hivemind_peer_id: str, device: str,
+              swarm_auth_key: bytes = b"") -> Admission:
+        """Admit a peer holding a verified token (see coordinator.tokens); the ledger checks the rest:
+        revocation, the token's use limit, the org's quota, and that the identity keeps its org."""
         session = secrets.token_urlsafe(24)
         now = time.time()
         with self._write() as db:
-            token_row = self._check_token(db, token)
-            existing = db.execute("SELECT org FROM peers WHERE peer_id=?", (peer_id,)).fetchone()
-            if existing is not None and existing["org"] != token_row["org"]:
+            token = db.execute("SELECT * FROM tokens WHERE id=?", (claims.id,)).fetchone()
+            if token is None or token["org"] != claims.org:
+                raise LedgerError("UNAUTHENTICATED", "unknown join token; ask the run's operator for a valid token")
+            if token["revoked"] is not None:
+                raise LedgerError("PERMISSION_DENIED", "this join token was revoked; ask the operator for a new one")
+            org = db.execute("SELECT * FROM orgs WHERE name=?", (token["org"],)).fetchone()
+            if org["removed"] is not None:
+                raise LedgerError("PERMISSION_DENIED", f"org '{org['name']}' was removed from this run")
+            existing = db.execute("SELECT org, evicted FROM peers WHERE peer_id=?", (peer_id,)).fetchone()
+            if existing is not None and existing["org"] != token["org"]:
                 raise LedgerError(
                     "PERMISSION_DENIED",
                     f"this peer identity already belongs to org '{existing['org']}'; "
                     f"use a token of that org or a new --data-dir",
                 )
+            if existing is not None and (existing["evicted"] or "").startswith(BANNED):
+                raise LedgerError("PERMISSION_DENIED", f"this peer identity is {existing['evicted']}")
+            bound = db.execute("SELECT 1 FROM token_bindings WHERE token_id=? AND peer_id=?", (token["id"], peer_id)).fetchone()
+            if not bound and token["max_peers"]:
+                uses = db.execute("SELECT COUNT(*) FROM token_bindings WHERE token_id=?", (token["id"],)).fetchone()[0]
+                if uses >= token["max_peers"]:
+                    raise LedgerError(
+                        "PERMISSION_DENIED",
+                        f"this join token was already used by {uses} other peer identit{'y' if uses == 1 else 'ies'} "
+                        f"(its limit); ask the operator for a token of your own",
+                    )
+            if org["max_peers"]:
+                active = db.execute(
+                    "SELECT COUNT(*) FROM peers WHERE org=? AND peer_id<>? AND evicted IS NULL AND left_at IS NULL "
+                    "AND last_seen>?", (org["name"], peer_id, now - QUOTA_LIVENESS),
+                ).fetchone()[0]
+                if active >= org["max_peers"]:
+                    raise LedgerError(
+                        "RESOURCE_EXHAUSTED",
+                        f"org '{org['name']}' already has {active} active peers, its quota; stop one of them or "
+                        f"ask the operator to raise it (coordinator org add '{org['name']}' --max-peers N)",
+                    )
+            if not bound:
+                db.execute("INSERT INTO token_bindings VALUES (?, ?, ?)", (token["id"], peer_id, now))
             db.execute(
-                """INSERT INTO peers (peer_id, org, token_id, public_key, hivemind_peer_id, device,
+                """INSERT INTO peers (peer_id, org, token_id, public_key, hivemind_peer_id, swarm_auth_key, device,
                                       session_sha256, joined, last_seen)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (peer_id) DO UPDATE SET token_id=excluded.token_id,
-                       hivemind_peer_id=excluded.hivemind_peer_id, device=excluded.device,
-                       session_sha256=excluded.session_sha256, last_seen=excluded.last_seen, left_at=NULL""",
-                (peer_id, token_row["org"], token_row["id"], public_key, hivemind_peer_id, device,
+                       hivemind_peer_id=excluded.hivemind_peer_id, swarm_auth_key=excluded.swarm_auth_key,
+                       device=excluded.device, session_sha256=excluded.session_sha256,
+                       last_seen=excluded.last_seen, left_at=NULL, evicted=NULL""",
+                (peer_id, token["org"], token["id"], public_key, hivemind_peer_id, swarm_auth_key, device,
                  _sha256(session), now, now),
             )
-        return Admission(peer_id=peer_id, org=token_row["org"], session=session)
+        return Admission(peer_id=peer_id, org=token["org"], session=session)
+
+    def public_key(self, peer_id: str) -> bytes | None:
+        rows = self._read("SELECT public_key FROM peers WHERE peer_id=?", (peer_id,))
+        return rows[0]["public_key"] if rows else None
 
     def _check_session(self, db: sqlite3.Connection, peer_id: str, session: str) -> sqlite3.Row:
         row = db.execute("SELECT * FROM peers WHERE peer_id=?", (peer_id,)).fetchone()
         if row is None or not hmac.compare_digest(row["session_sha256"], _sha256(session)):
             raise LedgerError("UNAUTHENTICATED", "unknown peer session; join the run again")
+        if row["evicted"] is not None:
+            raise LedgerError("PERMISSION_DENIED", f"{EVICTED_PREFIX}{row['evicted']}")
         return row
 
     def authenticate(self, peer_id: str, session: str) -> bytes:
@@ -205,14 +338,16 @@ class Ledger:
         with self._lock:
             return self._check_session(self._db, peer_id, session)["public_key"]
 
-    def heartbeat(self, peer_id: str, session: str, epoch: int, samples_per_second: float) -> None:
+    def heartbeat(self, peer_id: str, session: str, epoch: int, samples_per_second: float) -> dict:
+        """Record liveness; returns the peer's row."""
         with self._write() as db:
-            self._check_session(db, peer_id, session)
+            row = dict(self._check_session(db, peer_id, session))
             db.execute(
                 "UPDATE peers SET last_seen=?, epoch=MAX(epoch, ?), samples_per_second=?, left_at=NULL "
                 "WHERE peer_id=?",
                 (time.time(), epoch, samples_per_second, peer_id),
             )
+        return row
 
     def leave(self, peer_id: str, session: str) -> None:
         with self._write() as db:
@@ -253,7 +388,7 @@ class Ledger:
         """The run's state for status displays and heartbeats (JSON-ready)."""
         now = time.time() if now is None else now
         peers = self._read(
-            """SELECT p.peer_id, p.org, p.device, p.epoch, p.last_seen, p.left_at, p.samples_per_second,
+            """SELECT p.peer_id, p.org, p.device, p.epoch, p.last_seen, p.left_at, p.evicted, p.samples_per_second,
                       COALESCE(SUM(r.samples), 0) AS samples, COUNT(r.report_id) AS reports
                FROM peers p LEFT JOIN reports r ON r.peer_id = p.peer_id
                GROUP BY p.peer_id ORDER BY p.joined"""
@@ -280,7 +415,8 @@ class Ledger:
                 "reports": row["reports"],
                 "samples_per_second": row["samples_per_second"],
                 "last_seen_seconds_ago": round(now - row["last_seen"], 1),
-                "alive": row["left_at"] is None and now - row["last_seen"] <= peer_timeout,
+                "alive": row["left_at"] is None and row["evicted"] is None and now - row["last_seen"] <= peer_timeout,
+                "evicted": row["evicted"],
             }
             for row in peers
         ]

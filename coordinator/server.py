@@ -14,31 +14,37 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from coordinator import tls, tokens
+from coordinator.auth import SignedRequestInterceptor
 from coordinator.ledger import LEDGER_FILE, Ledger
 from coordinator.service import CoordinatorService
 from peer.errors import UserError
-from peer.identity import load_or_create_identity
-from peer.runconfig import load_run_config
-from peer.swarm import use_fork_start_method
+from peer.identity import Identity, load_or_create_identity
+from peer.runconfig import RunConfig, load_run_config
+from peer.swarm import swarm_peer_id, use_fork_start_method
+from peer.swarm_access import AccessFiles, issue_access_token, make_authorizer, rsa_public_key
 from protos import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("potluck.coordinator")
 
 INFO_FILE = "coordinator.json"
 DHT_IDENTITY_FILE = "dht_identity.key"
-KEY_FILE = "coordinator.key"  # the coordinator's Ed25519 identity (signs tokens once admission lands)
+KEY_FILE = "coordinator.key"  # the coordinator's Ed25519 identity: signs join tokens and swarm access tokens
 LOCK_FILE = "serve.lock"
 AUDITOR_LOG = "auditor.log"
 DEFAULT_TOKEN_FILE = "default-org.token"
 DEFAULT_ORG = "default"
 MAX_MESSAGE_BYTES = 1 << 20  # every legitimate message is a few KB; refuse anything bigger early
 GRPC_WORKERS = 16
+DEFAULT_TOKEN_TTL = 7 * 86400.0  # the default org's printed token; renewed on a start after it expired
+ACCESS_REFRESH_SECONDS = 1.0  # how often the DHT node's deny list is re-read from the ledger
 
 
 @dataclass
@@ -49,8 +55,9 @@ class Running:
     stop: threading.Event
 
 
-def join_command(address: str, token: str) -> str:
-    return f"peer join {address} --token {token}"
+def join_command(address: str, token: str, fingerprint: str | None) -> str:
+    pin = f"--fingerprint {fingerprint}" if fingerprint else "--insecure"
+    return f"peer join {address} --token {token} {pin}"
 
 
 def read_info(data_dir: Path) -> dict | None:
@@ -67,19 +74,60 @@ def _write_info(data_dir: Path, info: dict) -> None:
     os.replace(tmp, path)
 
 
-def _default_token(ledger: Ledger, data_dir: Path) -> str:
-    """A join token for the 'default' org, created on first start and kept (mode 0600) for reprinting."""
+def _default_token(ledger: Ledger, data_dir: Path, identity: Identity, config: RunConfig) -> str:
+    """A join token for the 'default' org (any number of peers, 7 days), kept (mode 0600) for reprinting
+    and replaced when it expired or was revoked."""
     path = Path(data_dir) / DEFAULT_TOKEN_FILE
     if path.exists():
-        return path.read_text().strip()
-    _, token = ledger.issue_token(DEFAULT_ORG)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        token = path.read_text().strip()
+        try:
+            claims = tokens.decode(token, identity.public_bytes, now=time.time() + 3600)
+            if not any(row["id"] == claims.id and row["revoked"] for row in ledger.tokens()):
+                return token
+        except tokens.TokenError:
+            pass
+    if not any(org["name"] == DEFAULT_ORG and not org["removed"] for org in ledger.orgs()):
+        ledger.add_org(DEFAULT_ORG)
+    token, _ = tokens.issue(ledger, identity.private_key, config.run_id, DEFAULT_ORG, DEFAULT_TOKEN_TTL, 0)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as file:
         file.write(token + "\n")
+    os.replace(tmp, path)
     return token
 
 
-def _start_dht(host: str, dht_port: int, data_dir: Path):
+class SwarmAccessKeeper:
+    """Keeps the coordinator's own DHT node admitted: renews its access token and mirrors the ledger's
+    deny list into the files its forked DHT process reads (so an evicted peer is refused there too)."""
+
+    def __init__(self, data_dir: Path, ledger: Ledger, identity: Identity, config: RunConfig):
+        self.files = AccessFiles(data_dir)
+        self.ledger, self.identity, self.ttl = ledger, identity, config.access_token_ttl
+        self.authorizer = make_authorizer(data_dir, identity.public_bytes)
+        self.peer_id = swarm_peer_id(data_dir, DHT_IDENTITY_FILE)
+        ledger.set_internal_swarm_ids([self.peer_id])
+        self._renewed = 0.0
+        self.refresh()
+
+    def refresh(self) -> None:
+        if time.time() - self._renewed > self.ttl / 2:
+            token = issue_access_token(self.identity.private_key, self.peer_id, rsa_public_key(self.authorizer), self.ttl)
+            self.files.write_token(token.SerializeToString())
+            self._renewed = time.time()
+        version, allow, deny = self.ledger.swarm_lists()
+        if version != self.files.version():
+            self.files.write_lists(version, allow, deny)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.wait(ACCESS_REFRESH_SECONDS):
+            try:
+                self.refresh()
+            except Exception:  # a busy ledger must not stop the keeper; the next tick retries
+                log.exception("could not refresh swarm access")
+
+
+def _start_dht(host: str, dht_port: int, data_dir: Path, authorizer):
     import hivemind  # imported late: it is slow to import and only serve needs it
 
     use_fork_start_method()
@@ -87,6 +135,7 @@ def _start_dht(host: str, dht_port: int, data_dir: Path):
         return hivemind.DHT(
             host_maddrs=[f"/ip4/{host}/tcp/{dht_port}"],
             identity_path=str(Path(data_dir) / DHT_IDENTITY_FILE),
+            authorizer=authorizer,
             start=True,
         )
     except Exception as error:  # hivemind raises bare exceptions from its daemon
@@ -123,7 +172,16 @@ def _lock_data_dir(data_dir: Path):
     return lock
 
 
-def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int) -> None:
+@dataclass(frozen=True)
+class Transport:
+    """--insecure, or TLS with the operator's --cert/--key (else a self-signed pair in the data dir)."""
+
+    insecure: bool = False
+    cert: Path | None = None
+    key: Path | None = None
+
+
+def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, transport: Transport = Transport()) -> None:
     """Run the coordinator until SIGINT/SIGTERM."""
     config = load_run_config(run_path)
     data_dir = Path(data_dir)
@@ -131,25 +189,32 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int) -
     lock = _lock_data_dir(data_dir)
     first_start = not (data_dir / LEDGER_FILE).exists()
     identity = load_or_create_identity(data_dir, KEY_FILE)
+    material = None if transport.insecure else tls.load_or_create(data_dir, host, transport.cert, transport.key)
     ledger = Ledger(data_dir / LEDGER_FILE)
     ledger.bind_run(config.run_id, config.config_hash)
-    token = _default_token(ledger, data_dir)
+    token = _default_token(ledger, data_dir, identity, config)
+    keeper = SwarmAccessKeeper(data_dir, ledger, identity, config)
 
-    dht = _start_dht(host, dht_port, data_dir)
+    dht = _start_dht(host, dht_port, data_dir, keeper.authorizer)
     dht_maddrs = [str(addr) for addr in dht.get_visible_maddrs()]
     auditor = start_auditor(run_path, data_dir, dht_maddrs)
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS),
+        interceptors=[SignedRequestInterceptor(ledger, config.run_id)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
         ],
     )
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(ledger, config, dht_maddrs), server)
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(ledger, config, dht_maddrs, identity), server)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if material is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            credentials = grpc.ssl_server_credentials([(material.key_pem, material.cert_pem)])
+            bound = server.add_secure_port(f"{host}:{port}", credentials)
     except RuntimeError:
         bound = 0
     if bound == 0:
@@ -165,18 +230,24 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int) -
         "run_id": config.run_id,
         "run_config_hash": config.config_hash,
         "public_key": identity.public_bytes.hex(),
+        "tls_fingerprint": material.fingerprint if material else None,
     })
 
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    threading.Thread(target=keeper.run, args=(stop,), name="swarm-access", daemon=True).start()
 
     print(f"potluck coordinator for run '{config.run_id}' ({'new' if first_start else 'resumed'} ledger "
           f"{data_dir / LEDGER_FILE})", flush=True)
     print(f"  gRPC     {address}", flush=True)
     print(f"  swarm    {dht_maddrs[0] if dht_maddrs else '(no address)'}", flush=True)
+    if material is None:
+        print("  WARNING: --insecure: plaintext gRPC; anyone on the path can read and alter traffic", flush=True)
+    else:
+        print(f"  TLS      sha256 fingerprint {material.fingerprint}", flush=True)
     print("Volunteers join with:", flush=True)
-    print(f"  {join_command(address, token)}", flush=True)
+    print(f"  {join_command(address, token, material.fingerprint if material else None)}", flush=True)
     print("Tokens for partner orgs: coordinator token issue --org NAME"
           f" --data-dir {data_dir}", flush=True)
     try:

@@ -12,32 +12,45 @@ import math
 import grpc
 
 from coordinator.credit import Credit
-from coordinator.ledger import Ledger, LedgerError
-from peer.identity import peer_id_of
+from coordinator import tokens
+from coordinator.ledger import BANNED, Ledger, LedgerError
+from peer.identity import Identity, peer_id_of
 from peer.runconfig import RunConfig
+from peer.swarm_access import issue_access_token
 from protos import coordinator_pb2 as pb
 from protos import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("potluck.coordinator")
 
 MAX_METRICS = 32
+MAX_SWARM_AUTH_KEY = 1024  # an RSA public key in DER is ~300 bytes
 
 
 def _abort(context: grpc.ServicerContext, error: LedgerError):
     context.abort(getattr(grpc.StatusCode, error.code), str(error))
 
 
+def access_lists(ledger: Ledger) -> pb.AccessLists:
+    version, allow, deny = ledger.swarm_lists()
+    return pb.AccessLists(version=version, allow=allow, deny=deny)
+
+
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, ledger: Ledger, config: RunConfig, initial_peers: list[str], credit: Credit | None = None):
+    def __init__(self, ledger: Ledger, config: RunConfig, initial_peers: list[str], identity: Identity,
+                 credit: Credit | None = None):
         self.ledger = ledger
         self.config = config
         self.initial_peers = initial_peers
-        self.credit = credit or Credit(ledger.path, config.verification, config.run_id)
+        self.identity = identity
+        self.credit = credit or Credit(ledger.path, config.verification, config.run_id,
+                                       proof_required=config.averaging.strategy == "sync")
+        # a ban (failed audits, forged reports) is an eviction: token session refused, swarm access withdrawn
+        self.credit.on_ban = lambda peer_id, reason: ledger.evict(peer_id, f"{BANNED}: {reason}")
 
-    def _refuse_banned(self, peer_id: str, context) -> None:
-        reason = self.credit.banned_reason(peer_id)
-        if reason is not None:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this peer was banned from the run: {reason}")
+    def _access_token(self, hivemind_peer_id: str, swarm_auth_key: bytes) -> bytes:
+        return issue_access_token(
+            self.identity.private_key, hivemind_peer_id, swarm_auth_key, self.config.access_token_ttl
+        ).SerializeToString()
 
     def _run_finished(self, epoch: int) -> bool:
         return self.config.epochs > 0 and epoch >= self.config.epochs
@@ -47,11 +60,21 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "public_key must be a 32-byte Ed25519 key")
         if not request.hivemind_peer_id or len(request.hivemind_peer_id) > 128 or len(request.device) > 64:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "hivemind_peer_id (1-128 chars) and device (<=64) required")
+        if not 0 < len(request.swarm_auth_key) <= MAX_SWARM_AUTH_KEY:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "swarm_auth_key required (the DHT's request-signing key)")
         peer_id = peer_id_of(request.public_key)
-        self._refuse_banned(peer_id, context)
+        try:
+            claims = tokens.decode(request.token, self.identity.public_bytes)
+        except tokens.TokenError as error:
+            log.info("refused join of %s: %s", peer_id, error)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
+        if claims.run_id != self.config.run_id:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"this token is for run '{claims.run_id}', not '{self.config.run_id}'")
         try:
             admission = self.ledger.admit(
-                request.token, peer_id, request.public_key, request.hivemind_peer_id, request.device
+                claims, peer_id, request.public_key, request.hivemind_peer_id, request.device,
+                request.swarm_auth_key,
             )
         except LedgerError as error:
             log.info("refused join of %s: %s", peer_id, error)
@@ -66,6 +89,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             run_config_hash=self.config.config_hash,
             initial_peers=self.initial_peers,
             epoch=self.ledger.snapshot(self.config.peer_timeout)["epoch"],
+            coordinator_public_key=self.identity.public_bytes,
+            access_token=self._access_token(request.hivemind_peer_id, request.swarm_auth_key),
+            access_lists=access_lists(self.ledger),
         )
 
     def Report(self, request: pb.ReportRequest, context):
@@ -84,7 +110,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             public_key = self.ledger.authenticate(request.peer_id, request.session)
         except LedgerError as error:
             _abort(context, error)
-        self._refuse_banned(request.peer_id, context)
         if not self.credit.signature_ok(request, public_key):
             self.credit.record_check_failure(request.peer_id, request.epoch, "report signature does not verify")
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "report signature does not verify against this peer's key")
@@ -106,15 +131,22 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def Heartbeat(self, request: pb.HeartbeatRequest, context):
         if request.epoch < 0 or not math.isfinite(request.samples_per_second) or request.samples_per_second < 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed heartbeat")
-        self._refuse_banned(request.peer_id, context)
+        if len(request.access_lists_version) > 64:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed heartbeat")
         # an epoch beyond what the run can have reached is a lie; it must not move the run's epoch
         epoch = min(request.epoch, self.credit.plausible_epoch())
         try:
-            self.ledger.heartbeat(request.peer_id, request.session, epoch, request.samples_per_second)
+            peer = self.ledger.heartbeat(request.peer_id, request.session, epoch, request.samples_per_second)
         except LedgerError as error:
             _abort(context, error)
         state = self.ledger.snapshot(self.config.peer_timeout)
+        lists = access_lists(self.ledger)
         return pb.HeartbeatReply(
+            access_token=(
+                self._access_token(peer["hivemind_peer_id"], peer["swarm_auth_key"])
+                if request.renew_access_token else b""
+            ),
+            access_lists=lists if lists.version != request.access_lists_version else None,
             epoch=state["epoch"],
             live_peers=sum(p["alive"] for p in state["peers"]),
             swarm_samples_per_second=state["swarm_samples_per_second"],

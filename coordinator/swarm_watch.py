@@ -9,13 +9,18 @@ msgpack metadata and raw tensors, and shapes plus finiteness are checked here.
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from peer.swarm import use_fork_start_method
 
 DOWNLOAD_TIMEOUT = 30.0
+AUDITOR_DIR = "auditor"  # the auditor's swarm identity and access files, inside the coordinator's data dir
+IDENTITY_FILE = "swarm_identity.key"
 
 
 @dataclass(frozen=True)
@@ -26,13 +31,46 @@ class ProgressEntry:
     client_mode: bool
 
 
-def start_watch_dht(initial_peers: list[str], run_id: str):
+class SwarmPass:
+    """The auditor's admission to the swarm: its own swarm identity, listed among the coordinator's
+    internal ids (so peers serve it state), and an access token the coordinator's key signs."""
+
+    def __init__(self, data_dir: Path, ledger, coordinator_identity, ttl: float):
+        from peer.swarm import swarm_peer_id
+        from peer.swarm_access import AccessFiles, make_authorizer
+
+        self.dir = Path(data_dir) / AUDITOR_DIR
+        self.dir.mkdir(exist_ok=True)
+        self.ledger, self.identity, self.ttl = ledger, coordinator_identity, ttl
+        self.files = AccessFiles(self.dir)
+        self.authorizer = make_authorizer(self.dir, coordinator_identity.public_bytes)
+        self.peer_id = swarm_peer_id(self.dir, IDENTITY_FILE)
+        internal = json.loads(ledger.meta("internal_swarm_ids") or "[]")
+        ledger.set_internal_swarm_ids(sorted(set(internal) | {self.peer_id}))
+        self._renewed = 0.0
+        self.refresh()
+
+    def refresh(self) -> None:
+        from peer.swarm_access import issue_access_token, rsa_public_key
+
+        if time.time() - self._renewed > self.ttl / 2:
+            token = issue_access_token(self.identity.private_key, self.peer_id, rsa_public_key(self.authorizer),
+                                       self.ttl)
+            self.files.write_token(token.SerializeToString())
+            self._renewed = time.time()
+        version, allow, deny = self.ledger.swarm_lists()
+        if version != self.files.version():
+            self.files.write_lists(version, allow, deny)
+
+
+def start_watch_dht(initial_peers: list[str], run_id: str, swarm_pass: SwarmPass):
     import hivemind
     from hivemind.dht.schema import RSASignatureValidator, SchemaValidator
     from hivemind.optim.progress_tracker import TrainingProgressSchema
 
     use_fork_start_method()
-    dht = hivemind.DHT(initial_peers=initial_peers, client_mode=True, start=True)
+    dht = hivemind.DHT(initial_peers=initial_peers, client_mode=True, start=True,
+                       identity_path=str(swarm_pass.dir / IDENTITY_FILE), authorizer=swarm_pass.authorizer)
     dht.add_validators([SchemaValidator(TrainingProgressSchema, prefix=run_id), RSASignatureValidator()])
     return dht
 

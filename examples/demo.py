@@ -67,7 +67,10 @@ def wait_for_coordinator(process: subprocess.Popen, data_dir: Path, log: Path) -
 
 
 def issue_token(data_dir: Path, org: str) -> str:
-    result = subprocess.run([str(BIN / "coordinator"), "token", "issue", "--org", org, "--data-dir", str(data_dir),
+    """Add a partner org and give it a single-use token, as an operator would."""
+    coordinator = str(BIN / "coordinator")
+    subprocess.run([coordinator, "org", "add", org, "--data-dir", str(data_dir)], capture_output=True, check=True)
+    result = subprocess.run([coordinator, "token", "issue", "--org", org, "--data-dir", str(data_dir),
                              "--format", "json"], capture_output=True, text=True, check=True)
     return json.loads(result.stdout)["token"]
 
@@ -112,9 +115,10 @@ def main() -> None:
         peer_dirs = [args.workdir / f"peer-{i + 1}" for i in range(len(ORGS))]
         peers = []
         for org, token, peer_dir in zip(ORGS, tokens, peer_dirs):
-            command = [str(BIN / "peer"), "join", info["address"], "--token", token, "--data-dir", str(peer_dir),
-                       "--threads", "1", "--progress", "quiet"]
-            console.print(f"peer of org [bold]{org}[/]: peer join {info['address']} --token {token[:12]}…")
+            command = [str(BIN / "peer"), "join", info["address"], "--token", token, "--fingerprint",
+                       info["tls_fingerprint"], "--data-dir", str(peer_dir), "--threads", "1", "--progress", "quiet"]
+            console.print(f"peer of org [bold]{org}[/]: peer join {info['address']} --token {token[:16]}… "
+                          f"--fingerprint {info['tls_fingerprint'][:16]}…")
             peers.append(start(command, args.workdir / f"{peer_dir.name}.log"))
         processes.extend(peers)
 

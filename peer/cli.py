@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from peer import __version__
 from peer.cli_support import new_app, run_app
-from peer.errors import UserError
+from peer.errors import EVICTED_PREFIX, UserError
 from peer.identity import load_or_create_identity
 
 app = new_app("peer", "Lend your machine to a potluck training run.")
@@ -56,6 +57,13 @@ def join_command(
     host: Annotated[str, typer.Option(help="Address this peer's swarm node listens on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Swarm (DHT) port; 0 picks a free one.", min=0, max=65535)] = 0,
     threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).", min=0)] = 0,
+    fingerprint: Annotated[Optional[str], typer.Option(
+        envvar="POTLUCK_FINGERPRINT",
+        help="SHA-256 of the coordinator's TLS certificate, from the join command; the peer refuses any other.")] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure",
+        help="Talk plaintext gRPC to a coordinator started with --insecure. RISK: your token and reports can be "
+             "read and altered by anyone on the network path.")] = False,
     connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.")] = 10.0,
     progress: Annotated[ProgressMode, typer.Option(help="live panel, plain lines, or quiet.")] = ProgressMode.auto,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show hivemind's own logs.")] = False,
@@ -63,7 +71,9 @@ def join_command(
     """Join a run: train with the swarm until the run ends, --max-epochs, or Ctrl-C."""
     import torch
 
-    from peer.client import CoordinatorLink, join, leave
+    from peer.client import Admission, CoordinatorLink, join, leave
+    from peer.swarm_access import AccessFiles, install_averaging_guard, make_authorizer, rsa_public_key
+    from peer.transport import Endpoint, normalize_fingerprint
     from peer.events import EventLog
     from peer.outbox import Outbox
     from peer.report import sign_report
@@ -79,15 +89,23 @@ def join_command(
         logging.getLogger("hivemind").setLevel(logging.ERROR)
     if ":" not in address:
         raise UserError(f"coordinator address {address!r} must be HOST:PORT, e.g. 127.0.0.1:7450")
+    if insecure and fingerprint:
+        raise UserError("--insecure and --fingerprint contradict each other; use the join command as printed")
+    if not insecure and not fingerprint:
+        raise UserError("missing --fingerprint: copy the whole join command printed by 'coordinator serve' "
+                        "(it pins the coordinator's TLS certificate)")
+    endpoint = Endpoint(address, None if insecure else normalize_fingerprint(fingerprint), insecure)
     if threads:
         torch.set_num_threads(threads)
     data_dir.mkdir(parents=True, exist_ok=True)
     identity = load_or_create_identity(data_dir)
     chosen_device = pick_device(device.value)
+    authorizer = make_authorizer(data_dir, b"")  # the coordinator's key is known after Join; set below
     reply = join(
-        address,
+        endpoint, identity,
         pb.JoinRequest(token=token, public_key=identity.public_bytes, hivemind_peer_id=swarm_peer_id(data_dir),
-                       device=str(chosen_device), client_version=__version__),
+                       device=str(chosen_device), client_version=__version__,
+                       swarm_auth_key=rsa_public_key(authorizer)),
         connect_timeout,
     )
     config = parse_run_config(reply.run_config_toml, where="the run config sent by the coordinator")
@@ -96,17 +114,24 @@ def join_command(
     try:
         task = load_task(config.task_name, config.task_version)
     except UserError as error:
-        leave(address, reply.peer_id, reply.session, f"cannot train: {error}")
+        leave(endpoint, identity, config.run_id, reply.peer_id, reply.session, f"cannot train: {error}")
         raise
+    access = AccessFiles(data_dir)
+    access.write_token(reply.access_token)
+    access.write_lists(reply.access_lists.version, list(reply.access_lists.allow), list(reply.access_lists.deny))
+    authorizer.coordinator_public_key = reply.coordinator_public_key
+    install_averaging_guard(data_dir)
     print(f"joined run '{config.run_id}' as {reply.peer_id} (org {reply.org}) on {chosen_device}", flush=True)
 
-    dht = start_dht(data_dir, list(reply.initial_peers), host, port, client_mode=False)
+    dht = start_dht(data_dir, list(reply.initial_peers), host, port, client_mode=False, authorizer=authorizer)
     events = EventLog(data_dir)
     events.emit("joined", peer_id=reply.peer_id, org=reply.org, run_id=config.run_id, coordinator_epoch=reply.epoch)
     outbox = Outbox(data_dir)
 
+    admission = Admission(identity, reply.peer_id, reply.session, config.run_id, access, config.access_token_ttl)
+
     def make_link() -> CoordinatorLink:
-        return CoordinatorLink(address, reply.peer_id, reply.session, outbox, config.heartbeat_interval,
+        return CoordinatorLink(endpoint, admission, outbox, config.heartbeat_interval,
                                sign=lambda request: sign_report(request, config.run_id, identity.private_key))
 
     summary = train(config, task, reply.peer_id, dht, make_link, events,
@@ -116,12 +141,19 @@ def join_command(
           + (f", held-out accuracy {accuracy:.3f}" if accuracy is not None else ""), flush=True)
     events.emit("left", reason=summary["reason"])
     events.close()
+    if summary["reason"].startswith(EVICTED_PREFIX):
+        print(f"error: {summary['reason']}; contact the run's operator", file=sys.stderr, flush=True)
+        exit_code = 3
+    else:
+        exit_code = 0
     outbox.close()
     # hivemind's shutdown can hang (trap 10): give it a bounded grace, then exit regardless
-    watchdog = threading.Timer(SHUTDOWN_GRACE, lambda: os._exit(0))
+    watchdog = threading.Timer(SHUTDOWN_GRACE, lambda: os._exit(exit_code))
     watchdog.daemon = True
     watchdog.start()
     dht.shutdown()
+    if exit_code:
+        raise typer.Exit(exit_code)
 
 
 def main() -> None:

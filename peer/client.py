@@ -14,49 +14,66 @@ from dataclasses import dataclass
 
 import grpc
 
-from peer.errors import UserError
+from peer.errors import EVICTED_PREFIX, UserError
 from peer.outbox import Outbox
 from peer.report import attach_proof
+from peer.signing import sign_request
+from peer.swarm_access import AccessFiles
+from peer.transport import Endpoint
 from protos import coordinator_pb2 as pb
-from protos import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("potluck.peer")
 
 CALL_TIMEOUT = 5.0  # seconds; every RPC has a deadline
-MAX_MESSAGE_BYTES = 1 << 20
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+SERVICE = "/potluck.v1.Coordinator/"
 
 
-def _channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(
-        address,
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
-    )
+class SignedStub:
+    """Calls the coordinator with every request signed by this peer's identity (peer/signing.py).
+
+    The request is serialized once here and the signature covers exactly those bytes.
+    """
+
+    def __init__(self, channel: grpc.Channel, identity, run_id: str = ""):
+        self.channel, self.identity, self.run_id = channel, identity, run_id
+
+    def call(self, name: str, request, reply_type, timeout: float, wait_for_ready: bool = False):
+        method = SERVICE + name
+        body = request.SerializeToString()
+        rpc = self.channel.unary_unary(method, request_serializer=None, response_deserializer=reply_type.FromString)
+        return rpc(body, timeout=timeout, wait_for_ready=wait_for_ready,
+                   metadata=sign_request(self.identity, method, body, self.run_id))
 
 
-def join(address: str, request: pb.JoinRequest, connect_timeout: float) -> pb.JoinReply:
+def join(endpoint: Endpoint, identity, request: pb.JoinRequest, connect_timeout: float) -> pb.JoinReply:
     """One Join call, waiting up to connect_timeout for the coordinator; errors become UserError."""
-    channel = _channel(address)
+    channel = endpoint.open(connect_timeout)
     try:
-        return pb_grpc.CoordinatorStub(channel).Join(request, timeout=connect_timeout, wait_for_ready=True)
+        return SignedStub(channel, identity).call("Join", request, pb.JoinReply, connect_timeout, wait_for_ready=True)
     except grpc.RpcError as error:
         code = error.code()
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            hint = (" (or it serves TLS, the default: join with the --fingerprint it printed instead of --insecure)"
+                    if endpoint.insecure else "")
             raise UserError(
-                f"cannot reach a coordinator at {address} within {connect_timeout:.0f}s; check the address "
-                f"and that 'coordinator serve' is running there"
+                f"cannot reach a coordinator at {endpoint.address} within {connect_timeout:.0f}s; check the address "
+                f"and that 'coordinator serve' is running there{hint}"
             ) from None
         raise UserError(f"the coordinator refused to admit this peer: {error.details()}") from None
     finally:
         channel.close()
 
 
-def leave(address: str, peer_id: str, session: str, reason: str) -> None:
+def leave(endpoint: Endpoint, identity, run_id: str, peer_id: str, session: str, reason: str) -> None:
     """Tell the coordinator this peer will not train after all (best effort)."""
-    channel = _channel(address)
     try:
-        pb_grpc.CoordinatorStub(channel).Leave(
-            pb.LeaveRequest(peer_id=peer_id, session=session, reason=reason[:500]), timeout=CALL_TIMEOUT
+        channel = endpoint.open(CALL_TIMEOUT)
+    except UserError:
+        return
+    try:
+        SignedStub(channel, identity, run_id).call(
+            "Leave", pb.LeaveRequest(peer_id=peer_id, session=session, reason=reason[:500]), pb.LeaveReply, CALL_TIMEOUT
         )
     except grpc.RpcError:
         pass
@@ -77,19 +94,39 @@ class SwarmView:
     updated: float = 0.0
 
 
-class CoordinatorLink:
-    """Background thread: flush the outbox, heartbeat every interval, reconnect forever."""
+@dataclass
+class Admission:
+    """What this peer holds after Join: who it is, its session, and its swarm access."""
 
-    def __init__(self, address: str, peer_id: str, session: str, outbox: Outbox, heartbeat_interval: float,
+    identity: object
+    peer_id: str
+    session: str
+    run_id: str
+    access: AccessFiles
+    access_token_ttl: float
+
+
+class CoordinatorLink:
+    """Background thread: flush the outbox, heartbeat every interval, reconnect forever.
+
+    Heartbeats also keep this peer's swarm access current: the access token is renewed at half its
+    lifetime and the admitted/evicted lists are refreshed when they change. An eviction (revoked
+    token, removed org, ban) is noticed here and ends training.
+    """
+
+    def __init__(self, endpoint: Endpoint, admission: Admission, outbox: Outbox, heartbeat_interval: float,
                  sign=None):
-        self.peer_id, self.session, self.outbox = peer_id, session, outbox
+        self.admission = admission
+        self.peer_id, self.session, self.outbox = admission.peer_id, admission.session, outbox
         self.sign = sign  # sign(request): adds the report signature (peer/report.py)
         self.heartbeat_interval = heartbeat_interval
         self.view = SwarmView()
         self.epoch = 0
         self.samples_per_second = 0.0
-        self._channel = _channel(address)
-        self._stub = pb_grpc.CoordinatorStub(self._channel)
+        self.evicted: str | None = None
+        self._token_renewed = time.monotonic()
+        self._channel = endpoint.open()
+        self._stub = SignedStub(self._channel, admission.identity, admission.run_id)
         self._next_heartbeat = 0.0
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -143,33 +180,51 @@ class CoordinatorLink:
         """Send pending reports in order; False when the coordinator is unreachable."""
         for report_id, payload in self.outbox.pending():
             try:
-                self._stub.Report(pb.ReportRequest.FromString(payload), timeout=CALL_TIMEOUT)
+                self._stub.call("Report", pb.ReportRequest.FromString(payload), pb.ReportReply, CALL_TIMEOUT)
                 self.outbox.mark_acked(report_id)
             except grpc.RpcError as error:
                 if error.code() in RETRYABLE:
+                    return False
+                if self._note_eviction(error):
                     return False
                 log.warning("coordinator rejected report %s: %s", report_id, error.details())
                 self.outbox.mark_acked(report_id, error=f"{error.code().name}: {error.details()}")
         return True
 
+    def _note_eviction(self, error: grpc.RpcError) -> bool:
+        if error.code() == grpc.StatusCode.PERMISSION_DENIED and (error.details() or "").startswith(EVICTED_PREFIX):
+            self.evicted = error.details()
+            return True
+        return False
+
     def _heartbeat(self) -> bool:
+        access = self.admission.access
+        renew = time.monotonic() - self._token_renewed > self.admission.access_token_ttl / 2
         try:
-            reply = self._stub.Heartbeat(
+            reply = self._stub.call(
+                "Heartbeat",
                 pb.HeartbeatRequest(peer_id=self.peer_id, session=self.session, epoch=self.epoch,
-                                    samples_per_second=self.samples_per_second),
-                timeout=CALL_TIMEOUT,
+                                    samples_per_second=self.samples_per_second,
+                                    access_lists_version=access.version(), renew_access_token=renew),
+                pb.HeartbeatReply, CALL_TIMEOUT,
             )
         except grpc.RpcError as error:
-            if error.code() not in RETRYABLE:
+            if not self._note_eviction(error) and error.code() not in RETRYABLE:
                 log.warning("heartbeat refused: %s", error.details())
             return False
+        if reply.access_token:
+            access.write_token(reply.access_token)
+            self._token_renewed = time.monotonic()
+        if reply.HasField("access_lists"):
+            lists = reply.access_lists
+            access.write_lists(lists.version, list(lists.allow), list(lists.deny))
         self.view = SwarmView(reply.epoch, reply.live_peers, reply.swarm_samples_per_second, reply.run_finished,
                               reply.peers_behind, updated=time.monotonic())
         return True
 
     def _run(self) -> None:
         backoff = 0.5
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self.evicted is None:
             ok = self._flush()
             if ok and time.monotonic() >= self._next_heartbeat:
                 ok = self._heartbeat()
@@ -185,10 +240,12 @@ class CoordinatorLink:
         self._wake.set()
         self._thread.join(timeout=CALL_TIMEOUT + 1)
         deadline = time.monotonic() + flush_timeout
-        while self.outbox.pending() and time.monotonic() < deadline and not self._flush():
+        while self.evicted is None and self.outbox.pending() and time.monotonic() < deadline and not self._flush():
             time.sleep(0.3)
-        try:
-            self._stub.Leave(pb.LeaveRequest(peer_id=self.peer_id, session=self.session, reason=reason), timeout=3)
-        except grpc.RpcError as error:
-            log.warning("could not tell the coordinator we leave: %s", error.details())
+        if self.evicted is None:
+            try:
+                self._stub.call("Leave", pb.LeaveRequest(peer_id=self.peer_id, session=self.session, reason=reason),
+                                pb.LeaveReply, 3)
+            except grpc.RpcError as error:
+                log.warning("could not tell the coordinator we leave: %s", error.details())
         self._channel.close()

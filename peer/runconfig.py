@@ -14,6 +14,28 @@ from pathlib import Path
 from peer.errors import UserError
 
 
+STRATEGIES = ("sync", "diloco")
+COMPRESSIONS = ("none", "fp16", "uint8")
+
+
+@dataclass(frozen=True)
+class AveragingConfig:
+    """How peers combine their work (``[averaging]``); the defaults keep plain synchronous averaging.
+
+    - ``sync``: hivemind averages gradients every ``target_batch_size`` samples (and parameters right after).
+    - ``diloco``: each peer takes ``inner_steps`` local optimizer steps, then the swarm all-reduces the
+      pseudo-gradient (parameters before minus after) and applies an outer Nesterov SGD step.
+    ``compression`` is the codec of every averaged tensor on the wire.
+    """
+
+    strategy: str = "sync"
+    compression: str = "none"
+    inner_steps: int = 50
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    overlap: bool = False
+
+
 @dataclass(frozen=True)
 class RunConfig:
     run_id: str
@@ -28,7 +50,9 @@ class RunConfig:
     averaging_timeout: float
     heartbeat_interval: float
     peer_timeout: float
+    access_token_ttl: float
     text: str
+    averaging: AveragingConfig = field(default_factory=AveragingConfig)
     verification: "VerificationConfig" = field(default_factory=lambda: VerificationConfig())
 
     @property
@@ -65,6 +89,15 @@ _SCHEMA: dict[str, dict[str, tuple[type, object]]] = {
         "averaging_timeout": (float, 20.0),
     },
     "coordinator": {"heartbeat_interval": (float, 2.0), "peer_timeout": (float, 10.0)},
+    "averaging": {
+        "strategy": (str, AveragingConfig.strategy),
+        "compression": (str, AveragingConfig.compression),
+        "inner_steps": (int, AveragingConfig.inner_steps),
+        "outer_lr": (float, AveragingConfig.outer_lr),
+        "outer_momentum": (float, AveragingConfig.outer_momentum),
+        "overlap": (bool, AveragingConfig.overlap),
+    },
+    "security": {"access_token_ttl": (float, 300.0)},
     "verification": {f.name: (type(f.default), f.default) for f in fields(VerificationConfig)},
 }
 
@@ -75,7 +108,7 @@ def _field(doc: dict, section: str, key: str, kind: type, default: object, where
         raise UserError(f"{where}: missing [{section}] {key}; add it (see examples/digits/run.toml)")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise UserError(f"{where}: [{section}] {key} must be a {kind.__name__}, got {value!r}")
     return value
 
@@ -110,7 +143,9 @@ def parse_run_config(text: str, where: str = "run config") -> RunConfig:
         averaging_timeout=values["training.averaging_timeout"],
         heartbeat_interval=values["coordinator.heartbeat_interval"],
         peer_timeout=values["coordinator.peer_timeout"],
+        access_token_ttl=values["security.access_token_ttl"],
         text=text,
+        averaging=AveragingConfig(**{key: values[f"averaging.{key}"] for key in _SCHEMA["averaging"]}),
         verification=VerificationConfig(**{f.name: values[f"verification.{f.name}"] for f in fields(VerificationConfig)}),
     )
     _check_ranges(config, where)
@@ -142,9 +177,28 @@ def _check_ranges(config: RunConfig, where: str) -> None:
     for name in ("fp32_tolerance", "bf16_tolerance", "window_epochs", "ban_after_strikes", "epoch_slack"):
         if getattr(v, name) <= 0:
             raise UserError(f"{where}: [verification] {name} must be > 0, got {getattr(v, name)}")
+    if config.access_token_ttl < 4 * config.heartbeat_interval:
+        raise UserError(f"{where}: [security] access_token_ttl must be at least 4 heartbeat intervals "
+                        f"({4 * config.heartbeat_interval:g}s), got {config.access_token_ttl:g}")
     for name in ("matchmaking_time", "averaging_timeout", "heartbeat_interval", "peer_timeout"):
         if getattr(config, name) <= 0:
             raise UserError(f"{where}: {name} must be > 0, got {getattr(config, name)}")
+    _check_averaging(config.averaging, where)
+
+
+def _check_averaging(averaging: AveragingConfig, where: str) -> None:
+    if averaging.strategy not in STRATEGIES:
+        raise UserError(f"{where}: [averaging] strategy must be one of {', '.join(STRATEGIES)}, "
+                        f"got {averaging.strategy!r}")
+    if averaging.compression not in COMPRESSIONS:
+        raise UserError(f"{where}: [averaging] compression must be one of {', '.join(COMPRESSIONS)}, "
+                        f"got {averaging.compression!r}")
+    if averaging.inner_steps < 1:
+        raise UserError(f"{where}: [averaging] inner_steps must be >= 1, got {averaging.inner_steps}")
+    if not 0 < averaging.outer_lr <= 10:
+        raise UserError(f"{where}: [averaging] outer_lr must be in (0, 10], got {averaging.outer_lr}")
+    if not 0 <= averaging.outer_momentum < 1:
+        raise UserError(f"{where}: [averaging] outer_momentum must be in [0, 1), got {averaging.outer_momentum}")
 
 
 def load_run_config(path: Path) -> RunConfig:

@@ -3,7 +3,8 @@
 Traps of hivemind 1.1.12 handled here (see docs/HIVEMIND_NOTES.md in the shared docs):
 - DHT and Optimizer get the same client_mode (the Optimizer mis-wires its own default);
 - both are created in the main thread, before any thread of ours starts (they fork processes);
-- no 8-bit codecs (broken with numpy >= 2.4): gradients travel uncompressed;
+- the codec of gradients and averaged state is ``[averaging] compression`` (peer.compression, which
+  also fixes hivemind's 8-bit decoder for numpy >= 2.4);
 - every averaging round has a timeout (all-reduce included), so a dead peer cannot hang the rest.
 """
 
@@ -30,18 +31,19 @@ def use_fork_start_method() -> None:
         multiprocessing.set_start_method("fork", force=True)
 
 
-def swarm_peer_id(data_dir: Path) -> str:
-    """The hivemind peer id of this peer, from a key file created once (so it is known before the DHT starts)."""
+def swarm_peer_id(data_dir: Path, file_name: str = SWARM_IDENTITY_FILE) -> str:
+    """The hivemind peer id of this node, from a key file created once (so it is known before the DHT starts)."""
     from hivemind.p2p import P2P, PeerID
 
-    path = Path(data_dir) / SWARM_IDENTITY_FILE
+    path = Path(data_dir) / file_name
     if not path.exists():
         P2P.generate_identity(str(path))
         path.chmod(0o600)
     return PeerID.from_identity(path.read_bytes()).to_base58()
 
 
-def start_dht(data_dir: Path, initial_peers: list[str], host: str, port: int, client_mode: bool):
+def start_dht(data_dir: Path, initial_peers: list[str], host: str, port: int, client_mode: bool, authorizer):
+    """This peer's DHT node; `authorizer` (peer/swarm_access.py) proves its admission to the others."""
     import hivemind
 
     use_fork_start_method()
@@ -50,6 +52,7 @@ def start_dht(data_dir: Path, initial_peers: list[str], host: str, port: int, cl
         host_maddrs=[f"/ip4/{host}/tcp/{port}"],
         identity_path=str(Path(data_dir) / SWARM_IDENTITY_FILE),
         client_mode=client_mode,
+        authorizer=authorizer,
         start=True,
     )
 
@@ -57,6 +60,9 @@ def start_dht(data_dir: Path, initial_peers: list[str], host: str, port: int, cl
 def make_optimizer(dht, config: RunConfig, model: torch.nn.Module, task, client_mode: bool):
     import hivemind
 
+    from peer.compression import make_compression
+
+    codec = make_compression(config.averaging.compression)
     return hivemind.Optimizer(
         dht=dht,
         run_id=config.run_id,
@@ -68,6 +74,8 @@ def make_optimizer(dht, config: RunConfig, model: torch.nn.Module, task, client_
         averaging_timeout=config.averaging_timeout,
         allreduce_timeout=config.averaging_timeout,
         load_state_timeout=LOAD_STATE_TIMEOUT,
+        grad_compression=codec,
+        state_averaging_compression=codec,
         averager_opts={"request_timeout": min(REQUEST_TIMEOUT, config.matchmaking_time / 2)},
         tracker_opts={"metadata_expiration": PROGRESS_EXPIRATION},
         # parameters are averaged too, right after each optimizer step, so a peer that missed a

@@ -17,7 +17,7 @@ from peer.progress import Progress, ProgressDisplay
 from peer.progress_guard import guard_swarm_epoch
 from peer.runconfig import RunConfig
 from peer.swarm import FIRST_FETCH_TIMEOUT, load_state, make_optimizer, needs_state_from_peers
-from peer.work import EpochProof, autocast_for, do_micro_batch
+from peer.work import EpochProof, autocast_context, do_micro_batch
 
 MODEL_FILE = "model.pt"
 
@@ -85,8 +85,13 @@ def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLo
     """Train until the run ends, --max-epochs is reached or SIGINT/SIGTERM; returns a summary.
 
     make_link() builds the coordinator link; it is called only after hivemind has forked its
-    processes, so no gRPC thread exists at fork time.
+    processes, so no gRPC thread exists at fork time. ``[averaging] strategy`` picks the loop:
+    this one (sync) or peer.diloco_trainer's.
     """
+    if config.averaging.strategy == "diloco":
+        from peer.diloco_trainer import train_diloco
+
+        return train_diloco(config, task, peer_id, dht, make_link, events, options)
     device = options.device
     model = task.build_model(config.seed).to(device)
     opt = make_optimizer(dht, config, model, task, client_mode=False)
@@ -95,7 +100,7 @@ def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLo
     guard_swarm_epoch(opt.tracker, lambda: link.epoch_limit(config.verification.epoch_slack))
     inputs, targets = task.train_data()
     eval_inputs, eval_targets = (t.to(device) for t in task.eval_data())
-    autocast = autocast_for(device)
+    autocast = autocast_context(device)
     sketch_dims = config.verification.sketch_dims
     progress = Progress()
     epoch, micro_batch, epochs_done, total_samples = opt.local_epoch, 0, 0, 0
@@ -109,6 +114,9 @@ def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLo
         gated = config.min_peers <= 1 or opt.tracker.global_epoch > 0
         while True:
             if stop.is_set():
+                break
+            if link.evicted:
+                reason = link.evicted
                 break
             if (config.epochs and opt.local_epoch >= config.epochs) or link.view.run_finished:
                 reason = "run finished"
@@ -161,7 +169,7 @@ def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLo
                 display.epoch_done(progress)
                 epoch, micro_batch, meter, proof = opt.local_epoch, 0, EpochMeter(), None
 
-    if reason != "stopped":
+    if reason != "stopped" and not link.evicted:
         link.wait_for_peers_to_catch_up(timeout=config.averaging_timeout)
     torch.save({"epoch": opt.local_epoch, "state_dict": model.state_dict()}, Path(options.data_dir) / MODEL_FILE)
     model.eval()

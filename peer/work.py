@@ -16,7 +16,7 @@ from peer.assignment import micro_batch_indices
 from peer.sketch import Sketch, gradient_seed, gradient_sketch, parameter_fingerprint, parameter_seed
 
 
-def autocast_for(device: torch.device):
+def autocast_context(device: torch.device):
     """bf16 autocast on CUDA, nothing on CPU: the numerics a peer trains with (and reports)."""
     if device.type == "cuda":
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
@@ -42,7 +42,7 @@ def do_micro_batch(task, model, inputs, targets, *, run_seed: int, epoch: int, p
     index = micro_batch_indices(run_seed, epoch, peer_id, micro_batch, len(inputs), micro_batch_size)
     batch_inputs, batch_targets = inputs[index].to(device), targets[index].to(device)
     model.zero_grad(set_to_none=True)
-    with (autocast or autocast_for(device))():
+    with (autocast or autocast_context(device))():
         loss = task.loss(model, batch_inputs, batch_targets)
     loss.backward()
     sketch = gradient_sketch(model, gradient_seed(run_seed, epoch, peer_id, micro_batch), sketch_dims)

@@ -7,21 +7,33 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JoinRequest(_message.Message):
-    __slots__ = ("token", "public_key", "hivemind_peer_id", "device", "client_version")
+    __slots__ = ("token", "public_key", "hivemind_peer_id", "device", "client_version", "swarm_auth_key")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     HIVEMIND_PEER_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SWARM_AUTH_KEY_FIELD_NUMBER: _ClassVar[int]
     token: str
     public_key: bytes
     hivemind_peer_id: str
     device: str
     client_version: str
-    def __init__(self, token: _Optional[str] = ..., public_key: _Optional[bytes] = ..., hivemind_peer_id: _Optional[str] = ..., device: _Optional[str] = ..., client_version: _Optional[str] = ...) -> None: ...
+    swarm_auth_key: bytes
+    def __init__(self, token: _Optional[str] = ..., public_key: _Optional[bytes] = ..., hivemind_peer_id: _Optional[str] = ..., device: _Optional[str] = ..., client_version: _Optional[str] = ..., swarm_auth_key: _Optional[bytes] = ...) -> None: ...
+
+class AccessLists(_message.Message):
+    __slots__ = ("version", "allow", "deny")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_FIELD_NUMBER: _ClassVar[int]
+    DENY_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    allow: _containers.RepeatedScalarFieldContainer[str]
+    deny: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., deny: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("peer_id", "session", "org", "run_id", "run_config_toml", "run_config_hash", "initial_peers", "epoch")
+    __slots__ = ("peer_id", "session", "org", "run_id", "run_config_toml", "run_config_hash", "initial_peers", "epoch", "coordinator_public_key", "access_token", "access_lists")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     ORG_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +42,9 @@ class JoinReply(_message.Message):
     RUN_CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
     INITIAL_PEERS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_LISTS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     session: str
     org: str
@@ -38,7 +53,10 @@ class JoinReply(_message.Message):
     run_config_hash: str
     initial_peers: _containers.RepeatedScalarFieldContainer[str]
     epoch: int
-    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., org: _Optional[str] = ..., run_id: _Optional[str] = ..., run_config_toml: _Optional[str] = ..., run_config_hash: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    coordinator_public_key: bytes
+    access_token: bytes
+    access_lists: AccessLists
+    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., org: _Optional[str] = ..., run_id: _Optional[str] = ..., run_config_toml: _Optional[str] = ..., run_config_hash: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., coordinator_public_key: _Optional[bytes] = ..., access_token: _Optional[bytes] = ..., access_lists: _Optional[_Union[AccessLists, _Mapping]] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("peer_id", "session", "report_id", "epoch", "samples", "loss", "compute_seconds", "metrics", "parameters", "sketches", "compute_dtype", "signature")
@@ -102,30 +120,38 @@ class ReportReply(_message.Message):
     def __init__(self, duplicate: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("peer_id", "session", "epoch", "samples_per_second")
+    __slots__ = ("peer_id", "session", "epoch", "samples_per_second", "access_lists_version", "renew_access_token")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_LISTS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RENEW_ACCESS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     session: str
     epoch: int
     samples_per_second: float
-    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., epoch: _Optional[int] = ..., samples_per_second: _Optional[float] = ...) -> None: ...
+    access_lists_version: str
+    renew_access_token: bool
+    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., epoch: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., access_lists_version: _Optional[str] = ..., renew_access_token: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("epoch", "live_peers", "swarm_samples_per_second", "run_finished", "peers_behind")
+    __slots__ = ("epoch", "live_peers", "swarm_samples_per_second", "run_finished", "peers_behind", "access_token", "access_lists")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LIVE_PEERS_FIELD_NUMBER: _ClassVar[int]
     SWARM_SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     RUN_FINISHED_FIELD_NUMBER: _ClassVar[int]
     PEERS_BEHIND_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_LISTS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     live_peers: int
     swarm_samples_per_second: float
     run_finished: bool
     peers_behind: int
-    def __init__(self, epoch: _Optional[int] = ..., live_peers: _Optional[int] = ..., swarm_samples_per_second: _Optional[float] = ..., run_finished: _Optional[bool] = ..., peers_behind: _Optional[int] = ...) -> None: ...
+    access_token: bytes
+    access_lists: AccessLists
+    def __init__(self, epoch: _Optional[int] = ..., live_peers: _Optional[int] = ..., swarm_samples_per_second: _Optional[float] = ..., run_finished: _Optional[bool] = ..., peers_behind: _Optional[int] = ..., access_token: _Optional[bytes] = ..., access_lists: _Optional[_Union[AccessLists, _Mapping]] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("peer_id", "session", "reason")

@@ -98,28 +98,44 @@ def write_run(path: Path, **values) -> Path:
     return path
 
 
+FINGERPRINTS: dict[str, str] = {}  # coordinator address -> TLS fingerprint, so start_peer can pin it
+
+
 @dataclass
 class Coordinator:
     proc: Proc
     data_dir: Path
     address: str
     token: str
+    fingerprint: str
 
     def status(self) -> dict:
         result = cli("coordinator", "status", "--data-dir", str(self.data_dir), "--format", "json")
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
 
-    def issue_token(self, org: str) -> str:
-        result = cli("coordinator", "token", "issue", "--org", org, "--data-dir", str(self.data_dir), "--format", "json")
+    def issue_token(self, org: str, *extra: str) -> str:
+        """Add `org` (if new) and issue it a token (single-use unless extra says otherwise)."""
+        if not any(o["name"] == org for o in self.orgs()):
+            result = cli("coordinator", "org", "add", org, "--data-dir", str(self.data_dir))
+            assert result.returncode == 0, result.stderr
+        result = cli("coordinator", "token", "issue", "--org", org, "--data-dir", str(self.data_dir),
+                     "--format", "json", *extra)
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)["token"]
 
+    def orgs(self) -> list[dict]:
+        result = cli("coordinator", "org", "list", "--data-dir", str(self.data_dir), "--format", "json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
 
-def start_coordinator(procs: list, data_dir: Path, run: Path, port: int = 0, name: str = "coordinator") -> Coordinator:
+
+def start_coordinator(procs: list, data_dir: Path, run: Path, port: int = 0, name: str = "coordinator",
+                      insecure: bool = False) -> Coordinator:
     data_dir.mkdir(parents=True, exist_ok=True)
     proc = Proc(
-        [str(BIN / "coordinator"), "serve", "--run", str(run), "--data-dir", str(data_dir), "--port", str(port)],
+        [str(BIN / "coordinator"), "serve", "--run", str(run), "--data-dir", str(data_dir), "--port", str(port),
+         *(["--insecure"] if insecure else [])],
         data_dir.parent / f"{name}.log",
     )
     procs.append(proc)
@@ -135,13 +151,20 @@ def start_coordinator(procs: list, data_dir: Path, run: Path, port: int = 0, nam
 
     info = wait_until(ready, 60, "the coordinator to write coordinator.json")
     token = (data_dir / "default-org.token").read_text().strip()
-    return Coordinator(proc, data_dir, info["address"], token)
+    if info["tls_fingerprint"]:
+        FINGERPRINTS[info["address"]] = info["tls_fingerprint"]
+    return Coordinator(proc, data_dir, info["address"], token, info["tls_fingerprint"])
+
+
+def pin(address: str) -> list[str]:
+    """The --fingerprint arguments for a peer joining the test coordinator at `address`."""
+    return ["--fingerprint", FINGERPRINTS[address]] if address in FINGERPRINTS else ["--insecure"]
 
 
 def start_peer(procs: list, address: str, token: str, data_dir: Path, *extra: str, name: str | None = None) -> Proc:
     data_dir.mkdir(parents=True, exist_ok=True)
     proc = Proc(
-        [str(BIN / "peer"), "join", address, "--token", token, "--data-dir", str(data_dir),
+        [str(BIN / "peer"), "join", address, "--token", token, *pin(address), "--data-dir", str(data_dir),
          "--threads", "1", "--progress", "plain", *extra],
         data_dir.parent / f"{name or data_dir.name}.log",
     )

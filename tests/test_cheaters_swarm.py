@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-from conftest import BIN, ROOT, Proc, cli, epochs_reported, events, load_model, start_coordinator, start_peer, \
-    wait_until, write_run
+from conftest import ROOT, Proc, cli, load_model, pin, start_coordinator, start_peer, wait_until, write_run
 
 VERIFY = """
 [verification]
@@ -25,7 +24,8 @@ window_epochs = 2
 def start_cheater(procs, coordinator, data_dir, cheat: str) -> Proc:
     data_dir.mkdir(parents=True, exist_ok=True)
     proc = Proc([sys.executable, str(ROOT / "tests" / "cheating_peer.py"), cheat, "join", coordinator.address,
-                 "--token", coordinator.token, "--data-dir", str(data_dir), "--threads", "1", "--progress", "plain"],
+                 "--token", coordinator.token, *pin(coordinator.address), "--data-dir", str(data_dir), "--threads", "1",
+                 "--progress", "plain"],
                 data_dir.parent / f"{data_dir.name}.log")
     procs.append(proc)
     return proc

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import DIGITS_RUN, cli, start_coordinator, write_run
+from conftest import DIGITS_RUN, cli, pin, start_coordinator, write_run
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -32,7 +32,7 @@ def free_port() -> int:
 
 
 def join(address: str, token: str, data_dir, *extra: str) -> subprocess.CompletedProcess:
-    return cli("peer", "join", address, "--token", token, "--data-dir", str(data_dir),
+    return cli("peer", "join", address, "--token", token, *pin(address), "--data-dir", str(data_dir),
                "--connect-timeout", "5", "--threads", "1", "--progress", "plain", *extra)
 
 
@@ -61,6 +61,12 @@ def test_version(program):
     ("coordinator", "serve"),
     ("coordinator", "token"),
     ("coordinator", "token", "issue"),
+    ("coordinator", "token", "list"),
+    ("coordinator", "token", "revoke"),
+    ("coordinator", "org"),
+    ("coordinator", "org", "add"),
+    ("coordinator", "org", "list"),
+    ("coordinator", "org", "remove"),
     ("coordinator", "status"),
     ("peer",),
     ("peer", "join"),
@@ -106,12 +112,12 @@ def test_serve_wrong_type(tmp_path):
 
 def test_join_unreachable_address(tmp_path):
     address = f"127.0.0.1:{free_port()}"
-    result = cli("peer", "join", address, "--token", "x", "--data-dir", str(tmp_path / "p"),
+    result = cli("peer", "join", address, "--token", "x", "--fingerprint", "0" * 64, "--data-dir", str(tmp_path / "p"),
                  "--connect-timeout", "2")
     assert_user_error(result, "cannot reach", address)
 
 
-@pytest.mark.parametrize("token", ["plk_deadbeef_nope", "hello"])
+@pytest.mark.parametrize("token", ["plk1.e30.AAAA", "hello"])
 def test_join_unknown_token(coordinator, tmp_path, token):
     result = join(coordinator.address, token, tmp_path / "p")
     assert_user_error(result, "unknown join token")
@@ -143,26 +149,45 @@ def test_no_ledger(tmp_path, command):
     assert list(empty.iterdir()) == [], "a failed command left files behind"
 
 
-def test_token_issue_bad_org_name(coordinator):
-    before = coordinator.status()["orgs"]
-    result = cli("coordinator", "token", "issue", "--org", "bad/name", "--data-dir", str(coordinator.data_dir))
+def test_org_add_bad_name(coordinator):
+    before = coordinator.orgs()
+    result = cli("coordinator", "org", "add", "bad/name", "--data-dir", str(coordinator.data_dir))
     assert_user_error(result, "invalid org name")
-    orgs = [org["name"] for org in coordinator.status()["orgs"]]
-    assert "bad/name" not in orgs
-    assert coordinator.status()["orgs"] == before
+    assert coordinator.orgs() == before
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (("--org", "nobody"), ("unknown org", "org add nobody")),
+    (("--org", "default", "--expires", "soon"), ("--expires", "'soon'")),
+    (("--org", "default", "--max-peers", "-1"), ("--max-peers",)),
+], ids=["unknown-org", "bad-expiry", "negative-max-peers"])
+def test_token_issue_refused(coordinator, args, fragments):
+    before = cli("coordinator", "token", "list", "--data-dir", str(coordinator.data_dir), "--format", "json").stdout
+    result = cli("coordinator", "token", "issue", *args, "--data-dir", str(coordinator.data_dir))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output
+    for fragment in fragments:
+        assert fragment in output, output
+    after = cli("coordinator", "token", "list", "--data-dir", str(coordinator.data_dir), "--format", "json").stdout
+    assert after == before, "a refused token issue changed the ledger"
 
 
 def test_token_issue_json(coordinator):
+    assert cli("coordinator", "org", "add", "Partner Lab", "--data-dir", str(coordinator.data_dir)).returncode == 0
     result = cli("coordinator", "token", "issue", "--org", "Partner Lab", "--data-dir", str(coordinator.data_dir),
-                 "--format", "json")
+                 "--format", "json", "--expires", "2h", "--max-peers", "3")
     assert result.returncode == 0, result.stderr
     issued = json.loads(result.stdout)
-    assert {"token", "org", "join_command"} <= set(issued)
-    assert issued["org"] == "Partner Lab"
-    assert issued["token"].startswith("plk_")
+    assert {"id", "token", "org", "expires", "max_peers", "join_command"} <= set(issued)
+    assert issued["org"] == "Partner Lab" and issued["max_peers"] == 3
+    assert issued["token"].startswith("plk1.")
     assert coordinator.address in issued["join_command"]
     assert issued["token"] in issued["join_command"]
-    assert "Partner Lab" in [org["name"] for org in coordinator.status()["orgs"]]
+    assert f"--fingerprint {coordinator.fingerprint}" in issued["join_command"]
+    listed = json.loads(cli("coordinator", "token", "list", "--data-dir", str(coordinator.data_dir),
+                            "--format", "json").stdout)
+    row = next(t for t in listed if t["id"] == issued["id"])
+    assert row["org"] == "Partner Lab" and row["revoked"] is False and row["expires"] == issued["expires"]
 
 
 # --- peer id -------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from conftest import DIGITS_RUN
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from coordinator import tokens
 from coordinator.ledger import Ledger, LedgerError
 from peer.assignment import micro_batch_indices
 from peer.errors import UserError
@@ -97,9 +100,16 @@ def ledger(tmp_path):
     ledger.close()
 
 
+KEY = Ed25519PrivateKey.generate()
+
+
 def admit(ledger: Ledger, org: str, peer_id: str):
-    _, token = ledger.issue_token(org)
-    return ledger.admit(token, peer_id, bytes(32), f"Qm{peer_id}", "cpu")
+    """Add `org` if new, issue a token and admit `peer_id` with it, as the Join handler does."""
+    if org not in [o["name"] for o in ledger.orgs()]:
+        ledger.add_org(org)
+    token, _ = tokens.issue(ledger, KEY, "run", org, 3600, 0)
+    claims = tokens.decode(token, KEY.public_key().public_bytes_raw())
+    return ledger.admit(claims, peer_id, bytes(32), f"Qm{peer_id}", "cpu")
 
 
 def report(ledger, admission, report_id, epoch=0, samples=100, loss=1.5) -> bool:
@@ -112,33 +122,6 @@ def test_issue_token_and_admit(ledger):
     assert admission.org == "lab" and admission.peer_id == "p-1" and admission.session
     peers = ledger.snapshot(60)["peers"]
     assert [(p["id"], p["org"]) for p in peers] == [("p-1", "lab")]
-
-
-def test_every_issued_token_admits(ledger):
-    """Token secrets are urlsafe base64 and may contain '_'; every token issued must still work."""
-    refused = []
-    for n in range(64):
-        _, token = ledger.issue_token("lab")
-        try:
-            ledger.admit(token, f"p-{n}", bytes(32), "Qm", "cpu")
-        except LedgerError:
-            refused.append(token)
-    assert not refused, f"{len(refused)} of 64 freshly issued tokens were refused, e.g. {refused[0]}"
-
-
-@pytest.mark.parametrize("make_token", [
-    lambda real: "plk_deadbeef_nope",
-    lambda real: "hello",
-    lambda real: "",
-    lambda real: real.rsplit("_", 1)[0] + "_wrongsecret",
-    lambda real: real + "x",
-], ids=["unknown-id", "garbage", "empty", "wrong-secret", "extra-char"])
-def test_admit_refuses_bad_tokens(ledger, make_token):
-    _, real = ledger.issue_token("lab")
-    with pytest.raises(LedgerError) as raised:
-        ledger.admit(make_token(real), "p-1", bytes(32), "Qm", "cpu")
-    assert raised.value.code == "UNAUTHENTICATED"
-    assert ledger.snapshot(60)["peers"] == []
 
 
 def test_report_is_idempotent(ledger):
@@ -198,7 +181,7 @@ def test_snapshot_sums_per_org(ledger):
     report(ledger, a1, "a1-1", epoch=1, samples=60)
     report(ledger, a2, "a2-0", epoch=0, samples=50)
     report(ledger, b1, "b1-0", epoch=0, samples=30)
-    ledger.issue_token("gamma")  # an org without peers
+    ledger.add_org("gamma")  # an org without peers
 
     state = ledger.snapshot(60)
     assert state["samples"] == 240

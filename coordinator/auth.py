@@ -1,0 +1,91 @@
+"""The server side of signed RPCs: one interceptor checks every request before any handler runs.
+
+For each call it verifies the Ed25519 signature over the exact request bytes (peer/signing.py),
+the timestamp window, that the nonce was not seen before, the run id, and that the signing key
+is the one bound to the peer the request speaks for (for Join: the key being registered). Only
+then is the body parsed and handed to the service. Refusals are gRPC errors with a message a
+volunteer can act on; nothing reaches the ledger.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from peer.signing import SignatureError, verify_request
+
+CLOCK_WINDOW = 120.0  # seconds a request's timestamp may differ from the coordinator's clock
+MAX_NONCES = 1_000_000  # remembered nonces; far above what the window holds at thousands of peers
+
+
+class NonceCache:
+    """Nonces seen within the clock window; a second use of one is a replay."""
+
+    def __init__(self, window: float):
+        self.window = window
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, nonce: str, now: float) -> bool:
+        """Remember `nonce`; False when it was already seen (or the cache is full of fresh ones)."""
+        with self._lock:
+            if nonce in self._seen:
+                return False
+            if len(self._seen) >= MAX_NONCES:
+                horizon = now - 2 * self.window
+                self._seen = {n: t for n, t in self._seen.items() if t > horizon}
+                if len(self._seen) >= MAX_NONCES:
+                    return False
+            self._seen[nonce] = now
+            return True
+
+
+class SignedRequestInterceptor(grpc.ServerInterceptor):
+    def __init__(self, ledger, run_id: str, clock=time.time):
+        self.ledger = ledger
+        self.run_id = run_id
+        self.clock = clock
+        self.nonces = NonceCache(CLOCK_WINDOW)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method
+        metadata = {key: value for key, value in handler_call_details.invocation_metadata if isinstance(value, str)}
+        deserialize, behavior = handler.request_deserializer, handler.unary_unary
+
+        def checked(raw: bytes, context: grpc.ServicerContext):
+            try:
+                key, timestamp, nonce, run_id = verify_request(metadata, method, raw)
+            except SignatureError as error:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
+            now = self.clock()
+            if abs(now - timestamp) > CLOCK_WINDOW:
+                context.abort(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"request timestamp is {now - timestamp:+.0f}s off the coordinator's clock (window "
+                    f"{CLOCK_WINDOW:.0f}s): a stale or replayed request, or this machine's clock is wrong",
+                )
+            is_join = method.endswith("/Join")
+            if run_id != self.run_id and not (is_join and run_id == ""):
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"this coordinator serves run '{self.run_id}', not '{run_id}'; join it again")
+            try:
+                request = deserialize(raw)
+            except DecodeError:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed request (not a valid message)")
+            bound_key = request.public_key if is_join else self.ledger.public_key(getattr(request, "peer_id", ""))
+            if bound_key != key:
+                context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                              "request is not signed by the key of the peer it speaks for")
+            if not self.nonces.add(key.hex() + nonce, now):
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "replayed request (nonce already used)")
+            return behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            checked, request_deserializer=None, response_serializer=handler.response_serializer
+        )

@@ -1,0 +1,374 @@
+"""DiLoCo: many local steps, then one compressed all-reduce of where they led (low-communication averaging).
+
+Each peer keeps an *anchor* ``g`` (the parameters the swarm agreed on last) and outer momentum ``m``,
+both identical on every peer. A phase is ``inner_steps`` (H) local steps of the task's own optimizer
+on the peer's deterministic micro-batches, starting from its model ``x``. Then a *round*:
+
+1. the pseudo-gradient ``delta = g - x`` is all-reduced (mean over the group) with the configured
+   codec, through a hivemind ``DecentralizedAverager`` driven directly (no hivemind.Optimizer: its
+   progress tracker writes a DHT record on every step and its matchmaking polls continuously; here
+   the swarm is silent between rounds, except a state-sharing announcement every 30 s);
+2. an outer Nesterov SGD step (``outer_lr`` 0.7, ``outer_momentum`` 0.9) moves ``g`` by the mean
+   pseudo-gradient, identically on every peer, and ``x`` restarts from the new ``g``.
+
+Overlap (``overlap = true``): the round's all-reduce runs in the background while the next phase
+computes from where the last one ended; its outer step is applied one phase late, and the local
+progress made meanwhile is kept on top of the new anchor (``x = g_new + (x - x_at_launch)``), as in
+streaming / one-step-delayed DiLoCo. The last round of a run is always completed at once.
+
+Round numbers. The epoch of a peer is the number of outer steps its anchor has received; it is not
+negotiated through hivemind's progress tracker. Peers meet for a round by time (matchmaking among
+those that finished their phase within ``averaging_timeout`` of each other), and every peer sends
+its epoch plus a fingerprint (a fixed random projection) of its anchor and momentum in the round's
+gather. A peer that was behind (a missed round) or drifted (compression makes the all-reduce results
+differ slightly per peer) shows a different fingerprint, everyone in the group sees it, and the group
+immediately runs a *resync* round: anchor and momentum are averaged uncompressed over the peers at
+the group's highest epoch (the others take weight 0), and every member adopts that epoch. The run's
+last round is always followed by a resync, so peers finish with the same parameters.
+
+Checks (HIVEMIND_NOTES traps 13, 14, 8). Every round has a matchmaking deadline and an all-reduce
+timeout, and the wait for its result is bounded too. What comes back is checked before use: a group
+of at least two, finite values, and the projection of the averaged pseudo-gradient must equal the
+mean of the projections the members sent (the projection is linear, so a dropped or corrupted part
+shows up), within the codec's error. A failed or rejected round changes nothing: ``x`` keeps its
+local progress, which the next round's pseudo-gradient then carries. A late joiner downloads the
+anchor, momentum and epoch from a peer (bounded by a timeout; shapes, finiteness and metadata
+checked) before its first phase.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from peer.compression import make_compression, round_trip
+from peer.runconfig import RunConfig
+
+log = logging.getLogger("potluck.diloco")
+
+SKETCH_DIM = 4  # random projections per fingerprint
+SKETCH_SEED = 20261128
+# Relative distance between two peers' anchors that triggers a resync. The all-reduce hands each
+# peer the mean plus its own codec error, so anchors drift apart by a random walk of codec noise;
+# momentum, of the pseudo-gradient's scale, differs relatively more (bounded: it decays by 0.9).
+ANCHOR_TOLERANCE = {"none": 1e-4, "fp16": 1e-3, "uint8": 1e-2}
+MOMENTUM_TOLERANCE = {"none": 1e-3, "fp16": 1e-2, "uint8": 0.2}
+SKETCH_SIGMAS = 6.0  # a projection of independent codec errors stays within this many standard deviations
+REQUEST_TIMEOUT = 1.0
+STATE_DOWNLOAD_TIMEOUT = 60.0
+
+
+class Sketch:
+    """A fixed random linear projection of a list of tensors to SKETCH_DIM numbers (float64)."""
+
+    def __init__(self, tensors: list[torch.Tensor], seed: int = SKETCH_SEED):
+        generator = torch.Generator().manual_seed(seed)
+        self.vectors = [torch.randn(SKETCH_DIM, t.numel(), generator=generator) for t in tensors]
+
+    def __call__(self, tensors: list[torch.Tensor]) -> list[float]:
+        total = torch.zeros(SKETCH_DIM, dtype=torch.float64)
+        for vectors, tensor in zip(self.vectors, tensors):
+            total += (vectors @ tensor.detach().reshape(-1).float()).double()
+        return total.tolist()
+
+
+def norm(tensors: list[torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.detach().double().pow(2).sum()) for t in tensors))
+
+
+def outer_step_reference(anchor, momentum, mean_delta, lr: float, mu: float):
+    """The outer Nesterov SGD step written out (what torch.optim.SGD(nesterov=True) does); for tests."""
+    momentum = [mu * m + d for m, d in zip(momentum, mean_delta)]
+    anchor = [a - lr * (d + mu * m) for a, d, m in zip(anchor, mean_delta, momentum)]
+    return anchor, momentum
+
+
+def _make_averager_class():
+    from hivemind.averaging import DecentralizedAverager
+    from hivemind.utils import MPFuture
+
+    class GroupSizedAverager(DecentralizedAverager):
+        """A DecentralizedAverager whose expected group size can change between rounds.
+
+        hivemind's leader waits the whole matchmaking window unless the group reaches
+        ``target_group_size``, fixed at construction. The coordinator knows how many peers are
+        alive, so before each round the group is declared full at that size and all-reduce starts
+        as soon as everyone has joined; the window is then only the upper bound for a missing peer.
+        """
+
+        def set_target_group_size(self, size: int | None) -> None:
+            future = MPFuture()
+            self._outer_pipe.send(("_set_target_group_size", [], dict(size=size, future=future)))
+            future.result(timeout=REQUEST_TIMEOUT * 5)
+
+        async def _set_target_group_size(self, size, future):  # runs in the averager's process
+            self._matchmaking.target_group_size = size
+            self._matchmaking.potential_leaders.target_group_size = size
+            future.set_result(None)
+
+    class StateAverager(GroupSizedAverager):
+        """Averages and shares anchor + outer momentum; the metadata a joiner downloads holds the epoch."""
+
+        epoch = 0
+
+        def get_current_state(self):
+            with self.get_tensors() as tensors:
+                return {"epoch": int(self.epoch)}, [t.clone() for t in tensors], self.tensor_infos
+
+    return GroupSizedAverager, StateAverager
+
+
+@dataclass
+class RoundOutcome:
+    """What one round did, for the report and the event log."""
+
+    epoch: int  # the epoch the round's outer step belongs to
+    applied: bool  # the outer step was applied
+    group_size: int = 0
+    resynced: bool = False
+    reason: str = ""
+    payload_bytes: int = 0  # bytes of this peer's compressed pseudo-gradient (one copy)
+    seconds: float = 0.0  # from launch to result: matchmaking + all-reduce (+ the overlapped phase)
+
+
+class DiLoCo:
+    """The outer loop's state and rounds for one peer; the caller runs the inner steps on ``model``."""
+
+    def __init__(self, dht, config: RunConfig, model: torch.nn.Module, prefix: str | None = None):
+        GroupSizedAverager, StateAverager = _make_averager_class()
+        settings = config.averaging
+        self.config = config
+        self.params = [p for p in model.parameters()]
+        self.anchor = [p.detach().cpu().clone() for p in self.params]  # plain leaves: the averager adds in place
+        self.outer = torch.optim.SGD(self.anchor, lr=settings.outer_lr, momentum=settings.outer_momentum,
+                                     nesterov=settings.outer_momentum > 0)
+        self.momentum = []
+        for tensor in self.anchor:
+            buffer = torch.zeros_like(tensor)  # created now so it can be shared and averaged from round 0
+            self.outer.state[tensor]["momentum_buffer"] = buffer
+            self.momentum.append(buffer)
+        self.deltas = [torch.zeros_like(t) for t in self.anchor]
+        self.sketch = Sketch(self.anchor)
+        self.codec = settings.compression
+        prefix = prefix or config.run_id
+        common = dict(
+            dht=dht, start=True, min_matchmaking_time=config.matchmaking_time,
+            request_timeout=min(REQUEST_TIMEOUT, config.matchmaking_time / 2),
+            allreduce_timeout=config.averaging_timeout, next_chunk_timeout=config.averaging_timeout / 2,
+            min_group_size=2, client_mode=False,
+        )
+        self.delta_averager = GroupSizedAverager(
+            self.deltas, prefix=f"{prefix}_diloco_delta", compression=make_compression(self.codec),
+            allow_state_sharing=False, **common,
+        )
+        self.state_averager = StateAverager(
+            [*self.anchor, *self.momentum], prefix=f"{prefix}_diloco_state", allow_state_sharing=True, **common,
+        )
+        self.epoch = 0
+        self._pending = None  # (control, snapshot of x at launch, sent gather, launch time)
+        self._target_group_size = None
+
+    # -- epoch ---------------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return self.state_averager.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.state_averager.epoch = value
+
+    # -- state of a late joiner ----------------------------------------------------------------
+
+    def load_state_from_peers(self, timeout: float = STATE_DOWNLOAD_TIMEOUT) -> bool:
+        """Download anchor, momentum and epoch from a peer (bounded, checked); False when none was usable."""
+        try:
+            loaded = self.state_averager.load_state_from_peers(timeout=timeout)
+        except Exception as error:  # a timeout or a peer that went away: train from our own state
+            log.warning("could not load state from peers: %r", error)
+            return False
+        if loaded is None:
+            return False
+        metadata, tensors = loaded
+        expected = [*self.anchor, *self.momentum]
+        epoch = metadata.get("epoch") if isinstance(metadata, dict) else None
+        if not isinstance(epoch, int) or epoch < 0 or len(tensors) != len(expected):
+            log.warning("state from peers rejected: bad metadata or tensor count")
+            return False
+        for have, got in zip(expected, tensors):
+            if got.shape != have.shape or not torch.isfinite(got).all():
+                log.warning("state from peers rejected: wrong shape or non-finite values")
+                return False
+        with torch.no_grad(), self.state_averager.get_tensors():
+            for have, got in zip(expected, tensors):
+                have.copy_(got)
+            self.epoch = epoch
+        self._restart_from_anchor()
+        return True
+
+    def _restart_from_anchor(self) -> None:
+        with torch.no_grad():
+            for param, anchor in zip(self.params, self.anchor):
+                param.copy_(anchor.to(param.device, param.dtype))
+
+    # -- rounds --------------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
+
+    def launch_round(self, expected_group: int = 0) -> None:
+        """Start averaging this phase's pseudo-gradient (in the background).
+
+        expected_group: how many peers should meet (e.g. the coordinator's live count); when >= 2,
+        the round starts as soon as that many have joined instead of waiting the whole window.
+        """
+        assert self._pending is None, "complete the previous round first"
+        target = expected_group if expected_group >= 2 else None
+        if target != self._target_group_size:
+            for averager in (self.delta_averager, self.state_averager):
+                averager.set_target_group_size(target)
+            self._target_group_size = target
+        snapshot = [p.detach().cpu().clone() for p in self.params]
+        with torch.no_grad(), self.delta_averager.get_tensors() as deltas:
+            for delta, anchor, x in zip(deltas, self.anchor, snapshot):
+                delta.copy_(anchor - x.to(anchor.dtype))
+            sent = {
+                "epoch": self.epoch,
+                "anchor": self.sketch(self.anchor), "anchor_norm": norm(self.anchor),
+                "momentum": self.sketch(self.momentum), "momentum_norm": norm(self.momentum),
+                "delta": self.sketch(deltas), "delta_norm": norm(deltas), "delta_error": self._codec_error(deltas),
+            }
+        control = self.delta_averager.step(gather=sent, weight=1.0, timeout=self.config.averaging_timeout,
+                                           allow_retries=True, wait=False)
+        self._pending = (control, snapshot, sent, time.monotonic())
+
+    def complete_round(self, final: bool = False) -> RoundOutcome:
+        """Wait (bounded) for the launched round, check it, apply the outer step or keep local params."""
+        control, snapshot, sent, launched = self._pending
+        self._pending = None
+        epoch = self.epoch
+        wait = 3 * self.config.averaging_timeout + 2 * self.config.matchmaking_time
+        try:
+            gathered = control.result(timeout=wait)
+        except Exception as error:  # no group, a timeout, a peer that failed mid-round
+            control.cancel()
+            return RoundOutcome(epoch, applied=False, reason=f"round failed: {type(error).__name__}",
+                                seconds=time.monotonic() - launched)
+        outcome = self._apply(gathered, snapshot, sent, epoch)
+        outcome.seconds = time.monotonic() - launched
+        if final and outcome.group_size >= 2:
+            outcome.resynced = self._resync() or outcome.resynced
+        return outcome
+
+    def _apply(self, gathered, snapshot, sent, epoch) -> RoundOutcome:
+        if not isinstance(gathered, dict) or len(gathered) < 2:
+            return RoundOutcome(epoch, applied=False, reason="no group")
+        members = [g for g in gathered.values() if _well_formed(g)]
+        if len(members) != len(gathered):
+            return RoundOutcome(epoch, applied=False, group_size=len(gathered), reason="malformed gather")
+        anchor_tolerance, momentum_tolerance = ANCHOR_TOLERANCE[self.codec], MOMENTUM_TOLERANCE[self.codec]
+        consistent = all(
+            m["epoch"] == sent["epoch"]
+            and _close(m["anchor"], sent["anchor"], anchor_tolerance * max(m["anchor_norm"], sent["anchor_norm"]))
+            and _close(m["momentum"], sent["momentum"],
+                       momentum_tolerance * max(m["momentum_norm"], sent["momentum_norm"], 1e-12))
+            for m in members
+        )
+        if not consistent:
+            resynced = self._resync(group=members)
+            return RoundOutcome(self.epoch, applied=False, group_size=len(members), resynced=resynced,
+                                reason="anchors differed: resync")
+        with self.delta_averager.get_tensors() as deltas:
+            mean_delta = [d.clone() for d in deltas]
+        problem = self._check_average(mean_delta, members)
+        if problem:
+            return RoundOutcome(epoch, applied=False, group_size=len(members), reason=problem)
+        with torch.no_grad(), self.state_averager.get_tensors():
+            for anchor, delta in zip(self.anchor, mean_delta):
+                anchor.grad = delta
+            self.outer.step()
+            for anchor in self.anchor:
+                anchor.grad = None
+            self.epoch = epoch + 1
+            for param, new, x in zip(self.params, self.anchor, snapshot):
+                # x = new anchor + what was learnt since launch (nothing, without overlap)
+                param.add_((new - x).to(param.device, param.dtype))
+        return RoundOutcome(epoch, applied=True, group_size=len(members),
+                            payload_bytes=self.payload_bytes())
+
+    def _codec_error(self, tensors: list[torch.Tensor]) -> float:
+        """L2 norm of what one encode/decode of these tensors loses (0 without a codec)."""
+        if self.codec == "none":
+            return 0.0
+        return norm([round_trip(t, self.codec)[0] - t for t in tensors])
+
+    def _check_average(self, mean_delta, members) -> str:
+        if not all(torch.isfinite(d).all() for d in mean_delta):
+            return "non-finite average"
+        expected = [sum(m["delta"][i] for m in members) / len(members) for i in range(SKETCH_DIM)]
+        largest = max(m["delta_norm"] for m in members)
+        # the codec's loss: the parts going up (at most the largest member's own measured loss) plus the
+        # averaged deltas coming down (about twice that); each projection of it is ~N(0, loss^2)
+        codec_loss = 3 * max(m["delta_error"] for m in members)
+        tolerance = SKETCH_SIGMAS * (codec_loss + 1e-5 * largest) + 1e-9
+        if not _close(self.sketch(mean_delta), expected, tolerance):
+            return "averaged pseudo-gradient does not match what the group sent"
+        return ""
+
+    def _resync(self, group: list[dict] | None = None) -> bool:
+        """Average anchor and momentum (uncompressed) over the group, weighted to its highest epoch."""
+        top = max([m["epoch"] for m in group or []] + [self.epoch])
+        weight = 1.0 if self.epoch == top else 0.0
+        try:
+            gathered = self.state_averager.step(gather={"epoch": self.epoch, "weight": weight}, weight=weight,
+                                                timeout=self.config.averaging_timeout, allow_retries=True)
+        except Exception as error:
+            log.warning("resync failed: %r", error)
+            return False
+        if not isinstance(gathered, dict) or len(gathered) < 2:
+            return False
+        epochs = [g.get("epoch") for g in gathered.values() if isinstance(g, dict) and g.get("weight", 0) > 0]
+        if not epochs or not all(isinstance(e, int) for e in epochs):
+            return False
+        with torch.no_grad(), self.state_averager.get_tensors():
+            if not all(torch.isfinite(t).all() for t in [*self.anchor, *self.momentum]):
+                raise RuntimeError("resync produced non-finite anchor values")
+            self.epoch = max(epochs)
+        self._restart_from_anchor()  # local progress since the last applied round is dropped: rare, and simple
+        return True
+
+    def payload_bytes(self) -> int:
+        """Bytes of one compressed copy of the pseudo-gradient (what a peer uploads per round, ~2(N-1)/N x)."""
+        bits = {"none": 32, "fp16": 16, "uint8": 8}[self.codec]
+        return sum(t.numel() for t in self.anchor) * bits // 8
+
+    def shutdown(self) -> None:
+        if self._pending is not None:
+            self._pending[0].cancel()
+            self._pending = None
+        for averager in (self.delta_averager, self.state_averager):
+            try:
+                averager.shutdown()
+            except Exception:  # shutdown is best effort (HIVEMIND_NOTES trap 10)
+                pass
+
+
+def _well_formed(gathered) -> bool:
+    if not isinstance(gathered, dict) or not isinstance(gathered.get("epoch"), int):
+        return False
+    for key in ("anchor", "momentum", "delta"):
+        value = gathered.get(key)
+        if not (isinstance(value, list) and len(value) == SKETCH_DIM and all(isinstance(v, float) and math.isfinite(v)
+                                                                             for v in value)):
+            return False
+    numbers = [gathered.get(key) for key in ("anchor_norm", "momentum_norm", "delta_norm", "delta_error")]
+    return all(isinstance(value, float) and math.isfinite(value) and value >= 0 for value in numbers)
+
+
+def _close(first: list[float], second: list[float], tolerance: float) -> bool:
+    return all(abs(a - b) <= tolerance for a, b in zip(first, second))

@@ -1,0 +1,118 @@
+"""The channel to the coordinator: TLS pinned to the certificate fingerprint the operator printed.
+
+The coordinator's certificate is usually self-signed, so no CA can vouch for it. Instead the join
+command carries the SHA-256 fingerprint of the certificate. Before opening the gRPC channel the
+peer fetches the certificate, compares fingerprints, and then trusts exactly that certificate
+(as the channel's only root) for the connection. Plaintext only with an explicit --insecure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import ssl
+from dataclasses import dataclass
+
+import grpc
+
+from peer.errors import UserError
+
+MAX_MESSAGE_BYTES = 1 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def normalize_fingerprint(text: str) -> str:
+    """Accept 'sha256:AB:CD...', 'abcd...' and the like; return 64 lowercase hex digits."""
+    value = text.strip().lower()
+    value = value.removeprefix("sha256:").replace(":", "")
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise UserError(
+            f"--fingerprint must be the coordinator certificate's SHA-256 (64 hex digits, as printed by "
+            f"'coordinator serve'), got {text!r}"
+        )
+    return value
+
+
+def fingerprint_of_pem(pem: bytes | str) -> str:
+    text = pem.decode() if isinstance(pem, bytes) else pem
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(text)).hexdigest()
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"coordinator address {address!r} must be HOST:PORT, e.g. 127.0.0.1:7450")
+    return host.strip("[]"), int(port)
+
+
+def fetch_certificate(address: str, timeout: float) -> bytes:
+    """The certificate the server at `address` presents (not verified here: the fingerprint is)."""
+    host, port = split_address(address)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=host) as tls:
+                der = tls.getpeercert(binary_form=True)
+    except ssl.SSLError:
+        raise UserError(
+            f"the coordinator at {address} does not speak TLS; if its operator really runs it with --insecure, "
+            f"join with --insecure too (traffic is then readable and forgeable by anyone on the path)"
+        ) from None
+    except OSError as error:
+        raise UserError(
+            f"cannot reach a coordinator at {address} ({error.strerror or error}); check the address and that "
+            f"'coordinator serve' is running there"
+        ) from None
+    return ssl.DER_cert_to_PEM_cert(der).encode()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """How to reach the coordinator: address plus either a pinned fingerprint or explicit plaintext."""
+
+    address: str
+    fingerprint: str | None  # None only with insecure
+    insecure: bool = False
+
+    def open(self, connect_timeout: float = 10.0) -> grpc.Channel:
+        if self.insecure:
+            return grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        pem = fetch_certificate(self.address, connect_timeout)
+        seen = fingerprint_of_pem(pem)
+        if seen != self.fingerprint:
+            raise UserError(
+                f"the coordinator at {self.address} presented a certificate with fingerprint {seen}, not the "
+                f"{self.fingerprint} you were given: refusing to connect. Someone may be intercepting the "
+                f"connection, or the operator rotated the certificate; ask the operator for the current join command"
+            )
+        # a self-signed certificate becomes the channel's only trusted root, and its name need not match
+        # the address; an operator's CA-issued certificate is checked against the system's roots as well
+        self_signed, name = _describe_certificate(pem)
+        credentials = grpc.ssl_channel_credentials(root_certificates=pem if self_signed else None)
+        options = CHANNEL_OPTIONS + ([("grpc.ssl_target_name_override", name)] if name else [])
+        return grpc.secure_channel(self.address, credentials, options=options)
+
+
+def _describe_certificate(pem: bytes) -> tuple[bool, str | None]:
+    """(whether it is self-signed, the DNS name to expect when it is)."""
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(pem)
+    if cert.issuer != cert.subject:
+        return False, None
+    try:
+        dns = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.DNSName
+        )
+        if dns:
+            return True, dns[0]
+    except x509.ExtensionNotFound:
+        pass
+    common = cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+    return True, (common[0].value if common else None)
