@@ -20,7 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cheating_peer import Cheat, honest_micro_batch  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 from conftest import DIGITS_RUN, cli  # noqa: E402
+from coordinator import tokens  # noqa: E402
 from coordinator.auditor import AuditPolicy, Auditor  # noqa: E402
 from coordinator.credit import FAIL, INCONCLUSIVE, PASS, Credit  # noqa: E402
 from coordinator.ledger import LEDGER_FILE, Ledger  # noqa: E402
@@ -48,8 +50,7 @@ class World:
         self.data_dir = tmp_path / "c"
         self.ledger = Ledger(self.data_dir / LEDGER_FILE)
         self.ledger.bind_run(self.config.run_id, self.config.config_hash)
-        _, self.token = self.ledger.issue_token("default")
-        _, self.partner_token = self.ledger.issue_token("acme")
+        self.token, self.partner_token = self._claims("default"), self._claims("acme")
         self.credit = Credit(self.ledger.path, self.config.verification, self.config.run_id)
         self.auditor = Auditor(self.config, TASK, self.credit, AuditPolicy(self.config.verification, random.Random(7)))
         self.model = TASK.build_model(self.config.seed)
@@ -58,9 +59,16 @@ class World:
         self.epoch = 0
         self.peers = {}
 
-    def join(self, name: str, token: str | None = None):
+    def _claims(self, org: str):
+        """A verified token of `org`, as the Join handler holds it."""
+        self.ledger.add_org(org)
+        key = Ed25519PrivateKey.generate()
+        token, _ = tokens.issue(self.ledger, key, self.config.run_id, org, 3600, 0)
+        return tokens.decode(token, key.public_key().public_bytes_raw())
+
+    def join(self, name: str, claims=None):
         identity = load_or_create_identity(self.data_dir.parent / name)
-        self.ledger.admit(token or self.token, identity.peer_id, identity.public_bytes, f"Qm{name}", "cpu")
+        self.ledger.admit(claims or self.token, identity.peer_id, identity.public_bytes, f"Qm{name}", "cpu")
         self.peers[name] = identity
         return identity
 
