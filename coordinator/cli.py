@@ -246,7 +246,8 @@ def open_credit(data_dir: Path):
     from peer.runconfig import VerificationConfig
 
     ledger = Ledger.open_existing(data_dir)
-    return Credit(ledger.path, VerificationConfig(), ledger.meta("run_id") or "")
+    verification = VerificationConfig(**json.loads(ledger.meta("verification") or "{}"))
+    return Credit(ledger.path, verification, ledger.meta("run_id") or "")
 
 
 def main() -> None:

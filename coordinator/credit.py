@@ -8,6 +8,7 @@ Everything that changes credit is also appended to the hash-chained contribution
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -97,6 +98,9 @@ class Credit:
             for statement in (SCHEMA + contribution_log.SCHEMA).split(";\n"):
                 if statement.strip():
                     db.execute(statement + (";" if "BEGIN" in statement else ""))
+        with self._write() as db:  # so `coordinator ledger` (which has no run.toml) windows credit the same way
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('verification', ?)",
+                       (json.dumps(dataclasses.asdict(verification)),))
         self.on_ban = None  # on_ban(peer_id, reason): revocation hook (token + swarm access)
 
     def close(self) -> None:

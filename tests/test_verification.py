@@ -53,6 +53,7 @@ class World:
         self.token, self.partner_token = self._claims("default"), self._claims("acme")
         self.credit = Credit(self.ledger.path, self.config.verification, self.config.run_id)
         self.auditor = Auditor(self.config, TASK, self.credit, AuditPolicy(self.config.verification, random.Random(7)))
+        self.credit.flops_per_sample = 6.0 * self.auditor.replayer.parameter_count  # as run_auditor sets it
         self.model = TASK.build_model(self.config.seed)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.5)
         self.inputs, self.targets = TASK.train_data()
@@ -358,3 +359,19 @@ def test_detection_rate_matches_theory(world, fraction):
     sigma = math.sqrt(p * (1 - p) / trials)
     print(f"f={fraction}: caught {caught}/{trials}, theory {p:.3f} +- {sigma:.3f}")
     assert abs(caught / trials - p) < 3.5 * sigma
+
+
+def test_credit_settles_per_window_and_the_cli_agrees(world):
+    """window_epochs = 2: after epoch 2 the first window (epochs 0, 1) is settled, epoch 2 stays provisional."""
+    world.join("honest")
+    for _ in range(3):
+        world.submit("honest", world.report("honest"))
+        world.audit_epoch()
+        world.next_epoch()
+    world.auditor.settle(run_epoch=3, final=False)
+    per_epoch = MICRO_BATCHES * 32
+    row = world.rows()["honest"]
+    assert (row["samples_settled"], row["samples_provisional"]) == (2 * per_epoch, per_epoch)
+    shown = json.loads(cli("coordinator", "ledger", "--data-dir", str(world.data_dir), "--format", "json").stdout)
+    assert (shown[0]["samples_settled"], shown[0]["samples_provisional"]) == (2 * per_epoch, per_epoch)
+    assert shown[0]["flops_settled"] == 2 * per_epoch * 6 * world.auditor.replayer.parameter_count
