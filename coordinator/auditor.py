@@ -35,6 +35,7 @@ REPORT_QUORUM_WAIT = 20.0  # seconds a lone report waits for peers' reports of i
 QUIET_BEFORE_FINAL_SETTLEMENT = 5.0
 MAX_SNAPSHOTS = 64
 RECHECKS = 2  # extra micro-batches replayed after an inconclusive one
+SNAPSHOT_TIMEOUT = 20.0  # seconds for one download of the swarm's state (the loop waits meanwhile)
 
 
 class AuditPolicy:
@@ -65,12 +66,12 @@ class Auditor:
         self.config, self.credit = config, credit
         self.policy = policy or AuditPolicy(config.verification)
         self.replayer = Replayer(task, config)
-        self.snapshots: dict[int, list] = {}
+        self.snapshots: dict[int, dict] = {}  # epoch -> the swarm's state_dict at its start
         self._loaded_epoch: int | None = None
         self._fingerprints: dict[int, Sketch] = {}
 
-    def add_snapshot(self, epoch: int, parameters: list) -> None:
-        self.snapshots[epoch] = parameters
+    def add_snapshot(self, epoch: int, state_dict: dict) -> None:
+        self.snapshots[epoch] = state_dict
         for old in sorted(self.snapshots)[:-MAX_SNAPSHOTS]:
             del self.snapshots[old]
 
@@ -173,7 +174,9 @@ def run_auditor(run_path: Path, data_dir: Path, initial_peers: list[str], stop=N
 
     from coordinator.ledger import BANNED, LEDGER_FILE, Ledger
     from coordinator.server import KEY_FILE
-    from coordinator.swarm_watch import StateDownloader, SwarmPass, read_progress, start_watch_dht
+    from coordinator.swarm_pass import SwarmPass
+    from coordinator.swarm_snapshot import SnapshotError, SwarmObserver
+    from coordinator.swarm_watch import AUDITOR_DIR, read_progress, start_watch_dht, watch_progress
     from peer.identity import load_or_create_identity
     from peer.runconfig import load_run_config
     from peer.task import load_task
@@ -184,18 +187,24 @@ def run_auditor(run_path: Path, data_dir: Path, initial_peers: list[str], stop=N
                     proof_required=config.averaging.strategy == "sync")
     # a ban is an eviction: the session is refused, the token and swarm access withdrawn
     credit.on_ban = lambda peer_id, reason: ledger.evict(peer_id, f"{BANNED}: {reason}")
-    swarm_pass = SwarmPass(data_dir, ledger, load_or_create_identity(data_dir, KEY_FILE), config.access_token_ttl)
+    swarm_pass = SwarmPass(data_dir, AUDITOR_DIR, ledger, load_or_create_identity(data_dir, KEY_FILE),
+                           config.access_token_ttl)
     stop = stop or threading.Event()
     try:
         task = load_task(config.task_name, config.task_version)
     except Exception as error:  # the coordinator may lack the task: cheap checks still run, audits do not
         log.error("auditor cannot replay work: %s", error)
         task = None
-    dht = start_watch_dht(initial_peers, config.run_id, swarm_pass)
-    auditor = Auditor(config, task, credit) if task is not None else None
-    if auditor is not None:
+    auditor = observer = None
+    if task is not None:
+        observer = SwarmObserver(config, task, initial_peers, authorizer=swarm_pass.authorizer,
+                                 identity_path=swarm_pass.identity_path)
+        dht = observer.dht
+        auditor = Auditor(config, task, credit)
         credit.flops_per_sample = 6.0 * auditor.replayer.parameter_count
-        downloader = StateDownloader(dht, config.run_id, [p.detach() for p in auditor.replayer.model.parameters()])
+    else:
+        dht = start_watch_dht(initial_peers, swarm_pass)
+    watch_progress(dht, config.run_id)
     suspects: dict[str, int] = {}
     attempted: set[int] = set()
     print("auditor ready", flush=True)
@@ -216,9 +225,13 @@ def run_auditor(run_path: Path, data_dir: Path, initial_peers: list[str], stop=N
             swarm_epoch = max(honest, default=None)
             if swarm_epoch is not None and swarm_epoch not in attempted and auditor.policy.snapshot_epoch(swarm_epoch):
                 attempted.add(swarm_epoch)
-                got = downloader.download()
-                if got is not None and got[0] not in auditor.snapshots:
-                    auditor.add_snapshot(*got)
+                try:
+                    got = observer.download(timeout=SNAPSHOT_TIMEOUT)
+                except SnapshotError as error:  # a peer served malformed state: no audit at this epoch
+                    log.warning("snapshot at epoch %d refused: %s", swarm_epoch, error)
+                    got = None
+                if got is not None and got.epoch not in auditor.snapshots:
+                    auditor.add_snapshot(got.epoch, got.state_dict)
             for row in credit.reports_to_audit():
                 if not credit.banned_reason(row["peer_id"]) and auditor.ready(row):
                     auditor.audit_report(row)
@@ -229,7 +242,7 @@ def run_auditor(run_path: Path, data_dir: Path, initial_peers: list[str], stop=N
                 QUIET_BEFORE_FINAL_SETTLEMENT)
             auditor.settle(run_epoch, final)
         stop.wait(POLL)
-    dht.shutdown()
+    (observer or dht).shutdown()
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ from typing import Annotated, Optional
 import typer
 
 from coordinator.ledger import Ledger
-from coordinator.server import join_command, read_info, serve
 from peer.cli_support import new_app, run_app
 from peer.errors import UserError
 
@@ -25,6 +24,7 @@ app.add_typer(ledger_app, name="ledger")
 org_app = typer.Typer(help="Organizations taking part in the run.", no_args_is_help=True)
 app.add_typer(org_app, name="org")
 
+DEFAULT_DASHBOARD_PORT = 7451
 DEFAULT_DATA_DIR = Path.home() / ".potluck" / "coordinator"
 DataDir = Annotated[
     Path, typer.Option("--data-dir", envvar="POTLUCK_COORDINATOR_DIR", help="Where the ledger and keys live.")
@@ -41,6 +41,17 @@ class TableOrJson(str, Enum):
     json = "json"
 
 
+class ReportFormat(str, Enum):
+    csv = "csv"
+    json = "json"
+    png = "png"
+
+
+class ExportFormat(str, Enum):
+    safetensors = "safetensors"
+    torch = "torch"
+
+
 
 @app.command("serve")
 def serve_command(
@@ -49,6 +60,9 @@ def serve_command(
     host: Annotated[str, typer.Option(help="Address to listen on (gRPC and the swarm's DHT node).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="gRPC port; 0 picks a free one.", min=0, max=65535)] = 7450,
     dht_port: Annotated[int, typer.Option(help="DHT port; 0 picks a free one.", min=0, max=65535)] = 0,
+    dashboard_port: Annotated[int, typer.Option(help="HTTP port of the dashboard (/, /api/v1/state, /metrics); "
+                                                "0 picks a free one.", min=0, max=65535)] = DEFAULT_DASHBOARD_PORT,
+    dashboard: Annotated[bool, typer.Option("--dashboard/--no-dashboard", help="Serve the dashboard.")] = True,
     cert: Annotated[Optional[Path], typer.Option(help="Your own TLS certificate (PEM); default: a self-signed one.")] = None,
     key: Annotated[Optional[Path], typer.Option(help="The private key (PEM) of --cert.")] = None,
     insecure: Annotated[bool, typer.Option(
@@ -58,12 +72,12 @@ def serve_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
 ):
     """Start the coordinator: ledger, swarm bootstrap and gRPC service (TLS); prints the join command."""
-    from coordinator.server import Transport
+    from coordinator.server import Transport, serve
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(message)s")
     if insecure and (cert or key):
         raise UserError("--insecure and --cert/--key contradict each other; pick one")
-    serve(run, data_dir, host, port, dht_port, Transport(insecure, cert, key))
+    serve(run, data_dir, host, port, dht_port, Transport(insecure, cert, key), dashboard_port if dashboard else None)
 
 
 def _signing_key(data_dir: Path):
@@ -85,6 +99,7 @@ def token_issue(
 ):
     """Print a new signed join token for an organization."""
     from coordinator import tokens
+    from coordinator.server import join_command, read_info
 
     try:
         ttl = tokens.parse_duration(expires)
@@ -248,6 +263,43 @@ def open_credit(data_dir: Path):
     ledger = Ledger.open_existing(data_dir)
     verification = VerificationConfig(**json.loads(ledger.meta("verification") or "{}"))
     return Credit(ledger.path, verification, ledger.meta("run_id") or "")
+
+
+@app.command("export")
+def export_command(
+    out: Annotated[Path, typer.Argument(help="File to write the model to.")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    format: Annotated[ExportFormat, typer.Option("--format", help="safetensors, or a torch.save dict "
+                                                 "{'epoch', 'run_id', 'state_dict'} (load it with weights_only=True).")]
+    = ExportFormat.safetensors,
+):
+    """Write the run's latest checkpoint (the swarm's averaged model) for use outside potluck."""
+    from coordinator.export import export_latest
+
+    manifest = export_latest(data_dir, out, format.value)
+    print(f"exported epoch {manifest.epoch} of run '{manifest.run_id}' to {out} ({format.value})")
+
+
+@app.command("report")
+def report_command(
+    org: Annotated[str, typer.Option("--org", help="The organization to report on.")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    since: Annotated[Optional[str], typer.Option(help="Count work from this date or time on (ISO, UTC), "
+                                                 "e.g. 2026-11-28 or 2026-11-28T14:30.")] = None,
+    format: Annotated[ReportFormat, typer.Option("--format", help="csv or json (stdout unless --out), "
+                                                 "png (a plot, needs --out).")] = ReportFormat.json,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write to this file instead of stdout.")] = None,
+):
+    """An organization's statement: its peers, samples, credit, device-hours and share of the run."""
+    import sys
+
+    from coordinator.org_report import write_report
+
+    data = write_report(data_dir, org, since, format.value, out)
+    if data is None:
+        print(f"wrote the {format.value} report of org '{org}' to {out}")
+    else:
+        sys.stdout.buffer.write(data)
 
 
 def main() -> None:

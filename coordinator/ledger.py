@@ -152,6 +152,15 @@ class Ledger:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
+    def query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        """A read-only query, for views (dashboard, reports) that join tables other modules own."""
+        return self._read(sql, args)
+
+    def authenticate(self, peer_id: str, session: str) -> None:
+        """Raise LedgerError unless ``session`` is this peer's current session."""
+        with self._lock:
+            self._check_session(self._db, peer_id, session)
+
     # --- run metadata -------------------------------------------------------------------------
     def bind_run(self, run_id: str, config_hash: str) -> None:
         """Record which run this ledger belongs to; refuse a different run on an existing ledger."""
@@ -260,6 +269,15 @@ class Ledger:
         """hivemind ids of the coordinator's own swarm processes (DHT node, observers): always admitted."""
         with self._write() as db:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('internal_swarm_ids', ?)", (json.dumps(sorted(ids)),))
+
+    def add_internal_swarm_id(self, swarm_id: str) -> None:
+        """Add one id to the internal ones in a single transaction, so processes of the coordinator
+        that start together (observer, auditor) cannot drop each other's id."""
+        with self._write() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='internal_swarm_ids'").fetchone()
+            ids = set(json.loads(row["value"])) if row else set()
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('internal_swarm_ids', ?)",
+                       (json.dumps(sorted(ids | {swarm_id})),))
 
     # --- peers --------------------------------------------------------------------------------
     def admit(self, claims, peer_id: str, public_key: bytes, hivemind_peer_id: str, device: str,

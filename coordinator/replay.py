@@ -58,13 +58,9 @@ class Replayer:
         self.inputs, self.targets = task.train_data()
         self.parameter_count = sum(p.numel() for p in self.model.parameters())
 
-    def load(self, parameters: list[torch.Tensor]) -> None:
-        own = list(self.model.parameters())
-        if len(parameters) < len(own) or any(p.shape != q.shape for p, q in zip(own, parameters)):
-            raise ValueError("snapshot does not match the task's model")
-        with torch.no_grad():
-            for p, q in zip(own, parameters):
-                p.copy_(q.to(p.device, p.dtype))
+    def load(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Parameters from a checked snapshot (coordinator/swarm_snapshot.py: names, shapes, finiteness)."""
+        self.model.load_state_dict(state_dict)
 
     def fingerprint(self, epoch: int) -> Sketch:
         return parameter_fingerprint(self.model, parameter_seed(self.config.seed, epoch),

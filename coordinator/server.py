@@ -23,7 +23,11 @@ import grpc
 
 from coordinator import tls, tokens
 from coordinator.auth import SignedRequestInterceptor
+from coordinator.checkpoints import latest_checkpoint
+from coordinator.dashboard import CachedState, Dashboard
 from coordinator.ledger import LEDGER_FILE, Ledger
+from coordinator.metrics import Metrics
+from coordinator.run_view import run_state
 from coordinator.service import CoordinatorService
 from peer.errors import UserError
 from peer.identity import Identity, load_or_create_identity
@@ -158,6 +162,41 @@ def stop_auditor(auditor: subprocess.Popen) -> None:
         auditor.kill()
 
 
+def _checkpoints_possible(config: RunConfig) -> bool:
+    """Checkpoints need the task's model (to check what the swarm sends); without it, serve on, warned."""
+    from peer.task import load_task
+
+    if config.checkpoint_every <= 0:
+        return False
+    try:
+        load_task(config.task_name, config.task_version)
+    except UserError as error:
+        print(f"warning: no checkpoints for this run: {error}", file=sys.stderr, flush=True)
+        return False
+    return True
+
+
+def _start_observer(run_path: Path, data_dir: Path, host: str, dht_maddrs: list[str], config: RunConfig):
+    """The checkpoint writer, in its own process (it forks hivemind's; this process will run gRPC)."""
+    if not _checkpoints_possible(config):
+        return None
+    args = [sys.executable, "-m", "coordinator.observer", "--run", str(Path(run_path).resolve()),
+            "--data-dir", str(Path(data_dir).resolve()), "--host", host]
+    for maddr in dht_maddrs:
+        args += ["--initial-peer", maddr]
+    return subprocess.Popen(args, stdin=subprocess.DEVNULL)
+
+
+def _stop_observer(observer) -> None:
+    if observer is None:
+        return
+    observer.terminate()
+    try:
+        observer.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        observer.kill()
+
+
 def _lock_data_dir(data_dir: Path):
     """One coordinator per data dir; the OS drops the lock when the process dies, even by kill -9."""
     lock = open(Path(data_dir) / LOCK_FILE, "a+")
@@ -181,8 +220,9 @@ class Transport:
     key: Path | None = None
 
 
-def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, transport: Transport = Transport()) -> None:
-    """Run the coordinator until SIGINT/SIGTERM."""
+def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, transport: Transport = Transport(),
+          dashboard_port: int | None = None) -> None:
+    """Run the coordinator until SIGINT/SIGTERM; ``dashboard_port`` None: no dashboard."""
     config = load_run_config(run_path)
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -198,17 +238,22 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, t
     dht = _start_dht(host, dht_port, data_dir, keeper.authorizer)
     dht_maddrs = [str(addr) for addr in dht.get_visible_maddrs()]
     auditor = start_auditor(run_path, data_dir, dht_maddrs)
+    observer = _start_observer(run_path, data_dir, host, dht_maddrs, config)
 
+    state = CachedState(lambda: run_state(ledger, config.peer_timeout, data_dir))
+    metrics = Metrics(state)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS),
-        interceptors=[SignedRequestInterceptor(ledger, config.run_id)],
+        # the latency interceptor is outermost, so RPC latency includes the signature check
+        interceptors=[metrics.interceptor(), SignedRequestInterceptor(ledger, config.run_id)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
         ],
     )
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(ledger, config, dht_maddrs, identity), server)
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(ledger, config, dht_maddrs, identity,
+                                                                      data_dir=data_dir), server)
     try:
         if material is None:
             bound = server.add_insecure_port(f"{host}:{port}")
@@ -219,8 +264,15 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, t
         bound = 0
     if bound == 0:
         stop_auditor(auditor)
+        _stop_observer(observer)
         dht.shutdown()
         raise UserError(f"cannot listen on {host}:{port} (in use or not permitted); pick another --port, or 0")
+    try:
+        dashboard = Dashboard(host, dashboard_port, state, metrics).start() if dashboard_port is not None else None
+    except UserError:
+        _stop_observer(observer)
+        dht.shutdown()
+        raise
     server.start()
     address = f"{host}:{bound}"
     _write_info(data_dir, {
@@ -231,6 +283,7 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, t
         "run_config_hash": config.config_hash,
         "public_key": identity.public_bytes.hex(),
         "tls_fingerprint": material.fingerprint if material else None,
+        "dashboard": dashboard.url if dashboard else None,
     })
 
     stop = threading.Event()
@@ -242,6 +295,12 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, t
           f"{data_dir / LEDGER_FILE})", flush=True)
     print(f"  gRPC     {address}", flush=True)
     print(f"  swarm    {dht_maddrs[0] if dht_maddrs else '(no address)'}", flush=True)
+    if dashboard is not None:
+        print(f"  dashboard {dashboard.url}", flush=True)
+    checkpoint = latest_checkpoint(data_dir)
+    if checkpoint is not None:
+        print(f"  resume   from checkpoint epoch {checkpoint.epoch} ({checkpoint.file}) if no peer is left",
+              flush=True)
     if material is None:
         print("  WARNING: --insecure: plaintext gRPC; anyone on the path can read and alter traffic", flush=True)
     else:
@@ -256,6 +315,9 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, t
         print("coordinator stopping", flush=True)
         server.stop(grace=2).wait()
         stop_auditor(auditor)
+        if dashboard is not None:
+            dashboard.stop()
+        _stop_observer(observer)
         dht.shutdown()
         ledger.close()
         lock.close()

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
+from pathlib import Path
 
 import grpc
 
 from coordinator.credit import Credit
 from coordinator import tokens
+from coordinator.accounting import accounts
+from coordinator.checkpoints import find_checkpoint, latest_checkpoint, read_checkpoint_bytes
 from coordinator.ledger import BANNED, Ledger, LedgerError
 from peer.identity import Identity, peer_id_of
 from peer.runconfig import RunConfig
@@ -24,6 +28,9 @@ log = logging.getLogger("potluck.coordinator")
 
 MAX_METRICS = 32
 MAX_SWARM_AUTH_KEY = 1024  # an RSA public key in DER is ~300 bytes
+CHECKPOINT_CHUNK_BYTES = 512 * 1024  # well under the 1 MiB message limit
+PROBE_TIMEOUT = 3.0  # seconds to connect to a peer's announced address and read its greeting
+PROBE_GREETING_BYTES = 64
 
 
 def _abort(context: grpc.ServicerContext, error: LedgerError):
@@ -37,7 +44,8 @@ def access_lists(ledger: Ledger) -> pb.AccessLists:
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, ledger: Ledger, config: RunConfig, initial_peers: list[str], identity: Identity,
-                 credit: Credit | None = None):
+                 data_dir: Path | None = None, credit: Credit | None = None):
+        self.data_dir = data_dir  # where checkpoints live; None: no checkpoints
         self.ledger = ledger
         self.config = config
         self.initial_peers = initial_peers
@@ -80,7 +88,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             log.info("refused join of %s: %s", peer_id, error)
             _abort(context, error)
         log.info("admitted peer %s (org %s, %s)", peer_id, admission.org, request.device)
-        return pb.JoinReply(
+        state = self.ledger.snapshot(self.config.peer_timeout)
+        reply = pb.JoinReply(
             peer_id=peer_id,
             session=admission.session,
             org=admission.org,
@@ -88,11 +97,59 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             run_config_toml=self.config.text,
             run_config_hash=self.config.config_hash,
             initial_peers=self.initial_peers,
-            epoch=self.ledger.snapshot(self.config.peer_timeout)["epoch"],
+            epoch=state["epoch"],
             coordinator_public_key=self.identity.public_bytes,
             access_token=self._access_token(request.hivemind_peer_id, request.swarm_auth_key),
             access_lists=access_lists(self.ledger),
         )
+        checkpoint = latest_checkpoint(self.data_dir) if self.data_dir is not None else None
+        if checkpoint is not None and checkpoint.run_id == self.config.run_id:
+            others_alive = any(p["alive"] and p["id"] != peer_id for p in state["peers"])
+            reply.checkpoint_epoch = checkpoint.epoch
+            reply.checkpoint_sha256 = checkpoint.sha256
+            reply.checkpoint_bytes = checkpoint.bytes
+            # with a live swarm the newcomer loads state from its peers; with none it resumes from disk
+            reply.start_from_checkpoint = not others_alive
+        return reply
+
+    def CheckpointFetch(self, request: pb.CheckpointFetchRequest, context):
+        """One chunk of a checkpoint's bytes (unary, so the signed-request interceptor checks every call)."""
+        try:
+            self.ledger.authenticate(request.peer_id, request.session)
+        except LedgerError as error:
+            _abort(context, error)
+        manifest = find_checkpoint(self.data_dir, request.sha256) if self.data_dir is not None else None
+        if manifest is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "no such checkpoint (a newer one replaced it); join again")
+        if not 0 <= request.offset < max(manifest.bytes, 1):
+            context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset must be in [0, {manifest.bytes})")
+        data = read_checkpoint_bytes(self.data_dir, manifest)
+        if request.offset == 0:
+            log.info("sending checkpoint epoch %d (%d bytes) to %s", manifest.epoch, len(data), request.peer_id)
+        return pb.CheckpointChunk(offset=request.offset,
+                                  data=data[request.offset:request.offset + CHECKPOINT_CHUNK_BYTES])
+
+    def StatusProbe(self, request: pb.StatusProbeRequest, context):
+        """Dial the address a peer will announce, as another peer would; say whether it answered.
+
+        Only admitted peers may ask (signed request, valid session), and the coordinator sends nothing
+        and reads at most a short greeting, so this cannot be used to talk to other services.
+        """
+        try:
+            self.ledger.authenticate(request.peer_id, request.session)
+        except LedgerError as error:
+            _abort(context, error)
+        if not request.host or len(request.host) > 255 or not 0 < request.port < 65536:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "probe needs a host and a port in 1-65535")
+        try:
+            with socket.create_connection((request.host, request.port), timeout=PROBE_TIMEOUT) as connection:
+                connection.settimeout(PROBE_TIMEOUT)
+                greeting = connection.recv(PROBE_GREETING_BYTES)
+        except OSError as error:
+            detail = error.strerror or type(error).__name__
+            log.info("peer %s is not reachable at %s:%d: %s", request.peer_id, request.host, request.port, detail)
+            return pb.StatusProbeReply(connected=False, detail=detail)
+        return pb.StatusProbeReply(connected=True, greeting=greeting.decode("ascii", "replace").strip())
 
     def Report(self, request: pb.ReportRequest, context):
         bad = (
@@ -141,7 +198,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             _abort(context, error)
         state = self.ledger.snapshot(self.config.peer_timeout)
         lists = access_lists(self.ledger)
+        account = accounts(self.ledger.query).get(request.peer_id)
+        me = next((p for p in state["peers"] if p["id"] == request.peer_id), None)
         return pb.HeartbeatReply(
+            credit=account.credit if account else 0.0,
+            credit_verified=bool(account and account.credit_verified),
+            audits_passed=account.audits_passed if account else 0,
+            audits_failed=account.audits_failed if account else 0,
+            samples_recorded=me["samples"] if me else 0,
             access_token=(
                 self._access_token(peer["hivemind_peer_id"], peer["swarm_auth_key"])
                 if request.renew_access_token else b""

@@ -105,10 +105,12 @@ def main() -> None:
     try:
         log = args.workdir / "coordinator.log"
         coordinator = start([str(BIN / "coordinator"), "serve", "--run", str(args.run), "--data-dir",
-                             str(coordinator_dir), "--port", "0"], log)
+                             str(coordinator_dir), "--port", "0", "--dashboard-port", "0"], log)
         processes.append(coordinator)
         info = wait_for_coordinator(coordinator, coordinator_dir, log)
         console.print(f"coordinator up at {info['address']} (log: {log.relative_to(ROOT)})")
+        if info.get("dashboard"):
+            console.print(f"dashboard: {info['dashboard']} (open it in a browser while the demo runs)")
         tokens = [(coordinator_dir / "default-org.token").read_text().strip()] + [
             issue_token(coordinator_dir, org) for org in ORGS[1:]
         ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -24,6 +25,7 @@ DataDir = Annotated[
     Path, typer.Option("--data-dir", envvar="POTLUCK_PEER_DIR", help="Where this peer's identity and state live.")
 ]
 
+CHECKPOINT_FETCH_TIMEOUT = 300.0  # seconds for the whole checkpoint download at join
 SHUTDOWN_GRACE = 20.0  # seconds hivemind may take to stop before the process exits anyway
 
 
@@ -37,7 +39,13 @@ class ProgressMode(str, Enum):
     auto = "auto"
     live = "live"
     plain = "plain"
+    json = "json"
     quiet = "quiet"
+
+
+class TextOrJson(str, Enum):
+    text = "text"
+    json = "json"
 
 
 
@@ -56,6 +64,9 @@ def join_command(
     max_epochs: Annotated[int, typer.Option(help="Leave after this many epochs (0: until the run ends).", min=0)] = 0,
     host: Annotated[str, typer.Option(help="Address this peer's swarm node listens on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Swarm (DHT) port; 0 picks a free one.", min=0, max=65535)] = 0,
+    public_ip: Annotated[Optional[str], typer.Option(help="Address other peers should dial (default: --host).")] = None,
+    client_mode: Annotated[bool, typer.Option("--client-mode", help="Accept no connections: train as a client "
+                                              "(skips the reachability test).")] = False,
     threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).", min=0)] = 0,
     fingerprint: Annotated[Optional[str], typer.Option(
         envvar="POTLUCK_FINGERPRINT",
@@ -65,22 +76,26 @@ def join_command(
         help="Talk plaintext gRPC to a coordinator started with --insecure. RISK: your token and reports can be "
              "read and altered by anyone on the network path.")] = False,
     connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.")] = 10.0,
-    progress: Annotated[ProgressMode, typer.Option(help="live panel, plain lines, or quiet.")] = ProgressMode.auto,
+    progress: Annotated[ProgressMode, typer.Option(help="live panel, plain lines, json event lines, or quiet.")]
+    = ProgressMode.auto,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show hivemind's own logs.")] = False,
 ):
     """Join a run: train with the swarm until the run ends, --max-epochs, or Ctrl-C."""
     import torch
 
-    from peer.client import Admission, CoordinatorLink, join, leave
-    from peer.swarm_access import AccessFiles, install_averaging_guard, make_authorizer, rsa_public_key
-    from peer.transport import Endpoint, normalize_fingerprint
+    from peer.checkpoint import state_from_bytes
+    from peer.client import Admission, CoordinatorLink, fetch_checkpoint, join, leave
     from peer.events import EventLog
     from peer.outbox import Outbox
     from peer.report import sign_report
+    from peer.pidfile import remove_pidfile, running_peer, write_pidfile
+    from peer.reachability import check_reachability, fix_it_message, free_port
     from peer.runconfig import parse_run_config
     from peer.swarm import start_dht, swarm_peer_id
+    from peer.swarm_access import AccessFiles, install_averaging_guard, make_authorizer, rsa_public_key
     from peer.task import load_task
     from peer.trainer import TrainOptions, pick_device, train
+    from peer.transport import Endpoint, normalize_fingerprint
     from protos import coordinator_pb2 as pb
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -95,9 +110,15 @@ def join_command(
         raise UserError("missing --fingerprint: copy the whole join command printed by 'coordinator serve' "
                         "(it pins the coordinator's TLS certificate)")
     endpoint = Endpoint(address, None if insecure else normalize_fingerprint(fingerprint), insecure)
+    json_mode = progress is ProgressMode.json
+    say = (lambda text: None) if json_mode else (lambda text: print(text, flush=True))
     if threads:
         torch.set_num_threads(threads)
     data_dir.mkdir(parents=True, exist_ok=True)
+    other = running_peer(data_dir)
+    if other is not None:
+        raise UserError(f"a peer (pid {other['pid']}) is already running from {data_dir}; stop it with "
+                        f"'peer leave --data-dir {data_dir}' or use another --data-dir")
     identity = load_or_create_identity(data_dir)
     chosen_device = pick_device(device.value)
     authorizer = make_authorizer(data_dir, b"")  # the coordinator's key is known after Join; set below
@@ -121,32 +142,58 @@ def join_command(
     access.write_lists(reply.access_lists.version, list(reply.access_lists.allow), list(reply.access_lists.deny))
     authorizer.coordinator_public_key = reply.coordinator_public_key
     install_averaging_guard(data_dir)
-    print(f"joined run '{config.run_id}' as {reply.peer_id} (org {reply.org}) on {chosen_device}", flush=True)
+    write_pidfile(data_dir, coordinator=address, run_id=config.run_id, peer_id=reply.peer_id)
+    try:
+        events = EventLog(data_dir, echo=json_mode)
+        say(f"joined run '{config.run_id}' as {reply.peer_id} (org {reply.org}) on {chosen_device}")
+        events.emit("joined", peer_id=reply.peer_id, org=reply.org, run_id=config.run_id,
+                    coordinator_epoch=reply.epoch, coordinator=address, device=str(chosen_device))
+        initial_state = None
+        if reply.start_from_checkpoint and reply.checkpoint_sha256:
+            # nobody is left to load state from: continue from the coordinator's checkpoint, fetched
+            # before hivemind forks its processes (no gRPC channel may be open across a fork)
+            data = fetch_checkpoint(endpoint, identity, config.run_id, reply.peer_id, reply.session,
+                                    reply.checkpoint_sha256, reply.checkpoint_bytes, CHECKPOINT_FETCH_TIMEOUT)
+            initial_state = (reply.checkpoint_epoch,
+                             state_from_bytes(data, reply.checkpoint_sha256, "run's checkpoint"),
+                             reply.checkpoint_sha256)
+            say(f"starting from the run's checkpoint at epoch {reply.checkpoint_epoch}")
 
-    dht = start_dht(data_dir, list(reply.initial_peers), host, port, client_mode=False, authorizer=authorizer)
-    events = EventLog(data_dir)
-    events.emit("joined", peer_id=reply.peer_id, org=reply.org, run_id=config.run_id, coordinator_epoch=reply.epoch)
-    outbox = Outbox(data_dir)
+        if not client_mode:
+            port = port or free_port(host)
+            result = check_reachability(endpoint, identity, config.run_id, reply.peer_id, reply.session, host,
+                                        public_ip or host, port)
+            events.emit("reachability", checked=result.checked, reachable=result.reachable,
+                        address=f"{result.host}:{result.port}", detail=result.detail)
+            if not result.reachable:
+                print(fix_it_message(result), file=sys.stderr, flush=True)
+                client_mode = True
 
-    admission = Admission(identity, reply.peer_id, reply.session, config.run_id, access, config.access_token_ttl)
+        dht = start_dht(data_dir, list(reply.initial_peers), host, port, client_mode=client_mode,
+                        authorizer=authorizer, public_ip=public_ip)
+        outbox = Outbox(data_dir)
+        admission = Admission(identity, reply.peer_id, reply.session, config.run_id, access, config.access_token_ttl)
 
-    def make_link() -> CoordinatorLink:
-        return CoordinatorLink(endpoint, admission, outbox, config.heartbeat_interval,
-                               sign=lambda request: sign_report(request, config.run_id, identity.private_key))
+        def make_link() -> CoordinatorLink:
+            return CoordinatorLink(endpoint, admission, outbox, config.heartbeat_interval,
+                                   sign=lambda request: sign_report(request, config.run_id, identity.private_key))
 
-    summary = train(config, task, reply.peer_id, dht, make_link, events,
-                    TrainOptions(data_dir, chosen_device, max_epochs, progress.value))
-    accuracy = summary["metrics"].get("accuracy")
-    print(f"left at epoch {summary['epoch']} ({summary['reason']}): {summary['samples']:,} samples contributed"
-          + (f", held-out accuracy {accuracy:.3f}" if accuracy is not None else ""), flush=True)
-    events.emit("left", reason=summary["reason"])
-    events.close()
-    if summary["reason"].startswith(EVICTED_PREFIX):
-        print(f"error: {summary['reason']}; contact the run's operator", file=sys.stderr, flush=True)
-        exit_code = 3
-    else:
-        exit_code = 0
-    outbox.close()
+        summary = train(config, task, reply.peer_id, dht, make_link, events,
+                        TrainOptions(data_dir, chosen_device, max_epochs, progress.value,
+                                     initial_state=initial_state, client_mode=client_mode))
+        accuracy = summary["metrics"].get("accuracy")
+        say(f"left at epoch {summary['epoch']} ({summary['reason']}): {summary['samples']:,} samples contributed"
+            + (f", held-out accuracy {accuracy:.3f}" if accuracy is not None else ""))
+        events.emit("left", reason=summary["reason"])
+        events.close()
+        if summary["reason"].startswith(EVICTED_PREFIX):
+            print(f"error: {summary['reason']}; contact the run's operator", file=sys.stderr, flush=True)
+            exit_code = 3
+        else:
+            exit_code = 0
+        outbox.close()
+    finally:
+        remove_pidfile(data_dir)
     # hivemind's shutdown can hang (trap 10): give it a bounded grace, then exit regardless
     watchdog = threading.Timer(SHUTDOWN_GRACE, lambda: os._exit(exit_code))
     watchdog.daemon = True
@@ -154,6 +201,34 @@ def join_command(
     dht.shutdown()
     if exit_code:
         raise typer.Exit(exit_code)
+
+
+@app.command("status")
+def status_command(
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    format: Annotated[TextOrJson, typer.Option("--format", help="text for people, json for scripts.")]
+    = TextOrJson.text,
+):
+    """Show this peer: identity, whether it is running, the runs it joined, samples and credit."""
+    from peer.peer_status import peer_status, render_peer_status
+
+    status = peer_status(data_dir)
+    if format is TextOrJson.json:
+        print(json.dumps(status, indent=2))
+    else:
+        render_peer_status(status)
+
+
+@app.command("leave")
+def leave_command(
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the peer to finish leaving.", min=1)] = 60.0,
+):
+    """Ask the peer running from this data dir to leave cleanly (as Ctrl-C would), and wait for it."""
+    from peer.peer_status import ask_to_leave
+
+    record = ask_to_leave(data_dir, timeout)
+    print(f"peer {record.get('peer_id', '?')} (pid {record['pid']}) left run '{record.get('run_id', '?')}'")
 
 
 def main() -> None:

@@ -65,6 +65,42 @@ def join(endpoint: Endpoint, identity, request: pb.JoinRequest, connect_timeout:
         channel.close()
 
 
+def fetch_checkpoint(endpoint: Endpoint, identity, run_id: str, peer_id: str, session: str, sha256: str,
+                     size: int, timeout: float) -> bytes:
+    """The bytes of the checkpoint the Join reply announced, chunk by chunk (each a signed call);
+    the caller checks them against its sha256."""
+    channel = endpoint.open(CALL_TIMEOUT)
+    stub = SignedStub(channel, identity, run_id)
+    parts, received = [], 0
+    deadline = time.monotonic() + timeout
+    try:
+        while received < size:
+            chunk = stub.call("CheckpointFetch", pb.CheckpointFetchRequest(
+                peer_id=peer_id, session=session, sha256=sha256, offset=received), pb.CheckpointChunk,
+                max(1.0, min(CALL_TIMEOUT * 6, deadline - time.monotonic())))
+            if chunk.offset != received or not chunk.data or received + len(chunk.data) > size:
+                raise UserError("the coordinator sent a malformed checkpoint chunk; join again")
+            parts.append(chunk.data)
+            received += len(chunk.data)
+            if time.monotonic() > deadline:
+                raise UserError(f"the checkpoint did not arrive within {timeout:.0f}s; join again")
+    except grpc.RpcError as error:
+        raise UserError(f"could not fetch the run's checkpoint from the coordinator: {error.details()}") from None
+    finally:
+        channel.close()
+    return b"".join(parts)
+
+
+def status_probe(endpoint: Endpoint, identity, run_id: str, request: pb.StatusProbeRequest,
+                 timeout: float) -> pb.StatusProbeReply:
+    """Ask the coordinator to dial this peer (reachability self-test); raises grpc.RpcError."""
+    channel = endpoint.open(timeout)
+    try:
+        return SignedStub(channel, identity, run_id).call("StatusProbe", request, pb.StatusProbeReply, timeout)
+    finally:
+        channel.close()
+
+
 def leave(endpoint: Endpoint, identity, run_id: str, peer_id: str, session: str, reason: str) -> None:
     """Tell the coordinator this peer will not train after all (best effort)."""
     try:
@@ -92,6 +128,10 @@ class SwarmView:
     peers_behind: int = 0
     reachable: bool = True
     updated: float = 0.0
+    credit: float = 0.0
+    credit_verified: bool = False
+    audits_passed: int = 0
+    audits_failed: int = 0
 
 
 @dataclass
@@ -219,7 +259,9 @@ class CoordinatorLink:
             lists = reply.access_lists
             access.write_lists(lists.version, list(lists.allow), list(lists.deny))
         self.view = SwarmView(reply.epoch, reply.live_peers, reply.swarm_samples_per_second, reply.run_finished,
-                              reply.peers_behind, updated=time.monotonic())
+                              reply.peers_behind, updated=time.monotonic(), credit=reply.credit,
+                              credit_verified=reply.credit_verified, audits_passed=reply.audits_passed,
+                              audits_failed=reply.audits_failed)
         return True
 
     def _run(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -10,11 +11,17 @@ EVENTS_FILE = "events.jsonl"
 
 
 class EventLog:
-    def __init__(self, data_dir: Path):
+    """Appends events to the data dir's log; with ``echo``, also prints each line on stdout (--progress json)."""
+
+    def __init__(self, data_dir: Path, echo: bool = False):
         self._file = open(Path(data_dir) / EVENTS_FILE, "a", buffering=1)
+        self._echo = echo
 
     def emit(self, event: str, **fields) -> None:
-        self._file.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+        line = json.dumps({"event": event, "time": time.time(), **fields})
+        self._file.write(line + "\n")
+        if self._echo:
+            print(line, file=sys.stdout, flush=True)
 
     def close(self) -> None:
         self._file.close()

@@ -21,6 +21,11 @@ class Progress:
     peers: int = 0
     samples: int = 0
     coordinator_reachable: bool = True
+    credit: float = 0.0
+    credit_verified: bool = False
+    audits_passed: int = 0
+    audits_failed: int = 0
+    client_mode: bool = False
 
 
 class ProgressDisplay:
@@ -29,7 +34,7 @@ class ProgressDisplay:
     def __init__(self, peer_id: str, run_id: str, mode: str = "auto"):
         self.title = f"potluck peer {peer_id} · run {run_id}"
         self.live_mode = mode == "live" or (mode == "auto" and sys.stdout.isatty())
-        self.quiet = mode == "quiet"
+        self.quiet = mode in ("quiet", "json")  # json: the event lines are the output
         self._live: Live | None = None
         self._last_refresh = 0.0
 
@@ -52,6 +57,11 @@ class ProgressDisplay:
         table.add_row("swarm samples/s", f"{p.swarm_samples_per_second:,.0f}")
         table.add_row("peers", str(p.peers))
         table.add_row("samples contributed", f"{p.samples:,}")
+        table.add_row("credit earned", f"{p.credit:,.0f}" + ("" if p.credit_verified else " (unverified)"))
+        table.add_row("audits passed", f"{p.audits_passed}" + (f" [red]({p.audits_failed} failed)[/]"
+                                                              if p.audits_failed else ""))
+        if p.client_mode:
+            table.add_row("mode", "[yellow]client (not reachable by other peers)[/]")
         table.add_row("coordinator", "connected" if p.coordinator_reachable else "[yellow]reconnecting…[/]")
         return table
 
@@ -67,7 +77,7 @@ class ProgressDisplay:
             accuracy = "" if p.accuracy is None else f" accuracy {p.accuracy:.3f}"
             print(
                 f"epoch {p.epoch} loss {p.loss:.4f}{accuracy} local {p.local_samples_per_second:.0f} samples/s "
-                f"swarm {p.swarm_samples_per_second:.0f} samples/s peers {p.peers}",
+                f"swarm {p.swarm_samples_per_second:.0f} samples/s peers {p.peers} credit {p.credit:.0f}",
                 flush=True,
             )
 

@@ -52,6 +52,8 @@ class RunConfig:
     peer_timeout: float
     access_token_ttl: float
     text: str
+    checkpoint_every: int = 10
+    checkpoint_keep: int = 3
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
     verification: "VerificationConfig" = field(default_factory=lambda: VerificationConfig())
 
@@ -89,6 +91,7 @@ _SCHEMA: dict[str, dict[str, tuple[type, object]]] = {
         "averaging_timeout": (float, 20.0),
     },
     "coordinator": {"heartbeat_interval": (float, 2.0), "peer_timeout": (float, 10.0)},
+    "checkpoints": {"every": (int, 10), "keep": (int, 3)},
     "averaging": {
         "strategy": (str, AveragingConfig.strategy),
         "compression": (str, AveragingConfig.compression),
@@ -145,6 +148,8 @@ def parse_run_config(text: str, where: str = "run config") -> RunConfig:
         peer_timeout=values["coordinator.peer_timeout"],
         access_token_ttl=values["security.access_token_ttl"],
         text=text,
+        checkpoint_every=values["checkpoints.every"],
+        checkpoint_keep=values["checkpoints.keep"],
         averaging=AveragingConfig(**{key: values[f"averaging.{key}"] for key in _SCHEMA["averaging"]}),
         verification=VerificationConfig(**{f.name: values[f"verification.{f.name}"] for f in fields(VerificationConfig)}),
     )
@@ -177,6 +182,9 @@ def _check_ranges(config: RunConfig, where: str) -> None:
     for name in ("fp32_tolerance", "bf16_tolerance", "window_epochs", "ban_after_strikes", "epoch_slack"):
         if getattr(v, name) <= 0:
             raise UserError(f"{where}: [verification] {name} must be > 0, got {getattr(v, name)}")
+    if config.checkpoint_every < 0 or config.checkpoint_keep < 1:
+        raise UserError(f"{where}: [checkpoints] needs every >= 0 (0: no checkpoints) and keep >= 1, "
+                        f"got every={config.checkpoint_every}, keep={config.checkpoint_keep}")
     if config.access_token_ttl < 4 * config.heartbeat_interval:
         raise UserError(f"{where}: [security] access_token_ttl must be at least 4 heartbeat intervals "
                         f"({4 * config.heartbeat_interval:g}s), got {config.access_token_ttl:g}")

@@ -42,14 +42,17 @@ def swarm_peer_id(data_dir: Path, file_name: str = SWARM_IDENTITY_FILE) -> str:
     return PeerID.from_identity(path.read_bytes()).to_base58()
 
 
-def start_dht(data_dir: Path, initial_peers: list[str], host: str, port: int, client_mode: bool, authorizer):
-    """This peer's DHT node; `authorizer` (peer/swarm_access.py) proves its admission to the others."""
+def start_dht(data_dir: Path, initial_peers: list[str], host: str, port: int, client_mode: bool, authorizer,
+              public_ip: str | None = None):
+    """This peer's DHT node; `authorizer` (peer/swarm_access.py) proves its admission to the others.
+    With ``public_ip``, the node announces that address (the one other peers must dial) instead of --host."""
     import hivemind
 
     use_fork_start_method()
     return hivemind.DHT(
         initial_peers=initial_peers,
         host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+        announce_maddrs=[f"/ip4/{public_ip}/tcp/{port}"] if public_ip and not client_mode else None,
         identity_path=str(Path(data_dir) / SWARM_IDENTITY_FILE),
         client_mode=client_mode,
         authorizer=authorizer,
@@ -104,3 +107,15 @@ def load_state(opt, model: torch.nn.Module) -> None:
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise RuntimeError(f"state downloaded from peers has non-finite values in {name}")
+
+
+def start_at_epoch(opt, epoch: int) -> None:
+    """Make a fresh Optimizer continue a run at ``epoch`` (resuming from a checkpoint, no peer left).
+
+    Mirrors what hivemind 1.1.12's own load_state_from_peers sets after a download: the state
+    averager's epoch, the tracker's local progress, and the priority with which peers share state.
+    """
+    opt.state_averager.local_epoch = epoch
+    with opt.tracker.pause_updates():
+        opt.tracker.update_epoch(epoch)
+    opt.state_averager.state_sharing_priority = epoch

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 
+from peer.checkpoint import load_into_model, state_fingerprint
 from peer.client import CoordinatorLink
 from peer.events import EventLog
 from peer.progress import Progress, ProgressDisplay
 from peer.progress_guard import guard_swarm_epoch
 from peer.runconfig import RunConfig
-from peer.swarm import FIRST_FETCH_TIMEOUT, load_state, make_optimizer, needs_state_from_peers
+from peer.swarm import FIRST_FETCH_TIMEOUT, load_state, make_optimizer, needs_state_from_peers, start_at_epoch
 from peer.work import EpochProof, autocast_context, do_micro_batch
 
 MODEL_FILE = "model.pt"
@@ -28,6 +29,9 @@ class TrainOptions:
     device: torch.device
     max_epochs: int  # 0: until the run ends or the peer is stopped
     progress: str
+    # (epoch, state_dict, sha256) of a checkpoint to start from when the swarm has no peer left
+    initial_state: tuple[int, dict, str] | None = None
+    client_mode: bool = False  # this peer cannot be dialled: average without hosting (same bool as the DHT's)
 
 
 def pick_device(choice: str) -> torch.device:
@@ -93,8 +97,15 @@ def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLo
 
         return train_diloco(config, task, peer_id, dht, make_link, events, options)
     device = options.device
-    model = task.build_model(config.seed).to(device)
-    opt = make_optimizer(dht, config, model, task, client_mode=False)
+    model = task.build_model(config.seed)
+    if options.initial_state is not None:
+        load_into_model(model, options.initial_state[1], what="run's checkpoint")
+    model = model.to(device)
+    opt = make_optimizer(dht, config, model, task, client_mode=options.client_mode)
+    if options.initial_state is not None:
+        start_at_epoch(opt, options.initial_state[0])
+        events.emit("checkpoint_loaded", epoch=options.initial_state[0], sha256=options.initial_state[2],
+                    fingerprint=state_fingerprint(model.state_dict()))
     stop = install_stop_handlers()
     link: CoordinatorLink = make_link().start()
     guard_swarm_epoch(opt.tracker, lambda: link.epoch_limit(config.verification.epoch_slack))
@@ -153,6 +164,9 @@ def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLo
             progress.swarm_samples_per_second = link.view.swarm_samples_per_second
             progress.peers = opt.tracker.global_progress.num_peers
             progress.coordinator_reachable = link.view.reachable
+            progress.credit, progress.credit_verified = link.view.credit, link.view.credit_verified
+            progress.audits_passed, progress.audits_failed = link.view.audits_passed, link.view.audits_failed
+            progress.client_mode = options.client_mode
             progress.epoch = link.epoch = opt.local_epoch
             display.update(progress)
 
@@ -162,7 +176,9 @@ def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLo
                 model.train()
                 report_id = link.report(epoch, meter.samples, meter.mean_loss, meter.compute_seconds, metrics, proof)
                 events.emit("epoch", epoch=epoch, samples=meter.samples, loss=meter.mean_loss,
-                            metrics=metrics, report_id=report_id, peers=progress.peers)
+                            metrics=metrics, report_id=report_id, peers=progress.peers,
+                            credit=link.view.credit, credit_verified=link.view.credit_verified,
+                            audits_passed=link.view.audits_passed)
                 total_samples += meter.samples
                 epochs_done += 1
                 progress.loss, progress.accuracy, progress.samples = meter.mean_loss, metrics.get("accuracy"), total_samples

@@ -33,7 +33,7 @@ class AccessLists(_message.Message):
     def __init__(self, version: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., deny: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("peer_id", "session", "org", "run_id", "run_config_toml", "run_config_hash", "initial_peers", "epoch", "coordinator_public_key", "access_token", "access_lists")
+    __slots__ = ("peer_id", "session", "org", "run_id", "run_config_toml", "run_config_hash", "initial_peers", "epoch", "checkpoint_epoch", "checkpoint_sha256", "checkpoint_bytes", "start_from_checkpoint", "coordinator_public_key", "access_token", "access_lists")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     ORG_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,10 @@ class JoinReply(_message.Message):
     RUN_CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
     INITIAL_PEERS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    START_FROM_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     ACCESS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ACCESS_LISTS_FIELD_NUMBER: _ClassVar[int]
@@ -53,10 +57,14 @@ class JoinReply(_message.Message):
     run_config_hash: str
     initial_peers: _containers.RepeatedScalarFieldContainer[str]
     epoch: int
+    checkpoint_epoch: int
+    checkpoint_sha256: str
+    checkpoint_bytes: int
+    start_from_checkpoint: bool
     coordinator_public_key: bytes
     access_token: bytes
     access_lists: AccessLists
-    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., org: _Optional[str] = ..., run_id: _Optional[str] = ..., run_config_toml: _Optional[str] = ..., run_config_hash: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., coordinator_public_key: _Optional[bytes] = ..., access_token: _Optional[bytes] = ..., access_lists: _Optional[_Union[AccessLists, _Mapping]] = ...) -> None: ...
+    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., org: _Optional[str] = ..., run_id: _Optional[str] = ..., run_config_toml: _Optional[str] = ..., run_config_hash: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., checkpoint_epoch: _Optional[int] = ..., checkpoint_sha256: _Optional[str] = ..., checkpoint_bytes: _Optional[int] = ..., start_from_checkpoint: _Optional[bool] = ..., coordinator_public_key: _Optional[bytes] = ..., access_token: _Optional[bytes] = ..., access_lists: _Optional[_Union[AccessLists, _Mapping]] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("peer_id", "session", "report_id", "epoch", "samples", "loss", "compute_seconds", "metrics", "parameters", "sketches", "compute_dtype", "signature")
@@ -136,12 +144,17 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., epoch: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., access_lists_version: _Optional[str] = ..., renew_access_token: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("epoch", "live_peers", "swarm_samples_per_second", "run_finished", "peers_behind", "access_token", "access_lists")
+    __slots__ = ("epoch", "live_peers", "swarm_samples_per_second", "run_finished", "peers_behind", "credit", "samples_recorded", "audits_passed", "audits_failed", "credit_verified", "access_token", "access_lists")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LIVE_PEERS_FIELD_NUMBER: _ClassVar[int]
     SWARM_SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     RUN_FINISHED_FIELD_NUMBER: _ClassVar[int]
     PEERS_BEHIND_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_RECORDED_FIELD_NUMBER: _ClassVar[int]
+    AUDITS_PASSED_FIELD_NUMBER: _ClassVar[int]
+    AUDITS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_VERIFIED_FIELD_NUMBER: _ClassVar[int]
     ACCESS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ACCESS_LISTS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
@@ -149,9 +162,14 @@ class HeartbeatReply(_message.Message):
     swarm_samples_per_second: float
     run_finished: bool
     peers_behind: int
+    credit: float
+    samples_recorded: int
+    audits_passed: int
+    audits_failed: int
+    credit_verified: bool
     access_token: bytes
     access_lists: AccessLists
-    def __init__(self, epoch: _Optional[int] = ..., live_peers: _Optional[int] = ..., swarm_samples_per_second: _Optional[float] = ..., run_finished: _Optional[bool] = ..., peers_behind: _Optional[int] = ..., access_token: _Optional[bytes] = ..., access_lists: _Optional[_Union[AccessLists, _Mapping]] = ...) -> None: ...
+    def __init__(self, epoch: _Optional[int] = ..., live_peers: _Optional[int] = ..., swarm_samples_per_second: _Optional[float] = ..., run_finished: _Optional[bool] = ..., peers_behind: _Optional[int] = ..., credit: _Optional[float] = ..., samples_recorded: _Optional[int] = ..., audits_passed: _Optional[int] = ..., audits_failed: _Optional[int] = ..., credit_verified: _Optional[bool] = ..., access_token: _Optional[bytes] = ..., access_lists: _Optional[_Union[AccessLists, _Mapping]] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("peer_id", "session", "reason")
@@ -166,3 +184,45 @@ class LeaveRequest(_message.Message):
 class LeaveReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class CheckpointFetchRequest(_message.Message):
+    __slots__ = ("peer_id", "session", "sha256", "offset")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    session: str
+    sha256: str
+    offset: int
+    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class CheckpointChunk(_message.Message):
+    __slots__ = ("offset", "data")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class StatusProbeRequest(_message.Message):
+    __slots__ = ("peer_id", "session", "host", "port")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    session: str
+    host: str
+    port: int
+    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+
+class StatusProbeReply(_message.Message):
+    __slots__ = ("connected", "greeting", "detail")
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    GREETING_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    connected: bool
+    greeting: str
+    detail: str
+    def __init__(self, connected: _Optional[bool] = ..., greeting: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...

@@ -54,6 +54,16 @@ class CoordinatorStub:
                 request_serializer=protos_dot_coordinator__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=protos_dot_coordinator__pb2.LeaveReply.FromString,
                 _registered_method=True)
+        self.CheckpointFetch = channel.unary_unary(
+                '/potluck.v1.Coordinator/CheckpointFetch',
+                request_serializer=protos_dot_coordinator__pb2.CheckpointFetchRequest.SerializeToString,
+                response_deserializer=protos_dot_coordinator__pb2.CheckpointChunk.FromString,
+                _registered_method=True)
+        self.StatusProbe = channel.unary_unary(
+                '/potluck.v1.Coordinator/StatusProbe',
+                request_serializer=protos_dot_coordinator__pb2.StatusProbeRequest.SerializeToString,
+                response_deserializer=protos_dot_coordinator__pb2.StatusProbeReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -87,6 +97,20 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckpointFetch(self, request, context):
+        """One chunk of the checkpoint the Join reply announced; only to start a swarm that has no peer left.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StatusProbe(self, request, context):
+        """Reachability self-test at join: the coordinator dials the address the peer will announce to the swarm.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +133,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=protos_dot_coordinator__pb2.LeaveRequest.FromString,
                     response_serializer=protos_dot_coordinator__pb2.LeaveReply.SerializeToString,
+            ),
+            'CheckpointFetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckpointFetch,
+                    request_deserializer=protos_dot_coordinator__pb2.CheckpointFetchRequest.FromString,
+                    response_serializer=protos_dot_coordinator__pb2.CheckpointChunk.SerializeToString,
+            ),
+            'StatusProbe': grpc.unary_unary_rpc_method_handler(
+                    servicer.StatusProbe,
+                    request_deserializer=protos_dot_coordinator__pb2.StatusProbeRequest.FromString,
+                    response_serializer=protos_dot_coordinator__pb2.StatusProbeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +253,60 @@ class Coordinator:
             '/potluck.v1.Coordinator/Leave',
             protos_dot_coordinator__pb2.LeaveRequest.SerializeToString,
             protos_dot_coordinator__pb2.LeaveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckpointFetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/potluck.v1.Coordinator/CheckpointFetch',
+            protos_dot_coordinator__pb2.CheckpointFetchRequest.SerializeToString,
+            protos_dot_coordinator__pb2.CheckpointChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StatusProbe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/potluck.v1.Coordinator/StatusProbe',
+            protos_dot_coordinator__pb2.StatusProbeRequest.SerializeToString,
+            protos_dot_coordinator__pb2.StatusProbeReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -108,6 +108,7 @@ class Coordinator:
     address: str
     token: str
     fingerprint: str
+    dashboard: str  # the dashboard's URL, e.g. http://127.0.0.1:PORT/
 
     def status(self) -> dict:
         result = cli("coordinator", "status", "--data-dir", str(self.data_dir), "--format", "json")
@@ -135,7 +136,7 @@ def start_coordinator(procs: list, data_dir: Path, run: Path, port: int = 0, nam
     data_dir.mkdir(parents=True, exist_ok=True)
     proc = Proc(
         [str(BIN / "coordinator"), "serve", "--run", str(run), "--data-dir", str(data_dir), "--port", str(port),
-         *(["--insecure"] if insecure else [])],
+         "--dashboard-port", "0", *(["--insecure"] if insecure else [])],
         data_dir.parent / f"{name}.log",
     )
     procs.append(proc)
@@ -153,7 +154,7 @@ def start_coordinator(procs: list, data_dir: Path, run: Path, port: int = 0, nam
     token = (data_dir / "default-org.token").read_text().strip()
     if info["tls_fingerprint"]:
         FINGERPRINTS[info["address"]] = info["tls_fingerprint"]
-    return Coordinator(proc, data_dir, info["address"], token, info["tls_fingerprint"])
+    return Coordinator(proc, data_dir, info["address"], token, info["tls_fingerprint"], info["dashboard"])
 
 
 def pin(address: str) -> list[str]:

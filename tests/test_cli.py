@@ -68,9 +68,13 @@ def test_version(program):
     ("coordinator", "org", "list"),
     ("coordinator", "org", "remove"),
     ("coordinator", "status"),
+    ("coordinator", "export"),
+    ("coordinator", "report"),
     ("peer",),
     ("peer", "join"),
     ("peer", "id"),
+    ("peer", "status"),
+    ("peer", "leave"),
 ], ids=" ".join)
 def test_help(command):
     result = cli(*command, "--help")

@@ -111,10 +111,13 @@ class World:
         TASK.loss(self.model, self.inputs[:256], self.targets[:256]).backward()
         self.optimizer.step()
         self.epoch += 1
-        self.auditor.add_snapshot(self.epoch, [p.detach().clone() for p in self.model.parameters()])
+        self.auditor.add_snapshot(self.epoch, self.state())
 
     def start(self) -> None:
-        self.auditor.add_snapshot(0, [p.detach().clone() for p in self.model.parameters()])
+        self.auditor.add_snapshot(0, self.state())
+
+    def state(self) -> dict:
+        return {name: tensor.detach().clone() for name, tensor in self.model.state_dict().items()}
 
     def rows(self) -> dict:
         names = {identity.peer_id: name for name, identity in self.peers.items()}

@@ -1,0 +1,99 @@
+"""`python -m coordinator.observer`: the coordinator's read-only swarm member, which writes checkpoints.
+
+`coordinator serve` starts it as a child process: hivemind forks processes of its own, and the
+serve process runs gRPC threads, which must not be forked (see coordinator/server.py). The observer
+watches the run's epoch in the ledger; every ``[checkpoints] every`` epochs it downloads the swarm's
+averaged parameters (coordinator/swarm_snapshot.py) and saves them (coordinator/checkpoints.py).
+It joins the swarm only when the first checkpoint is due, so short runs never pay for it, and it
+exits when its parent does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+from coordinator.checkpoints import latest_checkpoint, save_checkpoint
+from coordinator.ledger import Ledger
+from coordinator.swarm_pass import SwarmPass
+from coordinator.swarm_snapshot import SnapshotError, SwarmObserver
+from peer.identity import load_or_create_identity
+from peer.runconfig import load_run_config
+from peer.task import load_task
+
+log = logging.getLogger("potluck.observer")
+
+OBSERVER_DIR = "observer"  # the observer's swarm identity and access files, inside the data dir
+POLL_SECONDS = 1.0  # how often the ledger's epoch is read
+RETRY_SECONDS = 5.0  # wait after a download that brought nothing new
+DOWNLOAD_TIMEOUT = 30.0
+
+
+def run_observer(run_path: Path, data_dir: Path, initial_peers: list[str], host: str) -> None:
+    config = load_run_config(run_path)
+    if config.checkpoint_every <= 0:
+        return
+    task = load_task(config.task_name, config.task_version)
+    ledger = Ledger.open_existing(data_dir)
+    from coordinator.server import KEY_FILE  # the coordinator's key signs this process's swarm access
+
+    swarm_pass = SwarmPass(data_dir, OBSERVER_DIR, ledger, load_or_create_identity(data_dir, KEY_FILE),
+                           config.access_token_ttl)
+    parent = os.getppid()
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+
+    latest = latest_checkpoint(data_dir)
+    last_saved = latest.epoch if latest is not None and latest.run_id == config.run_id else 0
+    observer: SwarmObserver | None = None
+    try:
+        while not stop.is_set() and os.getppid() == parent:
+            swarm_pass.refresh()
+            epoch = ledger.snapshot(config.peer_timeout)["epoch"]
+            if epoch < last_saved + config.checkpoint_every:
+                stop.wait(POLL_SECONDS)
+                continue
+            if observer is None:
+                observer = SwarmObserver(config, task, initial_peers, host, authorizer=swarm_pass.authorizer,
+                                         identity_path=swarm_pass.identity_path)
+            try:
+                snapshot = observer.download(DOWNLOAD_TIMEOUT)
+            except SnapshotError as error:
+                print(f"checkpoint skipped: a peer sent unusable state ({error})", flush=True)
+                snapshot = None
+            if snapshot is None or snapshot.epoch < last_saved + config.checkpoint_every:
+                stop.wait(RETRY_SECONDS)
+                continue
+            manifest = save_checkpoint(data_dir, snapshot.epoch, snapshot.state_dict, config.run_id,
+                                       config.config_hash, config.checkpoint_keep)
+            last_saved = manifest.epoch
+            print(f"checkpoint: epoch {manifest.epoch} saved ({manifest.bytes:,} bytes, sha256 "
+                  f"{manifest.sha256[:16]}…)", flush=True)
+    finally:
+        if observer is not None:
+            observer.shutdown()
+        ledger.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m coordinator.observer", description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--initial-peer", action="append", default=[], required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
+    if not args.verbose:
+        os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
+        logging.getLogger("hivemind").setLevel(logging.ERROR)
+    run_observer(args.run, args.data_dir, args.initial_peer, args.host)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The run as the dashboard, /api/v1/state and /metrics show it: one JSON-ready dict built from the ledger.
+
+It adds to Ledger.snapshot what operators and partners look at: credit and audit status per peer
+(coordinator/accounting.py), a per-org leaderboard with shares of the run, the loss and throughput
+history per epoch, the latest checkpoint, and recent audits and bans.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from coordinator.accounting import accounts, recent_audits, recent_bans
+from coordinator.checkpoints import latest_checkpoint
+from coordinator.ledger import Ledger
+
+HISTORY_EPOCHS = 500  # the charts show at most this many recent epochs
+THROUGHPUT_WINDOW = 5  # epochs averaged into one throughput point
+
+
+def epoch_history(ledger: Ledger, limit: int = HISTORY_EPOCHS) -> dict[str, list]:
+    """Per epoch: sample-weighted training loss, mean held-out accuracy, samples, when it ended, samples/s.
+
+    An epoch ends when its last report arrives (never before the previous epoch's end). Reports can
+    arrive in bursts (a peer flushes its outbox after a delay), so throughput is a moving average:
+    the samples of the last THROUGHPUT_WINDOW epochs over the time they took (from the first join
+    for the first epochs).
+    """
+    rows = ledger.query(
+        """SELECT epoch, SUM(samples) AS samples, SUM(samples * loss) / MAX(SUM(samples), 1) AS loss,
+                  AVG(json_extract(metrics, '$.accuracy')) AS accuracy, MAX(received) AS ended
+           FROM reports GROUP BY epoch ORDER BY epoch DESC LIMIT ?""",
+        (limit + THROUGHPUT_WINDOW,),
+    )[::-1]
+    first_join = ledger.query("SELECT MIN(joined) AS t FROM peers")[0]["t"]
+    ends: list[float] = []
+    for row in rows:
+        ends.append(max(row["ended"], ends[-1]) if ends else row["ended"])
+    history = {"epoch": [], "loss": [], "accuracy": [], "samples": [], "time": [], "samples_per_second": []}
+    skipped = max(len(rows) - limit, 0)  # the oldest rows only give the window its start
+    for index, row in enumerate(rows):
+        if index < skipped:
+            continue
+        start = index - THROUGHPUT_WINDOW
+        began = ends[start] if start >= 0 else (first_join if first_join is not None else ends[0])
+        window_samples = sum(r["samples"] for r in rows[max(start + 1, 0):index + 1])
+        history["epoch"].append(row["epoch"])
+        history["loss"].append(row["loss"])
+        history["accuracy"].append(row["accuracy"])
+        history["samples"].append(row["samples"])
+        history["time"].append(round(ends[index], 3))
+        history["samples_per_second"].append(round(window_samples / max(ends[index] - began, 1e-3), 2))
+    return history
+
+
+def run_state(ledger: Ledger, peer_timeout: float, data_dir: Path | None = None) -> dict:
+    """Everything the dashboard shows, JSON-ready."""
+    state = ledger.snapshot(peer_timeout)
+    books = accounts(ledger.query)
+    for peer in state["peers"]:
+        account = books.get(peer["id"])
+        peer.update(account.as_dict() if account else {"credit": float(peer["samples"]), "credit_verified": False,
+                                                        "audits_passed": 0, "audits_failed": 0, "audits_pending": 0,
+                                                        "banned": False, "audit_status": "not audited"})
+    total_credit = sum(peer["credit"] for peer in state["peers"]) or 0.0
+    for org in state["orgs"]:
+        members = [peer for peer in state["peers"] if peer["org"] == org["name"]]
+        org["live_peers"] = sum(peer["alive"] for peer in members)
+        org["credit"] = sum(peer["credit"] for peer in members)
+        org["share"] = org["credit"] / total_credit if total_credit else 0.0
+    state["orgs"].sort(key=lambda org: (-org["credit"], org["name"]))
+    state["live_peers"] = sum(peer["alive"] for peer in state["peers"])
+    state["credit_verified"] = any(peer["credit_verified"] for peer in state["peers"])
+    state["history"] = epoch_history(ledger)
+    checkpoint = latest_checkpoint(data_dir) if data_dir is not None else None
+    state["checkpoint"] = None if checkpoint is None else {
+        "epoch": checkpoint.epoch, "sha256": checkpoint.sha256, "bytes": checkpoint.bytes, "created": checkpoint.created,
+    }
+    state["audits"] = recent_audits(ledger.query)
+    state["bans"] = recent_bans(ledger.query)
+    state["generated"] = time.time()
+    return state

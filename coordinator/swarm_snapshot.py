@@ -1,0 +1,168 @@
+"""Download the swarm's current parameters and epoch without contributing compute.
+
+The coordinator (for checkpoints) and the auditor (for replays) need the model the peers hold
+right now. hivemind.Optimizer shares its state through a DecentralizedAverager under the prefix
+``f"{run_id}_state_averager"``: peers announce themselves under ``PREFIX.all_averagers`` and answer
+``rpc_download_state`` with ``(metadata, tensors)``, where metadata holds the epoch and the tensors
+start with the optimized parameters, in the order of the task optimizer's param groups.
+
+A :class:`SwarmObserver` joins the run's DHT in client mode (it accepts no connections and is never
+asked to average) and runs a bare averager with one dummy tensor that neither averages nor shares
+state; it only downloads. Every download is bounded in time (hivemind's own
+``load_state_from_peers`` retries forever inside the Optimizer, trap 8) and checked: metadata shape,
+epoch, tensor count, shapes and dtypes against the task's ``build_model(seed)``, finite values.
+
+Trust that remains (nothing is unpickled): hivemind decodes the metadata with msgpack (plain types
+and hivemind's own ext types, no pickle) and each tensor with ``numpy.frombuffer`` under the dtype the
+sender names. The state comes from whichever announced peer answers first, highest epoch first, so
+one admitted peer can serve wrong (but well-formed, finite) parameters or an inflated epoch (trap 4);
+the checks here catch malformed state, not a lying peer. The averager's RPCs are not guarded by the
+DHT authorizer (trap 3), which is a concern for peers that share state, not for this downloader.
+
+hivemind forks its own processes: create an observer in the main thread of a process that has no
+gRPC machinery yet (see coordinator/server.py), e.g. the ``coordinator.observer`` process.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from peer.runconfig import RunConfig
+from peer.swarm import use_fork_start_method
+
+log = logging.getLogger("potluck.snapshot")
+
+STATE_PREFIX_SUFFIX = "_state_averager"  # hivemind.Optimizer's state averager prefix is run_id + this
+DOWNLOAD_TIMEOUT = 60.0  # seconds for one whole download attempt
+CHUNK_TIMEOUT = 10.0  # seconds between two parts of the stream before a peer is given up on
+
+
+class SnapshotError(RuntimeError):
+    """What arrived from the swarm is not a usable state for this task."""
+
+
+@dataclass(frozen=True)
+class SwarmSnapshot:
+    epoch: int
+    state_dict: dict[str, torch.Tensor]
+
+
+def parameter_order(task, seed: int) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Names of the model's parameters in the order hivemind sends them, and a reference state dict.
+
+    hivemind sends ``optimizer.param_groups`` flattened; building the task's optimizer locally on a
+    fresh model gives exactly that order, whatever groups the task makes.
+    """
+    model = task.build_model(seed)
+    names = {id(param): name for name, param in model.named_parameters()}
+    optimizer = task.make_optimizer(model.parameters())
+    order = [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+    return order, {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def check_state(metadata, tensors, order: list[str], reference: dict[str, torch.Tensor]) -> SwarmSnapshot:
+    """Turn a raw hivemind download into a checked snapshot, or raise SnapshotError."""
+    if not isinstance(metadata, dict):
+        raise SnapshotError(f"state metadata is a {type(metadata).__name__}, not a dict")
+    epoch = metadata.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise SnapshotError(f"state metadata has no valid epoch: {epoch!r}")
+    if len(tensors) < len(order):
+        raise SnapshotError(f"state has {len(tensors)} tensors, the model needs at least {len(order)}")
+    state = dict(reference)  # buffers are not shared by hivemind: they stay as the task builds them
+    for name, tensor in zip(order, tensors):
+        expected = reference[name]
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != expected.shape or tensor.dtype != expected.dtype:
+            got = (tuple(tensor.shape), tensor.dtype) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise SnapshotError(f"parameter {name}: got {got}, expected {(tuple(expected.shape), expected.dtype)}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise SnapshotError(f"parameter {name} has non-finite values")
+        state[name] = tensor.detach().clone().contiguous()
+    return SwarmSnapshot(epoch=epoch, state_dict=state)
+
+
+def _download_only_averager_class():
+    """A DecentralizedAverager that dials peers' TrainingStateAverager handlers.
+
+    hivemind names a handler after the class that serves it (``PREFIX::TrainingStateAverager.
+    rpc_download_state`` in an Optimizer), and a stub after the class that calls it; a bare
+    DecentralizedAverager would ask for ``DecentralizedAverager.rpc_download_state`` and be refused.
+    """
+    from hivemind.averaging import DecentralizedAverager
+    from hivemind.optim.state_averager import TrainingStateAverager
+
+    class DownloadOnlyAverager(DecentralizedAverager):
+        @classmethod
+        def get_stub(cls, p2p, peer, *, namespace=None):
+            return TrainingStateAverager.get_stub(p2p, peer, namespace=namespace)
+
+    return DownloadOnlyAverager
+
+
+class SwarmObserver:
+    """A read-only member of the run's swarm: DHT node in client mode plus a download-only averager."""
+
+    def __init__(self, config: RunConfig, task, initial_peers: list[str], host: str = "127.0.0.1",
+                 authorizer=None, identity_path: str | None = None):
+        """``authorizer`` and ``identity_path``: the swarm access of this process (a SwarmPass in
+        coordinator/swarm_watch.py); without them, only a swarm without access control can be joined."""
+        import hivemind
+
+        self.order, self.reference = parameter_order(task, config.seed)
+        use_fork_start_method()
+        # client mode for both (trap 2): nobody dials us, we are never part of a group
+        self.dht = hivemind.DHT(
+            initial_peers=initial_peers, host_maddrs=[f"/ip4/{host}/tcp/0"], client_mode=True, start=True,
+            authorizer=authorizer, identity_path=identity_path,
+        )
+        self.averager = _download_only_averager_class()(
+            averaged_tensors=[torch.zeros(1)],  # never averaged: we only download
+            dht=self.dht,
+            prefix=config.run_id + STATE_PREFIX_SUFFIX,
+            target_group_size=1,
+            client_mode=True,
+            allow_state_sharing=False,
+            next_chunk_timeout=CHUNK_TIMEOUT,
+            start=True,
+        )
+
+    def download(self, timeout: float = DOWNLOAD_TIMEOUT) -> SwarmSnapshot | None:
+        """The swarm's current state; None when no peer shared one within ``timeout`` seconds.
+
+        Raises SnapshotError when a peer answered with state that fails the checks.
+        """
+        future = self.averager.load_state_from_peers(wait=False, timeout=timeout)
+        try:
+            loaded = future.result(timeout=timeout)
+        except TimeoutError:
+            future.cancel()
+            return None
+        if loaded is None:
+            return None
+        metadata, tensors = loaded
+        return check_state(metadata, tensors, self.order, self.reference)
+
+    def shutdown(self) -> None:
+        for part in (self.averager, self.dht):
+            try:
+                part.shutdown()
+            except Exception as error:  # hivemind's shutdown is noisy (trap 10); never fail on it
+                log.debug("shutdown of %s: %s", type(part).__name__, error)
+
+    def __enter__(self) -> "SwarmObserver":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def snapshot_swarm(config: RunConfig, task, initial_peers: list[str], timeout: float = DOWNLOAD_TIMEOUT,
+                   host: str = "127.0.0.1") -> tuple[int, dict[str, torch.Tensor]] | None:
+    """One-shot: join, download (epoch, state_dict), leave. None when no peer shared state in time."""
+    with SwarmObserver(config, task, initial_peers, host) as observer:
+        snapshot = observer.download(timeout)
+    return None if snapshot is None else (snapshot.epoch, snapshot.state_dict)
+

@@ -1,0 +1,84 @@
+"""Checkpoints: the coordinator saves the swarm's model, resumes after a restart, exports it."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import cli, epochs_reported, events, start_coordinator, start_peer, wait_until, write_run
+from coordinator.checkpoints import list_checkpoints, load_checkpoint
+from examples.digits import TASK
+from peer.checkpoint import state_fingerprint
+
+PEER_EXIT = 180
+
+
+def _accuracy(state_dict: dict) -> float:
+    model = TASK.build_model(0)
+    model.load_state_dict(state_dict)
+    return TASK.evaluate(model, *TASK.eval_data())["accuracy"]
+
+
+def test_restart_resumes_from_the_checkpoint_and_export_round_trips(procs, tmp_path):
+    # one peer, no end: the run lives only as long as its peer, then only in the checkpoint
+    run = write_run(tmp_path / "run.toml", epochs=0, min_peers=1, every=2, keep=2, target_batch_size=2048,
+                    heartbeat_interval=0.5, peer_timeout=3.0)
+    data_dir = tmp_path / "c"
+    coordinator = start_coordinator(procs, data_dir, run)
+    first = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "a")
+    wait_until(lambda: len(list_checkpoints(data_dir)) >= 2, 120, "two checkpoints")
+    # everything dies at once: no peer is left to load state from
+    first.signal_group(signal.SIGKILL)
+    coordinator.proc.signal_group(signal.SIGKILL)
+    first.wait(10), coordinator.proc.wait(10)
+
+    checkpoints = list_checkpoints(data_dir)
+    assert len(checkpoints) == 2, "keep = 2 was not honoured"
+    latest = checkpoints[0]
+    assert latest.epoch >= 2 and checkpoints[1].epoch < latest.epoch
+    saved = load_checkpoint(data_dir, latest)  # checks the sha256 against the manifest
+    assert _accuracy(saved) > 0.3  # trained swarm parameters (chance is 0.1), not the initial model
+
+    restarted = start_coordinator(procs, data_dir, run, name="coordinator-restarted")
+    assert f"from checkpoint epoch {latest.epoch}" in wait_until(
+        lambda: "resume" in restarted.proc.log() and restarted.proc.log(), 30, "the resume line")
+    wait_until(lambda: not any(p["alive"] for p in restarted.status()["peers"]), 30, "the dead peer to time out")
+    second = start_peer(procs, restarted.address, restarted.token, tmp_path / "b", "--max-epochs", "1")
+    assert second.wait(PEER_EXIT) == 0, second.log()
+
+    loaded = [e for e in events(tmp_path / "b") if e["event"] == "checkpoint_loaded"]
+    assert loaded, f"the new peer did not start from the checkpoint: {events(tmp_path / 'b')}"
+    # the new peer started at the checkpoint's epoch, with bit-identical parameters
+    assert loaded[0]["epoch"] == latest.epoch and loaded[0]["sha256"] == latest.sha256
+    assert loaded[0]["fingerprint"] == state_fingerprint(saved)
+    assert epochs_reported(tmp_path / "b") == [latest.epoch]
+
+    # export: safetensors and torch, both loadable with safe loaders and equal to the checkpoint
+    for format, name in (("safetensors", "model.safetensors"), ("torch", "model.pt")):
+        result = cli("coordinator", "export", str(tmp_path / name), "--data-dir", str(data_dir), "--format", format)
+        assert result.returncode == 0, result.stderr
+        assert f"epoch {list_checkpoints(data_dir)[0].epoch}" in result.stdout
+    newest = load_checkpoint(data_dir, list_checkpoints(data_dir)[0])
+    exported = load_file(tmp_path / "model.safetensors")
+    as_torch = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert as_torch["epoch"] == list_checkpoints(data_dir)[0].epoch
+    for tensors in (exported, as_torch["state_dict"]):
+        assert state_fingerprint(tensors) == state_fingerprint(newest)
+    manifest = json.loads((data_dir / "checkpoints" / latest.file.replace(".safetensors", ".json")).read_text())
+    assert manifest["run_config_hash"] and manifest["sha256"] == latest.sha256
+
+
+def test_export_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = cli("coordinator", "export", str(tmp_path / "m.safetensors"), "--data-dir", str(empty))
+    assert result.returncode == 2 and result.stderr.startswith("error: no checkpoint")
+    assert "Traceback" not in result.stderr
+    result = cli("coordinator", "export", str(tmp_path / "m.bin"), "--data-dir", str(empty), "--format", "pickle")
+    assert result.returncode == 2 and "pickle" in result.stderr
+    result = cli("coordinator", "export", str(tmp_path / "no" / "m.pt"), "--data-dir", str(empty))
+    assert result.returncode == 2 and result.stderr.startswith("error:") and "does not exist" in result.stderr
+    assert not (tmp_path / "m.safetensors").exists()
