@@ -82,14 +82,14 @@ class Auditor:
             self._fingerprints[epoch] = self.replayer.fingerprint(epoch)
 
     def _snapshot_trusted(self, epoch: int) -> bool:
-        """The snapshot came from one peer: trust it only if most reports of the epoch started there too."""
+        """The snapshot came from one peer: trust it if at least half the reports of the epoch started there."""
         reports = self.credit.reports_of_epoch(epoch)
         tolerance = self.config.verification.fp32_tolerance
         matching = sum(
             judge(Sketch(b["parameters"]["norm"], tuple(b["parameters"]["projection"])), self._fingerprints[epoch],
                   tolerance).verdict == PASS
             for b in (json.loads(row["body"]) for row in reports))
-        return matching * 2 > len(reports)
+        return matching * 2 >= len(reports)
 
     def ready(self, row, now: float | None = None) -> bool:
         """Whether a report can be judged now (its epoch's snapshot can be cross-checked)."""
@@ -113,7 +113,8 @@ class Auditor:
             # elsewhere: not punishable, but its work there cannot be verified (see Credit._settle_one)
             self.credit.record_audit(row["report_id"], peer_id, epoch, -1, INCONCLUSIVE, fingerprint.relative_error,
                                      fingerprint.norm_ratio, f"parameters differ from the swarm's: {fingerprint.reason}")
-            self.credit.mark_report(row["report_id"], "done")
+            # its micro-batches cannot be replayed at our snapshot: keep it out of later top-ups too
+            self.credit.mark_report(row["report_id"], "other-parameters")
             return [fingerprint.verdict]
         flags = json.loads(row["flags"])
         established = self.credit.passed_audits(peer_id) >= self.config.verification.established_after

@@ -378,3 +378,25 @@ def test_credit_settles_per_window_and_the_cli_agrees(world):
     shown = json.loads(cli("coordinator", "ledger", "--data-dir", str(world.data_dir), "--format", "json").stdout)
     assert (shown[0]["samples_settled"], shown[0]["samples_provisional"]) == (2 * per_epoch, per_epoch)
     assert shown[0]["flops_settled"] == 2 * per_epoch * 6 * world.auditor.replayer.parameter_count
+
+
+def test_peer_that_started_from_other_parameters_is_not_punished(world):
+    """An honest peer that missed an averaging round starts an epoch elsewhere: its fingerprint differs.
+    That is inconclusive, never a failure, also when the floor top-up looks for more audits."""
+    world.join("honest")
+    world.join("drifted")
+    for _ in range(3):
+        world.submit("honest", world.report("honest"))
+        saved = world.state()
+        with torch.no_grad():
+            for p in world.model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        world.submit("drifted", world.report("drifted"))
+        world.model.load_state_dict(saved)
+        world.audit_epoch()
+        world.next_epoch()
+    world.auditor.settle(world.epoch + 1, final=True)
+    drifted = world.rows()["drifted"]
+    assert drifted["audits_failed"] == 0 and not drifted["banned"] and drifted["audits_inconclusive"] == 3, drifted
+    assert drifted["samples_settled"] == 0  # nothing could be confirmed: not credited either
+    assert world.rows()["honest"]["samples_settled"] == 3 * MICRO_BATCHES * 32
