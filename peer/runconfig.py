@@ -68,7 +68,7 @@ class VerificationConfig:
 
     sketch_dims: int = 64               # length of every gradient / parameter sketch
     fp32_tolerance: float = 1e-3        # relative L2 error (and norm ratio - 1) a fp32 replay may show
-    bf16_tolerance: float = 5e-2        # the same for peers computing under bf16 autocast
+    bf16_tolerance: float = 0.15        # the same under bf16 autocast (CPU bf16 vs fp32 replay: up to 7.4e-2 seen)
     audit_rate_new: float = 0.1         # fraction of micro-batches replayed for new peers
     audit_rate: float = 0.025           # ... and for established peers (x snapshot_rate = replayed share)
     audit_floor: int = 4                # audits per peer per window at least, whatever the rate

@@ -321,7 +321,8 @@ def test_no_false_positives_over_1000_honest_audits(world):
 
 
 def test_bf16_peers_pass_under_the_bf16_tolerance(world):
-    """A peer computing under bf16 autocast (as on CUDA) is judged with the bf16 tolerance: no failure."""
+    """A peer computing under bf16 autocast (as on CUDA) passes under the bf16 tolerance (CPU bf16 here;
+    GPU-vs-CPU is still to be calibrated on a device)."""
     identity = world.join("honest")
     tolerance = world.config.verification.bf16_tolerance
     worst = 0.0
@@ -332,7 +333,7 @@ def test_bf16_peers_pass_under_the_bf16_tolerance(world):
                                    autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
         world.auditor._load(0)
         verdict = judge(claim.sketch, world.auditor.replayer.replay(0, identity.peer_id, index).sketch, tolerance)
-        assert verdict.verdict != FAIL, verdict
+        assert verdict.verdict == PASS, verdict
         worst = max(worst, verdict.relative_error)
     print(f"bf16 vs fp32 worst relative error {worst:.2e}")
 
