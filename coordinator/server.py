@@ -42,6 +42,7 @@ INFO_FILE = "coordinator.json"
 DHT_IDENTITY_FILE = "dht_identity.key"
 KEY_FILE = "coordinator.key"  # the coordinator's Ed25519 identity: signs join tokens and swarm access tokens
 LOCK_FILE = "serve.lock"
+AUDITOR_LOG = "auditor.log"
 DEFAULT_TOKEN_FILE = "default-org.token"
 DEFAULT_ORG = "default"
 MAX_MESSAGE_BYTES = 1 << 20  # every legitimate message is a few KB; refuse anything bigger early
@@ -145,6 +146,22 @@ def _start_dht(host: str, dht_port: int, data_dir: Path, authorizer):
         raise UserError(f"could not start the swarm's DHT node on {host}:{dht_port}: {error}") from None
 
 
+def start_auditor(run_path: Path, data_dir: Path, dht_maddrs: list[str]) -> subprocess.Popen:
+    """The auditor runs in its own process (it replays work and joins the swarm as a client)."""
+    log_file = open(Path(data_dir) / AUDITOR_LOG, "ab")
+    return subprocess.Popen([sys.executable, "-m", "coordinator.auditor", str(Path(run_path).resolve()),
+                             str(Path(data_dir).resolve()), *dht_maddrs],
+                            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def stop_auditor(auditor: subprocess.Popen) -> None:
+    auditor.terminate()
+    try:
+        auditor.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        auditor.kill()
+
+
 def _checkpoints_possible(config: RunConfig) -> bool:
     """Checkpoints need the task's model (to check what the swarm sends); without it, serve on, warned."""
     from peer.task import load_task
@@ -220,6 +237,7 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, t
 
     dht = _start_dht(host, dht_port, data_dir, keeper.authorizer)
     dht_maddrs = [str(addr) for addr in dht.get_visible_maddrs()]
+    auditor = start_auditor(run_path, data_dir, dht_maddrs)
     observer = _start_observer(run_path, data_dir, host, dht_maddrs, config)
 
     state = CachedState(lambda: run_state(ledger, config.peer_timeout, data_dir))
@@ -245,6 +263,7 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, t
     except RuntimeError:
         bound = 0
     if bound == 0:
+        stop_auditor(auditor)
         _stop_observer(observer)
         dht.shutdown()
         raise UserError(f"cannot listen on {host}:{port} (in use or not permitted); pick another --port, or 0")
@@ -295,6 +314,7 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, t
     finally:
         print("coordinator stopping", flush=True)
         server.stop(grace=2).wait()
+        stop_auditor(auditor)
         if dashboard is not None:
             dashboard.stop()
         _stop_observer(observer)

@@ -87,6 +87,7 @@ def join_command(
     from peer.client import Admission, CoordinatorLink, fetch_checkpoint, join, leave
     from peer.events import EventLog
     from peer.outbox import Outbox
+    from peer.report import sign_report
     from peer.pidfile import remove_pidfile, running_peer, write_pidfile
     from peer.reachability import check_reachability, fix_it_message, free_port
     from peer.runconfig import parse_run_config
@@ -174,7 +175,8 @@ def join_command(
         admission = Admission(identity, reply.peer_id, reply.session, config.run_id, access, config.access_token_ttl)
 
         def make_link() -> CoordinatorLink:
-            return CoordinatorLink(endpoint, admission, outbox, config.heartbeat_interval)
+            return CoordinatorLink(endpoint, admission, outbox, config.heartbeat_interval,
+                                   sign=lambda request: sign_report(request, config.run_id, identity.private_key))
 
         summary = train(config, task, reply.peer_id, dht, make_link, events,
                         TrainOptions(data_dir, chosen_device, max_epochs, progress.value,

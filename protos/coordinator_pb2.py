@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/coordinator.proto\x12\npotluck.v1\"\x8a\x01\n\x0bJoinRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x18\n\x10hivemind_peer_id\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x16\n\x0e\x63lient_version\x18\x05 \x01(\t\x12\x16\n\x0eswarm_auth_key\x18\x14 \x01(\x0c\";\n\x0b\x41\x63\x63\x65ssLists\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05\x61llow\x18\x02 \x03(\t\x12\x0c\n\x04\x64\x65ny\x18\x03 \x03(\t\"\xf5\x02\n\tJoinReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0b\n\x03org\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x17\n\x0frun_config_toml\x18\x05 \x01(\t\x12\x17\n\x0frun_config_hash\x18\x06 \x01(\t\x12\x15\n\rinitial_peers\x18\x07 \x03(\t\x12\r\n\x05\x65poch\x18\x08 \x01(\x03\x12\x18\n\x10\x63heckpoint_epoch\x18\n \x01(\x03\x12\x19\n\x11\x63heckpoint_sha256\x18\x0b \x01(\t\x12\x18\n\x10\x63heckpoint_bytes\x18\x0c \x01(\x03\x12\x1d\n\x15start_from_checkpoint\x18\r \x01(\x08\x12\x1e\n\x16\x63oordinator_public_key\x18\x14 \x01(\x0c\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x15 \x01(\x0c\x12-\n\x0c\x61\x63\x63\x65ss_lists\x18\x16 \x01(\x0b\x32\x17.potluck.v1.AccessLists\"\xf4\x01\n\rReportRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x11\n\treport_id\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\x12\x0f\n\x07samples\x18\x05 \x01(\x03\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x07 \x01(\x01\x12\x37\n\x07metrics\x18\x08 \x03(\x0b\x32&.potluck.v1.ReportRequest.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\" \n\x0bReportReply\x12\x11\n\tduplicate\x18\x01 \x01(\x08\"\x99\x01\n\x10HeartbeatRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x1a\n\x12samples_per_second\x18\x04 \x01(\x01\x12\x1c\n\x14\x61\x63\x63\x65ss_lists_version\x18\x14 \x01(\t\x12\x1a\n\x12renew_access_token\x18\x15 \x01(\x08\"\xb7\x02\n\x0eHeartbeatReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x12\n\nlive_peers\x18\x02 \x01(\x05\x12 \n\x18swarm_samples_per_second\x18\x03 \x01(\x01\x12\x14\n\x0crun_finished\x18\x04 \x01(\x08\x12\x14\n\x0cpeers_behind\x18\x05 \x01(\x05\x12\x0e\n\x06\x63redit\x18\n \x01(\x01\x12\x18\n\x10samples_recorded\x18\x0b \x01(\x03\x12\x15\n\raudits_passed\x18\x0c \x01(\x05\x12\x15\n\raudits_failed\x18\r \x01(\x05\x12\x17\n\x0f\x63redit_verified\x18\x0e \x01(\x08\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x14 \x01(\x0c\x12-\n\x0c\x61\x63\x63\x65ss_lists\x18\x15 \x01(\x0b\x32\x17.potluck.v1.AccessLists\"@\n\x0cLeaveRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x0c\n\nLeaveReply\"Z\n\x16\x43heckpointFetchRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\"/\n\x0f\x43heckpointChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"R\n\x12StatusProbeRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\x05\"G\n\x10StatusProbeReply\x12\x11\n\tconnected\x18\x01 \x01(\x08\x12\x10\n\x08greeting\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t2\xa6\x03\n\x0b\x43oordinator\x12\x36\n\x04Join\x12\x17.potluck.v1.JoinRequest\x1a\x15.potluck.v1.JoinReply\x12<\n\x06Report\x12\x19.potluck.v1.ReportRequest\x1a\x17.potluck.v1.ReportReply\x12\x45\n\tHeartbeat\x12\x1c.potluck.v1.HeartbeatRequest\x1a\x1a.potluck.v1.HeartbeatReply\x12\x39\n\x05Leave\x12\x18.potluck.v1.LeaveRequest\x1a\x16.potluck.v1.LeaveReply\x12R\n\x0f\x43heckpointFetch\x12\".potluck.v1.CheckpointFetchRequest\x1a\x1b.potluck.v1.CheckpointChunk\x12K\n\x0bStatusProbe\x12\x1e.potluck.v1.StatusProbeRequest\x1a\x1c.potluck.v1.StatusProbeReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/coordinator.proto\x12\npotluck.v1\"\x8a\x01\n\x0bJoinRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x18\n\x10hivemind_peer_id\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x16\n\x0e\x63lient_version\x18\x05 \x01(\t\x12\x16\n\x0eswarm_auth_key\x18\x14 \x01(\x0c\";\n\x0b\x41\x63\x63\x65ssLists\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05\x61llow\x18\x02 \x03(\t\x12\x0c\n\x04\x64\x65ny\x18\x03 \x03(\t\"\xf5\x02\n\tJoinReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0b\n\x03org\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x17\n\x0frun_config_toml\x18\x05 \x01(\t\x12\x17\n\x0frun_config_hash\x18\x06 \x01(\t\x12\x15\n\rinitial_peers\x18\x07 \x03(\t\x12\r\n\x05\x65poch\x18\x08 \x01(\x03\x12\x18\n\x10\x63heckpoint_epoch\x18\n \x01(\x03\x12\x19\n\x11\x63heckpoint_sha256\x18\x0b \x01(\t\x12\x18\n\x10\x63heckpoint_bytes\x18\x0c \x01(\x03\x12\x1d\n\x15start_from_checkpoint\x18\r \x01(\x08\x12\x1e\n\x16\x63oordinator_public_key\x18\x14 \x01(\x0c\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x15 \x01(\x0c\x12-\n\x0c\x61\x63\x63\x65ss_lists\x18\x16 \x01(\x0b\x32\x17.potluck.v1.AccessLists\"\x82\x03\n\rReportRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x11\n\treport_id\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\x12\x0f\n\x07samples\x18\x05 \x01(\x03\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x07 \x01(\x01\x12\x37\n\x07metrics\x18\x08 \x03(\x0b\x32&.potluck.v1.ReportRequest.MetricsEntry\x12\x32\n\nparameters\x18\n \x01(\x0b\x32\x1e.potluck.v1.SketchOfParameters\x12.\n\x08sketches\x18\x0b \x03(\x0b\x32\x1c.potluck.v1.SketchOfGradient\x12\x15\n\rcompute_dtype\x18\x0c \x01(\t\x12\x11\n\tsignature\x18\r \x01(\x0c\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"6\n\x12SketchOfParameters\x12\x0c\n\x04norm\x18\x01 \x01(\x01\x12\x12\n\nprojection\x18\x02 \x03(\x02\"T\n\x10SketchOfGradient\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0f\n\x07samples\x18\x02 \x01(\x03\x12\x0c\n\x04norm\x18\x03 \x01(\x01\x12\x12\n\nprojection\x18\x04 \x03(\x02\" \n\x0bReportReply\x12\x11\n\tduplicate\x18\x01 \x01(\x08\"\x99\x01\n\x10HeartbeatRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x1a\n\x12samples_per_second\x18\x04 \x01(\x01\x12\x1c\n\x14\x61\x63\x63\x65ss_lists_version\x18\x14 \x01(\t\x12\x1a\n\x12renew_access_token\x18\x15 \x01(\x08\"\xb7\x02\n\x0eHeartbeatReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x12\n\nlive_peers\x18\x02 \x01(\x05\x12 \n\x18swarm_samples_per_second\x18\x03 \x01(\x01\x12\x14\n\x0crun_finished\x18\x04 \x01(\x08\x12\x14\n\x0cpeers_behind\x18\x05 \x01(\x05\x12\x0e\n\x06\x63redit\x18\n \x01(\x01\x12\x18\n\x10samples_recorded\x18\x0b \x01(\x03\x12\x15\n\raudits_passed\x18\x0c \x01(\x05\x12\x15\n\raudits_failed\x18\r \x01(\x05\x12\x17\n\x0f\x63redit_verified\x18\x0e \x01(\x08\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x14 \x01(\x0c\x12-\n\x0c\x61\x63\x63\x65ss_lists\x18\x15 \x01(\x0b\x32\x17.potluck.v1.AccessLists\"@\n\x0cLeaveRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x0c\n\nLeaveReply\"Z\n\x16\x43heckpointFetchRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\"/\n\x0f\x43heckpointChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"R\n\x12StatusProbeRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\x05\"G\n\x10StatusProbeReply\x12\x11\n\tconnected\x18\x01 \x01(\x08\x12\x10\n\x08greeting\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t2\xa6\x03\n\x0b\x43oordinator\x12\x36\n\x04Join\x12\x17.potluck.v1.JoinRequest\x1a\x15.potluck.v1.JoinReply\x12<\n\x06Report\x12\x19.potluck.v1.ReportRequest\x1a\x17.potluck.v1.ReportReply\x12\x45\n\tHeartbeat\x12\x1c.potluck.v1.HeartbeatRequest\x1a\x1a.potluck.v1.HeartbeatReply\x12\x39\n\x05Leave\x12\x18.potluck.v1.LeaveRequest\x1a\x16.potluck.v1.LeaveReply\x12R\n\x0f\x43heckpointFetch\x12\".potluck.v1.CheckpointFetchRequest\x1a\x1b.potluck.v1.CheckpointChunk\x12K\n\x0bStatusProbe\x12\x1e.potluck.v1.StatusProbeRequest\x1a\x1c.potluck.v1.StatusProbeReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,27 +40,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREPLY']._serialized_start=243
   _globals['_JOINREPLY']._serialized_end=616
   _globals['_REPORTREQUEST']._serialized_start=619
-  _globals['_REPORTREQUEST']._serialized_end=863
-  _globals['_REPORTREQUEST_METRICSENTRY']._serialized_start=817
-  _globals['_REPORTREQUEST_METRICSENTRY']._serialized_end=863
-  _globals['_REPORTREPLY']._serialized_start=865
-  _globals['_REPORTREPLY']._serialized_end=897
-  _globals['_HEARTBEATREQUEST']._serialized_start=900
-  _globals['_HEARTBEATREQUEST']._serialized_end=1053
-  _globals['_HEARTBEATREPLY']._serialized_start=1056
-  _globals['_HEARTBEATREPLY']._serialized_end=1367
-  _globals['_LEAVEREQUEST']._serialized_start=1369
-  _globals['_LEAVEREQUEST']._serialized_end=1433
-  _globals['_LEAVEREPLY']._serialized_start=1435
-  _globals['_LEAVEREPLY']._serialized_end=1447
-  _globals['_CHECKPOINTFETCHREQUEST']._serialized_start=1449
-  _globals['_CHECKPOINTFETCHREQUEST']._serialized_end=1539
-  _globals['_CHECKPOINTCHUNK']._serialized_start=1541
-  _globals['_CHECKPOINTCHUNK']._serialized_end=1588
-  _globals['_STATUSPROBEREQUEST']._serialized_start=1590
-  _globals['_STATUSPROBEREQUEST']._serialized_end=1672
-  _globals['_STATUSPROBEREPLY']._serialized_start=1674
-  _globals['_STATUSPROBEREPLY']._serialized_end=1745
-  _globals['_COORDINATOR']._serialized_start=1748
-  _globals['_COORDINATOR']._serialized_end=2170
+  _globals['_REPORTREQUEST']._serialized_end=1005
+  _globals['_REPORTREQUEST_METRICSENTRY']._serialized_start=959
+  _globals['_REPORTREQUEST_METRICSENTRY']._serialized_end=1005
+  _globals['_SKETCHOFPARAMETERS']._serialized_start=1007
+  _globals['_SKETCHOFPARAMETERS']._serialized_end=1061
+  _globals['_SKETCHOFGRADIENT']._serialized_start=1063
+  _globals['_SKETCHOFGRADIENT']._serialized_end=1147
+  _globals['_REPORTREPLY']._serialized_start=1149
+  _globals['_REPORTREPLY']._serialized_end=1181
+  _globals['_HEARTBEATREQUEST']._serialized_start=1184
+  _globals['_HEARTBEATREQUEST']._serialized_end=1337
+  _globals['_HEARTBEATREPLY']._serialized_start=1340
+  _globals['_HEARTBEATREPLY']._serialized_end=1651
+  _globals['_LEAVEREQUEST']._serialized_start=1653
+  _globals['_LEAVEREQUEST']._serialized_end=1717
+  _globals['_LEAVEREPLY']._serialized_start=1719
+  _globals['_LEAVEREPLY']._serialized_end=1731
+  _globals['_CHECKPOINTFETCHREQUEST']._serialized_start=1733
+  _globals['_CHECKPOINTFETCHREQUEST']._serialized_end=1823
+  _globals['_CHECKPOINTCHUNK']._serialized_start=1825
+  _globals['_CHECKPOINTCHUNK']._serialized_end=1872
+  _globals['_STATUSPROBEREQUEST']._serialized_start=1874
+  _globals['_STATUSPROBEREQUEST']._serialized_end=1956
+  _globals['_STATUSPROBEREPLY']._serialized_start=1958
+  _globals['_STATUSPROBEREPLY']._serialized_end=2029
+  _globals['_COORDINATOR']._serialized_start=2032
+  _globals['_COORDINATOR']._serialized_end=2454
 # @@protoc_insertion_point(module_scope)
