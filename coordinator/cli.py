@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from enum import Enum
 from pathlib import Path
@@ -19,6 +20,8 @@ from peer.errors import UserError
 app = new_app("coordinator", "Host a potluck run: admit volunteers, track progress, keep the credit ledger.")
 token_app = typer.Typer(help="Signed join tokens for organizations.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
+ledger_app = typer.Typer(help="The credit ledger: provisional and settled credit, audits; `verify` checks it.")
+app.add_typer(ledger_app, name="ledger")
 org_app = typer.Typer(help="Organizations taking part in the run.", no_args_is_help=True)
 app.add_typer(org_app, name="org")
 
@@ -198,6 +201,52 @@ def status_command(
         print(json.dumps(state, indent=2))
     else:
         render_status(state)
+
+
+class By(str, Enum):
+    peer = "peer"
+    org = "org"
+
+
+class TableJsonCsv(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+@ledger_app.callback(invoke_without_command=True)
+def ledger_command(
+    ctx: typer.Context,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    by: Annotated[By, typer.Option("--by", help="One row per peer or per organization.")] = By.peer,
+    format: Annotated[TableJsonCsv, typer.Option("--format")] = TableJsonCsv.table,
+):
+    """Credit per peer or org: provisional and settled samples, audits, strikes, bans."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from coordinator.credit_view import print_credit
+
+    print_credit(open_credit(data_dir), by.value, format.value)
+
+
+@ledger_app.command("verify")
+def ledger_verify(data_dir: DataDir = DEFAULT_DATA_DIR):
+    """Re-check the hash-chained contribution log and every report signature; exit 1 on tampering."""
+    problems = open_credit(data_dir).verify()
+    for problem in problems:
+        print(f"tampered: {problem}", file=sys.stderr)
+    if problems:
+        raise typer.Exit(1)
+    print("contribution log intact")
+
+
+def open_credit(data_dir: Path):
+    """The credit tables of an existing ledger (the run's [verification] settings come from its meta)."""
+    from coordinator.credit import Credit
+    from peer.runconfig import VerificationConfig
+
+    ledger = Ledger.open_existing(data_dir)
+    return Credit(ledger.path, VerificationConfig(), ledger.meta("run_id") or "")
 
 
 def main() -> None:

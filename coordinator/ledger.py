@@ -333,6 +333,11 @@ class Ledger:
             raise LedgerError("PERMISSION_DENIED", f"{EVICTED_PREFIX}{row['evicted']}")
         return row
 
+    def authenticate(self, peer_id: str, session: str) -> bytes:
+        """Check a peer's session; returns its Ed25519 public key."""
+        with self._lock:
+            return self._check_session(self._db, peer_id, session)["public_key"]
+
     def heartbeat(self, peer_id: str, session: str, epoch: int, samples_per_second: float) -> dict:
         """Record liveness; returns the peer's row."""
         with self._write() as db:

@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent import futures
@@ -36,6 +38,7 @@ INFO_FILE = "coordinator.json"
 DHT_IDENTITY_FILE = "dht_identity.key"
 KEY_FILE = "coordinator.key"  # the coordinator's Ed25519 identity: signs join tokens and swarm access tokens
 LOCK_FILE = "serve.lock"
+AUDITOR_LOG = "auditor.log"
 DEFAULT_TOKEN_FILE = "default-org.token"
 DEFAULT_ORG = "default"
 MAX_MESSAGE_BYTES = 1 << 20  # every legitimate message is a few KB; refuse anything bigger early
@@ -139,6 +142,22 @@ def _start_dht(host: str, dht_port: int, data_dir: Path, authorizer):
         raise UserError(f"could not start the swarm's DHT node on {host}:{dht_port}: {error}") from None
 
 
+def start_auditor(run_path: Path, data_dir: Path, dht_maddrs: list[str]) -> subprocess.Popen:
+    """The auditor runs in its own process (it replays work and joins the swarm as a client)."""
+    log_file = open(Path(data_dir) / AUDITOR_LOG, "ab")
+    return subprocess.Popen([sys.executable, "-m", "coordinator.auditor", str(Path(run_path).resolve()),
+                             str(Path(data_dir).resolve()), *dht_maddrs],
+                            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def stop_auditor(auditor: subprocess.Popen) -> None:
+    auditor.terminate()
+    try:
+        auditor.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        auditor.kill()
+
+
 def _lock_data_dir(data_dir: Path):
     """One coordinator per data dir; the OS drops the lock when the process dies, even by kill -9."""
     lock = open(Path(data_dir) / LOCK_FILE, "a+")
@@ -178,6 +197,7 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, t
 
     dht = _start_dht(host, dht_port, data_dir, keeper.authorizer)
     dht_maddrs = [str(addr) for addr in dht.get_visible_maddrs()]
+    auditor = start_auditor(run_path, data_dir, dht_maddrs)
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS),
@@ -198,6 +218,7 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, t
     except RuntimeError:
         bound = 0
     if bound == 0:
+        stop_auditor(auditor)
         dht.shutdown()
         raise UserError(f"cannot listen on {host}:{port} (in use or not permitted); pick another --port, or 0")
     server.start()
@@ -234,6 +255,7 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, t
     finally:
         print("coordinator stopping", flush=True)
         server.stop(grace=2).wait()
+        stop_auditor(auditor)
         dht.shutdown()
         ledger.close()
         lock.close()

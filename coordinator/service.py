@@ -11,8 +11,9 @@ import math
 
 import grpc
 
+from coordinator.credit import Credit
 from coordinator import tokens
-from coordinator.ledger import Ledger, LedgerError
+from coordinator.ledger import BANNED, Ledger, LedgerError
 from peer.identity import Identity, peer_id_of
 from peer.runconfig import RunConfig
 from peer.swarm_access import issue_access_token
@@ -35,11 +36,16 @@ def access_lists(ledger: Ledger) -> pb.AccessLists:
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, ledger: Ledger, config: RunConfig, initial_peers: list[str], identity: Identity):
+    def __init__(self, ledger: Ledger, config: RunConfig, initial_peers: list[str], identity: Identity,
+                 credit: Credit | None = None):
         self.ledger = ledger
         self.config = config
         self.initial_peers = initial_peers
         self.identity = identity
+        self.credit = credit or Credit(ledger.path, config.verification, config.run_id,
+                                       proof_required=config.averaging.strategy == "sync")
+        # a ban (failed audits, forged reports) is an eviction: token session refused, swarm access withdrawn
+        self.credit.on_ban = lambda peer_id, reason: ledger.evict(peer_id, f"{BANNED}: {reason}")
 
     def _access_token(self, hivemind_peer_id: str, swarm_auth_key: bytes) -> bytes:
         return issue_access_token(
@@ -101,12 +107,22 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if bad:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed report: negative, non-finite or oversized field")
         try:
+            public_key = self.ledger.authenticate(request.peer_id, request.session)
+        except LedgerError as error:
+            _abort(context, error)
+        if not self.credit.signature_ok(request, public_key):
+            self.credit.record_check_failure(request.peer_id, request.epoch, "report signature does not verify")
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "report signature does not verify against this peer's key")
+        try:
             fresh = self.ledger.record_report(
                 request.peer_id, request.session, request.report_id, request.epoch, request.samples,
                 request.loss, request.compute_seconds, dict(request.metrics),
             )
         except LedgerError as error:
             _abort(context, error)
+        admitted = self.credit.record_report(request, public_key, self.config.micro_batch_size)
+        for problem in admitted.problems:
+            log.warning("report %s of peer %s failed a check: %s", request.report_id, request.peer_id, problem)
         if fresh:
             log.info("report %s: peer %s epoch %d, %d samples, loss %.4f",
                      request.report_id, request.peer_id, request.epoch, request.samples, request.loss)
@@ -117,8 +133,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed heartbeat")
         if len(request.access_lists_version) > 64:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed heartbeat")
+        # an epoch beyond what the run can have reached is a lie; it must not move the run's epoch
+        epoch = min(request.epoch, self.credit.plausible_epoch())
         try:
-            peer = self.ledger.heartbeat(request.peer_id, request.session, request.epoch, request.samples_per_second)
+            peer = self.ledger.heartbeat(request.peer_id, request.session, epoch, request.samples_per_second)
         except LedgerError as error:
             _abort(context, error)
         state = self.ledger.snapshot(self.config.peer_timeout)

@@ -76,6 +76,7 @@ def join_command(
     from peer.transport import Endpoint, normalize_fingerprint
     from peer.events import EventLog
     from peer.outbox import Outbox
+    from peer.report import sign_report
     from peer.runconfig import parse_run_config
     from peer.swarm import start_dht, swarm_peer_id
     from peer.task import load_task
@@ -130,7 +131,8 @@ def join_command(
     admission = Admission(identity, reply.peer_id, reply.session, config.run_id, access, config.access_token_ttl)
 
     def make_link() -> CoordinatorLink:
-        return CoordinatorLink(endpoint, admission, outbox, config.heartbeat_interval)
+        return CoordinatorLink(endpoint, admission, outbox, config.heartbeat_interval,
+                               sign=lambda request: sign_report(request, config.run_id, identity.private_key))
 
     summary = train(config, task, reply.peer_id, dht, make_link, events,
                     TrainOptions(data_dir, chosen_device, max_epochs, progress.value))

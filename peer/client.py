@@ -16,6 +16,7 @@ import grpc
 
 from peer.errors import EVICTED_PREFIX, UserError
 from peer.outbox import Outbox
+from peer.report import attach_proof
 from peer.signing import sign_request
 from peer.swarm_access import AccessFiles
 from peer.transport import Endpoint
@@ -113,9 +114,11 @@ class CoordinatorLink:
     token, removed org, ban) is noticed here and ends training.
     """
 
-    def __init__(self, endpoint: Endpoint, admission: Admission, outbox: Outbox, heartbeat_interval: float):
+    def __init__(self, endpoint: Endpoint, admission: Admission, outbox: Outbox, heartbeat_interval: float,
+                 sign=None):
         self.admission = admission
         self.peer_id, self.session, self.outbox = admission.peer_id, admission.session, outbox
+        self.sign = sign  # sign(request): adds the report signature (peer/report.py)
         self.heartbeat_interval = heartbeat_interval
         self.view = SwarmView()
         self.epoch = 0
@@ -133,16 +136,26 @@ class CoordinatorLink:
         self._thread.start()
         return self
 
-    def report(self, epoch: int, samples: int, loss: float, compute_seconds: float, metrics: dict[str, float]) -> str:
-        """Store a report durably and wake the sender; returns its id."""
+    def report(self, epoch: int, samples: int, loss: float, compute_seconds: float, metrics: dict[str, float],
+               proof=None) -> str:
+        """Store a report (with its proof of work, signed) durably and wake the sender; returns its id."""
         report_id = uuid.uuid4().hex
         request = pb.ReportRequest(
             peer_id=self.peer_id, session=self.session, report_id=report_id, epoch=epoch, samples=samples,
             loss=loss, compute_seconds=compute_seconds, metrics=metrics,
         )
+        if proof is not None:
+            attach_proof(request, proof)
+        if self.sign is not None:
+            self.sign(request)
         self.outbox.put(report_id, request.SerializeToString())
         self._wake.set()
         return report_id
+
+    def epoch_limit(self, slack: int) -> int | None:
+        """The highest swarm epoch that is plausible, per the coordinator's fresh view (None: no fresh view)."""
+        fresh = self.view.updated and time.monotonic() - self.view.updated < 3 * self.heartbeat_interval + CALL_TIMEOUT
+        return self.view.epoch + slack if fresh else None
 
     def wait_for_peers_to_catch_up(self, timeout: float) -> bool:
         """After this peer's last epoch, wait (bounded) until no live peer is still behind it.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from peer.errors import UserError
@@ -53,10 +53,28 @@ class RunConfig:
     access_token_ttl: float
     text: str
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
+    verification: "VerificationConfig" = field(default_factory=lambda: VerificationConfig())
 
     @property
     def config_hash(self) -> str:
         return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class VerificationConfig:
+    """[verification]: how reports are sketched and audited (see coordinator/credit.py, auditor.py)."""
+
+    sketch_dims: int = 64               # length of every gradient / parameter sketch
+    fp32_tolerance: float = 1e-3        # relative L2 error (and norm ratio - 1) a fp32 replay may show
+    bf16_tolerance: float = 5e-2        # the same for peers computing under bf16 autocast
+    audit_rate_new: float = 0.1         # fraction of micro-batches replayed for new peers
+    audit_rate: float = 0.025           # ... and for established peers (x snapshot_rate = replayed share)
+    audit_floor: int = 4                # audits per peer per window at least, whatever the rate
+    established_after: int = 20         # passed audits before a peer counts as established
+    snapshot_rate: float = 1.0          # fraction of epochs (secretly chosen) whose parameters the auditor keeps
+    window_epochs: int = 10             # credit settles per window of this many epochs
+    ban_after_strikes: int = 1          # strikes (two independent failed audits each) before a ban
+    epoch_slack: int = 3                # epochs a peer may be ahead of the run before its progress is a lie
 
 
 # section -> field -> (type, default); None as default means required
@@ -80,6 +98,7 @@ _SCHEMA: dict[str, dict[str, tuple[type, object]]] = {
         "overlap": (bool, AveragingConfig.overlap),
     },
     "security": {"access_token_ttl": (float, 300.0)},
+    "verification": {f.name: (type(f.default), f.default) for f in fields(VerificationConfig)},
 }
 
 
@@ -127,6 +146,7 @@ def parse_run_config(text: str, where: str = "run config") -> RunConfig:
         access_token_ttl=values["security.access_token_ttl"],
         text=text,
         averaging=AveragingConfig(**{key: values[f"averaging.{key}"] for key in _SCHEMA["averaging"]}),
+        verification=VerificationConfig(**{f.name: values[f"verification.{f.name}"] for f in fields(VerificationConfig)}),
     )
     _check_ranges(config, where)
     return config
@@ -147,6 +167,16 @@ def _check_ranges(config: RunConfig, where: str) -> None:
         )
     if config.min_peers < 1:
         raise UserError(f"{where}: [training] min_peers must be >= 1, got {config.min_peers}")
+    v = config.verification
+    if v.sketch_dims not in (8, 16, 32, 64, 128, 256, 512, 1024):
+        raise UserError(f"{where}: [verification] sketch_dims must be a power of two from 8 to 1024, "
+                        f"got {v.sketch_dims}")
+    for name in ("audit_rate_new", "audit_rate", "snapshot_rate"):
+        if not 0 < getattr(v, name) <= 1:
+            raise UserError(f"{where}: [verification] {name} must be in (0, 1], got {getattr(v, name)}")
+    for name in ("fp32_tolerance", "bf16_tolerance", "window_epochs", "ban_after_strikes", "epoch_slack"):
+        if getattr(v, name) <= 0:
+            raise UserError(f"{where}: [verification] {name} must be > 0, got {getattr(v, name)}")
     if config.access_token_ttl < 4 * config.heartbeat_interval:
         raise UserError(f"{where}: [security] access_token_ttl must be at least 4 heartbeat intervals "
                         f"({4 * config.heartbeat_interval:g}s), got {config.access_token_ttl:g}")

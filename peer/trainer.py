@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import threading
@@ -12,12 +11,13 @@ from pathlib import Path
 
 import torch
 
-from peer.assignment import micro_batch_indices
 from peer.client import CoordinatorLink
 from peer.events import EventLog
 from peer.progress import Progress, ProgressDisplay
+from peer.progress_guard import guard_swarm_epoch
 from peer.runconfig import RunConfig
 from peer.swarm import FIRST_FETCH_TIMEOUT, load_state, make_optimizer, needs_state_from_peers
+from peer.work import EpochProof, autocast_context, do_micro_batch
 
 MODEL_FILE = "model.pt"
 
@@ -53,13 +53,6 @@ def install_stop_handlers() -> threading.Event:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, handle)
     return stop
-
-
-def autocast_context(device: torch.device):
-    """bf16 autocast on CUDA, nothing on CPU."""
-    if device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 def wait_for_peers(opt, min_peers: int, stop: threading.Event, display: ProgressDisplay) -> None:
@@ -104,12 +97,14 @@ def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLo
     opt = make_optimizer(dht, config, model, task, client_mode=False)
     stop = install_stop_handlers()
     link: CoordinatorLink = make_link().start()
+    guard_swarm_epoch(opt.tracker, lambda: link.epoch_limit(config.verification.epoch_slack))
     inputs, targets = task.train_data()
     eval_inputs, eval_targets = (t.to(device) for t in task.eval_data())
     autocast = autocast_context(device)
+    sketch_dims = config.verification.sketch_dims
     progress = Progress()
     epoch, micro_batch, epochs_done, total_samples = opt.local_epoch, 0, 0, 0
-    meter = EpochMeter()
+    meter, proof = EpochMeter(), None
     events.emit("started", epoch=epoch, device=str(device))
     reason = "stopped"
 
@@ -134,19 +129,21 @@ def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLo
                                 f"loading state from peers")
                 load_state(opt, model)
                 events.emit("state_loaded", epoch=opt.local_epoch, discarded_samples=meter.samples)
-                epoch, micro_batch, meter = opt.local_epoch, 0, EpochMeter()
+                epoch, micro_batch, meter, proof = opt.local_epoch, 0, EpochMeter(), None
                 continue
 
+            if proof is None:  # the parameters this epoch starts from, fixed until the epoch's step
+                proof = EpochProof.start(model, config.seed, epoch, sketch_dims, device)
             started = time.perf_counter()
-            index = micro_batch_indices(config.seed, epoch, peer_id, micro_batch, len(inputs), config.micro_batch_size)
-            batch_inputs, batch_targets = inputs[index].to(device), targets[index].to(device)
-            with autocast():
-                loss = task.loss(model, batch_inputs, batch_targets)
-            loss.backward()
+            done = do_micro_batch(task, model, inputs, targets, run_seed=config.seed, epoch=epoch, peer_id=peer_id,
+                                  micro_batch=micro_batch, micro_batch_size=config.micro_batch_size,
+                                  sketch_dims=sketch_dims, device=device, autocast=autocast)
             compute = time.perf_counter() - started
-            opt.step()
+            proof.micro_batches.append(done)
+            # the averaging weight is the sample count hivemind accumulates: pass the true one
+            opt.step(batch_size=done.samples)
             opt.zero_grad()
-            meter.add(len(index), loss.item(), compute)
+            meter.add(done.samples, done.loss, compute)
             micro_batch += 1
             if not gated:  # after one step, so hivemind announces this peer; see wait_for_peers
                 wait_for_peers(opt, config.min_peers, stop, display)
@@ -163,14 +160,14 @@ def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLo
                 model.eval()
                 metrics = task.evaluate(model, eval_inputs, eval_targets)
                 model.train()
-                report_id = link.report(epoch, meter.samples, meter.mean_loss, meter.compute_seconds, metrics)
+                report_id = link.report(epoch, meter.samples, meter.mean_loss, meter.compute_seconds, metrics, proof)
                 events.emit("epoch", epoch=epoch, samples=meter.samples, loss=meter.mean_loss,
                             metrics=metrics, report_id=report_id, peers=progress.peers)
                 total_samples += meter.samples
                 epochs_done += 1
                 progress.loss, progress.accuracy, progress.samples = meter.mean_loss, metrics.get("accuracy"), total_samples
                 display.epoch_done(progress)
-                epoch, micro_batch, meter = opt.local_epoch, 0, EpochMeter()
+                epoch, micro_batch, meter, proof = opt.local_epoch, 0, EpochMeter(), None
 
     if reason != "stopped" and not link.evicted:
         link.wait_for_peers_to_catch_up(timeout=config.averaging_timeout)

@@ -59,7 +59,7 @@ class JoinReply(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., org: _Optional[str] = ..., run_id: _Optional[str] = ..., run_config_toml: _Optional[str] = ..., run_config_hash: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., coordinator_public_key: _Optional[bytes] = ..., access_token: _Optional[bytes] = ..., access_lists: _Optional[_Union[AccessLists, _Mapping]] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
-    __slots__ = ("peer_id", "session", "report_id", "epoch", "samples", "loss", "compute_seconds", "metrics")
+    __slots__ = ("peer_id", "session", "report_id", "epoch", "samples", "loss", "compute_seconds", "metrics", "parameters", "sketches", "compute_dtype", "signature")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,10 @@ class ReportRequest(_message.Message):
     LOSS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    SKETCHES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     session: str
     report_id: str
@@ -83,7 +87,31 @@ class ReportRequest(_message.Message):
     loss: float
     compute_seconds: float
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., report_id: _Optional[str] = ..., epoch: _Optional[int] = ..., samples: _Optional[int] = ..., loss: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    parameters: SketchOfParameters
+    sketches: _containers.RepeatedCompositeFieldContainer[SketchOfGradient]
+    compute_dtype: str
+    signature: bytes
+    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., report_id: _Optional[str] = ..., epoch: _Optional[int] = ..., samples: _Optional[int] = ..., loss: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., parameters: _Optional[_Union[SketchOfParameters, _Mapping]] = ..., sketches: _Optional[_Iterable[_Union[SketchOfGradient, _Mapping]]] = ..., compute_dtype: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class SketchOfParameters(_message.Message):
+    __slots__ = ("norm", "projection")
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    PROJECTION_FIELD_NUMBER: _ClassVar[int]
+    norm: float
+    projection: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, norm: _Optional[float] = ..., projection: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class SketchOfGradient(_message.Message):
+    __slots__ = ("index", "samples", "norm", "projection")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    PROJECTION_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    samples: int
+    norm: float
+    projection: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, index: _Optional[int] = ..., samples: _Optional[int] = ..., norm: _Optional[float] = ..., projection: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ReportReply(_message.Message):
     __slots__ = ("duplicate",)
