@@ -20,11 +20,16 @@ Round numbers. The epoch of a peer is the number of outer steps its anchor has r
 negotiated through hivemind's progress tracker. Peers meet for a round by time (matchmaking among
 those that finished their phase within ``averaging_timeout`` of each other), and every peer sends
 its epoch plus a fingerprint (a fixed random projection) of its anchor and momentum in the round's
-gather. A peer that was behind (a missed round) or drifted (compression makes the all-reduce results
-differ slightly per peer) shows a different fingerprint, everyone in the group sees it, and the group
+gather. The all-reduce hands every member the same decoded average (peer.same_result_allreduce; with
+hivemind's own, each member would get its own codec error and the anchors would drift apart). A peer
+that was behind (a missed or rejected round) shows a different fingerprint, everyone in the group sees it, and the group
 immediately runs a *resync* round: anchor and momentum are averaged uncompressed over the peers at
 the group's highest epoch (the others take weight 0), and every member adopts that epoch. The run's
 last round is always followed by a resync, so peers finish with the same parameters.
+
+Group formation. Before each round the averagers are told the coordinator's count of live peers as
+the target group size, so the all-reduce starts as soon as they have all joined, instead of after
+hivemind's whole matchmaking window (which stays the upper bound when a peer is missing).
 
 Checks (HIVEMIND_NOTES traps 13, 14, 8). Every round has a matchmaking deadline and an all-reduce
 timeout, and the wait for its result is bounded too. What comes back is checked before use: a group
@@ -52,11 +57,10 @@ log = logging.getLogger("potluck.diloco")
 
 SKETCH_DIM = 4  # random projections per fingerprint
 SKETCH_SEED = 20261128
-# Relative distance between two peers' anchors that triggers a resync. The all-reduce hands each
-# peer the mean plus its own codec error, so anchors drift apart by a random walk of codec noise;
-# momentum, of the pseudo-gradient's scale, differs relatively more (bounded: it decays by 0.9).
-ANCHOR_TOLERANCE = {"none": 1e-4, "fp16": 1e-3, "uint8": 1e-2}
-MOMENTUM_TOLERANCE = {"none": 1e-3, "fp16": 1e-2, "uint8": 0.2}
+# Relative distance between two peers' anchors (momenta) that triggers a resync. Every member gets the
+# same decoded average (peer.same_result_allreduce), so same-epoch anchors differ only by float rounding.
+ANCHOR_TOLERANCE = 1e-4
+MOMENTUM_TOLERANCE = 1e-3
 SKETCH_SIGMAS = 6.0  # a projection of independent codec errors stays within this many standard deviations
 REQUEST_TIMEOUT = 1.0
 STATE_DOWNLOAD_TIMEOUT = 60.0
@@ -91,6 +95,8 @@ def _make_averager_class():
     from hivemind.averaging import DecentralizedAverager
     from hivemind.utils import MPFuture
 
+    from peer.same_result_allreduce import run_allreduce_inplace
+
     class GroupSizedAverager(DecentralizedAverager):
         """A DecentralizedAverager whose expected group size can change between rounds.
 
@@ -104,6 +110,10 @@ def _make_averager_class():
             future = MPFuture()
             self._outer_pipe.send(("_set_target_group_size", [], dict(size=size, future=future)))
             future.result(timeout=REQUEST_TIMEOUT * 5)
+
+        async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+            # every member gets the same decoded average, so anchors do not drift apart (see the module)
+            await run_allreduce_inplace(self, tensors, group_info, group_id, **kwargs)
 
         async def _set_target_group_size(self, size, future):  # runs in the averager's process
             self._matchmaking.target_group_size = size
@@ -271,7 +281,7 @@ class DiLoCo:
         members = [g for g in gathered.values() if _well_formed(g)]
         if len(members) != len(gathered):
             return RoundOutcome(epoch, applied=False, group_size=len(gathered), reason="malformed gather")
-        anchor_tolerance, momentum_tolerance = ANCHOR_TOLERANCE[self.codec], MOMENTUM_TOLERANCE[self.codec]
+        anchor_tolerance, momentum_tolerance = ANCHOR_TOLERANCE, MOMENTUM_TOLERANCE
         consistent = all(
             m["epoch"] == sent["epoch"]
             and _close(m["anchor"], sent["anchor"], anchor_tolerance * max(m["anchor_norm"], sent["anchor_norm"]))

@@ -19,7 +19,8 @@ from peer.diloco import STATE_DOWNLOAD_TIMEOUT, DiLoCo
 from peer.events import EventLog
 from peer.progress import Progress, ProgressDisplay
 from peer.runconfig import RunConfig
-from peer.trainer import MODEL_FILE, EpochMeter, TrainOptions, autocast_context, install_stop_handlers
+from peer.trainer import MODEL_FILE, EpochMeter, TrainOptions, install_stop_handlers
+from peer.work import autocast_context
 
 FIRST_HEARTBEAT_TIMEOUT = 15.0  # seconds to learn the swarm's epoch from the coordinator before starting
 

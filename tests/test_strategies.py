@@ -165,6 +165,11 @@ def test_uint8_averaged_values_across_two_processes(procs, tmp_path):
         # two 8-bit passes (up and down) cost ~2-3%; a dropped part would leave own values (~100% off)
         assert error < 0.06, error.item()
         assert (got - mean).norm() < 0.1 * half_gap
+    # every member holds the same decoded average (peer.same_result_allreduce), so anchors stay together
+    for got_a, got_b in zip(a["rounds"][0]["mean_delta"], b["rounds"][0]["mean_delta"]):
+        torch.testing.assert_close(torch.tensor(got_a), torch.tensor(got_b), rtol=0, atol=1e-7)
+    for anchor_a, anchor_b in zip(a["anchor"], b["anchor"]):
+        torch.testing.assert_close(torch.tensor(anchor_a), torch.tensor(anchor_b), rtol=0, atol=1e-6)
 
 
 # -- a DiLoCo run through the real CLI -----------------------------------------------------------
