@@ -8,7 +8,10 @@ Needs root for network namespaces; otherwise it runs on loopback and says so.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads: the in-process reference runs one thread
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,9 +44,12 @@ def build_plan(args) -> Plan:
                              target_batch=128), default_arms(quick=True), probe_values=100_000, probe_rounds=1,
                     overhead_seconds=6, overhead_target_batch=512, reference_cap=5_000, label="smoke",
                     concurrent=True)
+        plan.arms = [replace(arm, averaging={**arm.averaging, "inner_steps": 10}) if "inner_steps" in arm.averaging
+                     else arm for arm in plan.arms]
     elif args.quick:
-        plan = Plan(Workload(peers=4, seconds=30, late_join_after=6, late_grace=15, width=512), default_arms(quick=True),
-                    probe_rounds=3, probe_peers=2, overhead_seconds=10, reference_cap=30_000, label="quick")
+        plan = Plan(Workload(peers=4, seconds=45, late_join_after=6, late_grace=15, width=512, step_seconds=0.05),
+                    default_arms(quick=True), probe_rounds=3, probe_peers=2, overhead_seconds=20,
+                    overhead_target_batch=1024, reference_cap=30_000, label="quick")
     else:
         plan = Plan(Workload(peers=4, seconds=90, late_join_after=20), default_arms(quick=False), repeats=2)
     workload = plan.workload

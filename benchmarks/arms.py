@@ -123,6 +123,14 @@ def attach_compute_seconds(events: list[dict], ledger_path: Path) -> None:
             event["compute_seconds"] = compute.get(event.get("report_id"))
 
 
+def transport_args(served: dict) -> list[str]:
+    """How a peer pins the coordinator: its TLS fingerprint, --insecure for a plaintext one, nothing
+    for a checkout that predates TLS (no such field in coordinator.json)."""
+    if "tls_fingerprint" not in served:
+        return []
+    return ["--fingerprint", served["tls_fingerprint"]] if served["tls_fingerprint"] else ["--insecure"]
+
+
 class ArmRunner:
     """Runs arms on the hosts it is given: hosts[0] supports (coordinator or bootstrap), hosts[1:] are
     peers (the one after the workload's peers is the late joiner when the workload has one)."""
@@ -218,15 +226,17 @@ class ArmRunner:
             except (FileNotFoundError, json.JSONDecodeError):
                 return None
 
-        address = self._wait(info, START_TIMEOUT, "the coordinator to start", [coordinator])["address"]
+        served = self._wait(info, START_TIMEOUT, "the coordinator to start", [coordinator])
+        address = served["address"]
         token = (coordinator_dir / "default-org.token").read_text().strip()
+        pin = transport_args(served)
 
         def launch(host: Host, name: str, late: bool):
             data_dir = folder / name
             data_dir.mkdir(parents=True, exist_ok=True)
             popen = self.processes.start(
                 host.command([str(BIN / "peer"), "join", address, "--token", token, "--data-dir", str(data_dir),
-                              "--host", host.address, "--threads", "1", "--progress", "plain"]),
+                              "--host", host.address, "--threads", "1", "--progress", "plain", *pin]),
                 f"{folder.name}-{name}", env=workload.env())
             return popen, data_dir
 

@@ -36,11 +36,12 @@ class ArmStats:
     join_seconds: float | None
     join_parts: dict
     rounds: int
+    curve: list = None  # (seconds since start, swarm samples, held-out loss) after each round, as peer 0 saw it
 
 
 def empty_stats(name: str) -> ArmStats:
     """The stats of an arm that did not run (its figures are null)."""
-    return ArmStats(name, None, None, None, 0, None, None, 0, None, None, None, {}, 0)
+    return ArmStats(name, None, None, None, 0, None, None, 0, None, None, None, {}, 0, [])
 
 
 UNITS = {"a": "fraction of peer-time computing", "b": "T_bound / T_round (group formation included)",
@@ -110,7 +111,7 @@ def arm_stats(run: ArmRun, target_loss: float) -> ArmStats:
                 parts["contributed"] = "not within the arm"
     rounds = min((len(epochs(p)) for p in run.initial_peers()), default=0)
     return ArmStats(run.arm.name, cu, compute_per_round, bytes_per_sample, window_samples, window_bytes, final_loss,
-                    final_samples, reached[0], reached[1], join_seconds, parts, rounds)
+                    final_samples, reached[0], reached[1], join_seconds, parts, rounds, curve)
 
 
 def strategy_payload(run: ArmRun, parameters: int) -> tuple[float, float, bool]:
@@ -169,15 +170,25 @@ def figure_c(main: ArmRun, main_stats: ArmStats, base_stats: ArmStats, reference
             "baseline": base_stats.bytes_per_sample, "reduction_vs_baseline": ratio(base_stats.bytes_per_sample,
                                                                                       main_stats.bytes_per_sample),
             "data_parallel": data_parallel, "reduction_vs_data_parallel": ratio(data_parallel, main_stats.bytes_per_sample),
-            "loss_ratio": loss_ratio, "baseline_loss_ratio": loss_ratio_of(base_stats, reference),
+            "loss_ratio": loss_ratio, "loss_ratio_at_samples": loss_ratio_point(main_stats, reference)[1],
+            "baseline_loss_ratio": loss_ratio_of(base_stats, reference),
             "final_loss": main_stats.final_loss, "final_samples": main_stats.final_samples,
             "reference_loss": reference.loss_at(main_stats.final_samples), "arm": main.arm.name,
             "goal": ">= 400x fewer bytes/sample than hivemind defaults, loss within 2% of one process"}
 
 
+def loss_ratio_point(stats: ArmStats, reference: Curve) -> tuple[float | None, int | None]:
+    """(arm loss / single-process loss, samples) at the arm's last round the reference reaches."""
+    points = [(samples, loss) for _, samples, loss in (stats.curve or [])
+              if loss is not None and reference.loss_at(samples) is not None]
+    if not points:
+        return None, None
+    samples, loss = points[-1]
+    return ratio(loss, reference.loss_at(samples)), samples
+
+
 def loss_ratio_of(stats: ArmStats, reference: Curve) -> float | None:
-    single = reference.loss_at(stats.final_samples) if stats.final_samples else None
-    return ratio(stats.final_loss, single)
+    return loss_ratio_point(stats, reference)[0]
 
 
 def figure_d(main: ArmRun, main_stats: ArmStats, base_stats: ArmStats, reference: Curve, target: float,
@@ -211,7 +222,7 @@ def samples_per_second(run: ArmRun) -> float | None:
 
 
 def figure_f(potluck: ArmRun, baseline: ArmRun, bare: list[float]) -> dict:
-    bare_rate = sum(bare) / len(bare) if bare else None
+    bare_rate = formulas.median(bare)  # the machine is shared: the median of the bare runs around the arms
     mine, theirs = samples_per_second(potluck), samples_per_second(baseline)
     return {"value": ratio(mine, bare_rate), "unit": "peer samples/s / bare torch loop samples/s", "bound": 1.0,
             "baseline": ratio(theirs, bare_rate), "peer_samples_per_s": mine, "baseline_samples_per_s": theirs,

@@ -14,14 +14,17 @@ START_TIMEOUT = 120.0
 
 
 def averager_configs(matchmaking_time: float, compression: str, peers: int) -> list[dict]:
-    """baseline: DecentralizedAverager's defaults (5 s matchmaking); potluck: the settings a potluck
-    peer uses (peer/swarm.py: matchmaking_time from run.toml, request timeout below it)."""
+    """baseline: DecentralizedAverager's defaults (5 s matchmaking window). potluck: what a DiLoCo
+    round uses (peer/diloco.py): the run's matchmaking_time as the window, a request timeout below it,
+    and target_group_size = the live peers the coordinator counts, so the round starts as soon as
+    they have all joined instead of waiting out the window."""
     from peer.swarm import REQUEST_TIMEOUT
 
     return [
         {"name": "baseline"},
         {"name": "potluck", "min_matchmaking_time": matchmaking_time,
-         "request_timeout": min(REQUEST_TIMEOUT, matchmaking_time / 2), "compression": compression},
+         "request_timeout": min(REQUEST_TIMEOUT, matchmaking_time / 2), "target_group_size": peers,
+         "compression": compression},
     ]
 
 

@@ -14,6 +14,14 @@ import time
 from pathlib import Path
 
 GRACE_SECONDS = 15.0
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """The environment of a child: this checkout first on the path, so ``peer join`` finds the
+    benchmark task (benchmarks.simtask) and this checkout's packages, installed or not."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
 
 
 class Processes:
@@ -35,7 +43,7 @@ class Processes:
         log = open(self.log_dir / f"{name}.log", "ab")
         self._logs.append(log)
         popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 start_new_session=True, env={**os.environ, **(env or {})})
+                                 start_new_session=True, env=child_env(env), cwd=ROOT)
         popen.started_at = time.time()
         popen.name = name
         self._started.append(popen)

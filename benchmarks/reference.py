@@ -92,7 +92,12 @@ def parallel_bare_loops(processes: int, hidden: int, seed: int, micro_batch: int
     """Mean samples/s of `processes` bare loops running at once (as many as the peers they are compared
     with, so both face the same CPU contention), each in its own process with one thread."""
     args = [sys.executable, "-m", "benchmarks.reference", str(hidden), str(seed), str(micro_batch), str(seconds)]
-    loops = [subprocess.Popen(args, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+    from benchmarks.procs import ROOT, child_env
+
+    # one OpenMP thread, as the peers have (spinning OpenMP workers on a busy 2-core box halve the rate)
+    loops = [subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=child_env({"OMP_NUM_THREADS": "1"}),
+                              cwd=ROOT)
+             for _ in range(processes)]
     rates = []
     for loop in loops:
         out, _ = loop.communicate(timeout=seconds + 120)

@@ -63,11 +63,16 @@ def run_state(ledger: Ledger, peer_timeout: float, data_dir: Path | None = None)
                                                         "audits_passed": 0, "audits_failed": 0, "audits_pending": 0,
                                                         "banned": False, "audit_status": "not audited"})
     total_credit = sum(peer["credit"] for peer in state["peers"]) or 0.0
+    total_samples = sum(peer["samples"] for peer in state["peers"]) or 0
     for org in state["orgs"]:
         members = [peer for peer in state["peers"] if peer["org"] == org["name"]]
         org["live_peers"] = sum(peer["alive"] for peer in members)
         org["credit"] = sum(peer["credit"] for peer in members)
-        org["share"] = org["credit"] / total_credit if total_credit else 0.0
+        # shares follow settled credit once there is some; before the first window settles, reported samples
+        if total_credit:
+            org["share"] = org["credit"] / total_credit
+        else:
+            org["share"] = org["samples"] / total_samples if total_samples else 0.0
     state["orgs"].sort(key=lambda org: (-org["credit"], org["name"]))
     state["live_peers"] = sum(peer["alive"] for peer in state["peers"])
     state["credit_verified"] = any(peer["credit_verified"] for peer in state["peers"])

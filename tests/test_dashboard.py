@@ -89,7 +89,7 @@ def test_page_shows_peers_and_its_chart_grows_in_chromium(swarm, tmp_path):
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.goto(coordinator.dashboard)
             for peer_id in peer_ids:
-                page.get_by_role("cell", name=peer_id, exact=True).wait_for(timeout=30_000)
+                page.locator("#peers").get_by_role("cell", name=peer_id, exact=True).wait_for(timeout=30_000)
             # (page.evaluate, not wait_for_function: the page's CSP forbids eval, rightly)
             def chart_points() -> int:
                 return page.evaluate("window.potluckCharts.loss.data[0].length")
