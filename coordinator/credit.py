@@ -14,13 +14,12 @@ import json
 import math
 import sqlite3
 import statistics
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator import contribution_log
+from coordinator.store import SqliteStore
 from peer.report import canonical_body, canonical_bytes, signature_valid
 from peer.runconfig import VerificationConfig
 
@@ -81,7 +80,7 @@ def _digest(projection) -> str:
     return hashlib.sha256(json.dumps(list(projection)).encode()).hexdigest()
 
 
-class Credit:
+class Credit(SqliteStore):
     def __init__(self, path: Path, verification: VerificationConfig, run_id: str, flops_per_sample: float = 0.0,
                  proof_required: bool = True):
         self.v = verification
@@ -89,11 +88,7 @@ class Credit:
         # DiLoCo reports carry no per-micro-batch sketches yet: accepted unaudited (see auditor.py)
         self.proof_required = proof_required
         self.flops_per_sample = flops_per_sample
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(Path(path), isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        super().__init__(path)
         with self._write() as db:
             for statement in (SCHEMA + contribution_log.SCHEMA).split(";\n"):
                 if statement.strip():
@@ -102,25 +97,6 @@ class Credit:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('verification', ?)",
                        (json.dumps(dataclasses.asdict(verification)),))
         self.on_ban = None  # on_ban(peer_id, reason): revocation hook (token + swarm access)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _write(self):
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
 
     # --- standing -----------------------------------------------------------------------------
     def banned_reason(self, peer_id: str) -> str | None:

@@ -12,12 +12,11 @@ import hmac
 import json
 import secrets
 import sqlite3
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator.store import SqliteStore
 from peer.errors import EVICTED_PREFIX, UserError
 
 LEDGER_FILE = "ledger.sqlite"
@@ -104,15 +103,10 @@ class Admission:
     session: str
 
 
-class Ledger:
+class Ledger(SqliteStore):
     def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(path)
         self._db.execute("PRAGMA foreign_keys=ON")
         with self._write() as db:
             for statement in SCHEMA.split(";"):
@@ -133,33 +127,9 @@ class Ledger:
             )
         return cls(path)
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _write(self):
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
-
     def query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         """A read-only query, for views (dashboard, reports) that join tables other modules own."""
         return self._read(sql, args)
-
-    def authenticate(self, peer_id: str, session: str) -> None:
-        """Raise LedgerError unless ``session`` is this peer's current session."""
-        with self._lock:
-            self._check_session(self._db, peer_id, session)
 
     # --- run metadata -------------------------------------------------------------------------
     def bind_run(self, run_id: str, config_hash: str) -> None:
