@@ -30,10 +30,12 @@ from coordinator.metrics import Metrics
 from coordinator.run_view import run_state
 from coordinator.service import CoordinatorService
 from peer.errors import UserError
+from peer.files import replace_file
 from peer.identity import Identity, load_or_create_identity
 from peer.runconfig import RunConfig, load_run_config
 from peer.swarm import swarm_peer_id, use_fork_start_method
 from peer.swarm_access import AccessFiles, issue_access_token, make_authorizer, rsa_public_key
+from peer.transport import MAX_MESSAGE_BYTES  # the same limit both ways; legitimate messages are small
 from protos import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("potluck.coordinator")
@@ -45,7 +47,6 @@ LOCK_FILE = "serve.lock"
 AUDITOR_LOG = "auditor.log"
 DEFAULT_TOKEN_FILE = "default-org.token"
 DEFAULT_ORG = "default"
-MAX_MESSAGE_BYTES = 1 << 20  # every legitimate message is a few KB; refuse anything bigger early
 GRPC_WORKERS = 16
 DEFAULT_TOKEN_TTL = 7 * 86400.0  # the default org's printed token; renewed on a start after it expired
 ACCESS_REFRESH_SECONDS = 1.0  # how often the DHT node's deny list is re-read from the ledger
@@ -72,10 +73,7 @@ def read_info(data_dir: Path) -> dict | None:
 
 
 def _write_info(data_dir: Path, info: dict) -> None:
-    path = Path(data_dir) / INFO_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, path)
+    replace_file(Path(data_dir) / INFO_FILE, json.dumps(info, indent=2).encode())
 
 
 def _default_token(ledger: Ledger, data_dir: Path, identity: Identity, config: RunConfig) -> str:
@@ -93,11 +91,7 @@ def _default_token(ledger: Ledger, data_dir: Path, identity: Identity, config: R
     if not any(org["name"] == DEFAULT_ORG and not org["removed"] for org in ledger.orgs()):
         ledger.add_org(DEFAULT_ORG)
     token, _ = tokens.issue(ledger, identity.private_key, config.run_id, DEFAULT_ORG, DEFAULT_TOKEN_TTL, 0)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(token + "\n")
-    os.replace(tmp, path)
+    replace_file(path, (token + "\n").encode(), mode=0o600, durable=True)
     return token
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from peer.errors import UserError
+from peer.files import replace_file
 from peer.transport import fingerprint_of_pem
 
 CERT_FILE = "tls.crt"
@@ -65,16 +65,6 @@ def _self_signed(host: str) -> TlsMaterial:
     )
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-
-
 def load_or_create(data_dir: Path, host: str, cert: Path | None = None, key: Path | None = None) -> TlsMaterial:
     """The operator's --cert/--key when given, else the data dir's self-signed pair (created once)."""
     if (cert is None) != (key is None):
@@ -91,6 +81,6 @@ def load_or_create(data_dir: Path, host: str, cert: Path | None = None, key: Pat
     if cert_path.exists() and key_path.exists():
         return TlsMaterial(cert_path.read_bytes(), key_path.read_bytes())
     material = _self_signed(host)
-    _write_private(key_path, material.key_pem)
+    replace_file(key_path, material.key_pem, mode=0o600, durable=True)
     cert_path.write_bytes(material.cert_pem)
     return material

@@ -12,6 +12,8 @@ import os
 import time
 from pathlib import Path
 
+from peer.files import replace_file
+
 PID_FILE = "peer.pid"
 
 
@@ -38,9 +40,7 @@ def write_pidfile(data_dir: Path, **fields) -> None:
     pid = os.getpid()
     record = {"pid": pid, "start_ticks": _start_ticks(pid), "started": time.time(), **fields}
     path = Path(data_dir) / PID_FILE
-    tmp = path.with_name(f".{PID_FILE}.tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
+    replace_file(path, json.dumps(record).encode())
 
 
 def remove_pidfile(data_dir: Path) -> None:

@@ -20,12 +20,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from peer.files import replace_file
 
 log = logging.getLogger("potluck.swarm")
 
@@ -60,14 +61,6 @@ def access_token_valid(token, coordinator_public_key: bytes, now: float | None =
     return (time.time() if now is None else now) < expires
 
 
-def _replace(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
-    os.replace(tmp, path)
-
-
 class AccessFiles:
     """The token and lists handed from the main process to hivemind's forked processes."""
 
@@ -77,7 +70,7 @@ class AccessFiles:
         self._cache: tuple[float, dict] | None = None
 
     def write_token(self, token_bytes: bytes) -> None:
-        _replace(self.token_path, token_bytes)
+        replace_file(self.token_path, token_bytes, mode=0o600)
 
     def read_token(self):
         from hivemind.proto.auth_pb2 import AccessToken
@@ -85,7 +78,7 @@ class AccessFiles:
         return AccessToken.FromString(self.token_path.read_bytes())  # protobuf, never pickle
 
     def write_lists(self, version: str, allow: list[str], deny: list[str]) -> None:
-        _replace(self.lists_path, json.dumps({"version": version, "allow": allow, "deny": deny}).encode())
+        replace_file(self.lists_path, json.dumps({"version": version, "allow": allow, "deny": deny}).encode())
 
     def lists(self) -> dict:
         """The latest lists, re-read only when the file changed."""

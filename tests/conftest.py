@@ -162,6 +162,18 @@ def pin(address: str) -> list[str]:
     return ["--fingerprint", FINGERPRINTS[address]] if address in FINGERPRINTS else ["--insecure"]
 
 
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory):
+    """One coordinator on the digits run, shared by the tests that only talk to it."""
+    base = tmp_path_factory.mktemp("shared")
+    started: list = []
+    try:
+        yield start_coordinator(started, base / "c", write_run(base / "run.toml"))
+    finally:
+        for proc in started:
+            proc.kill()
+
+
 def start_peer(procs: list, address: str, token: str, data_dir: Path, *extra: str, name: str | None = None) -> Proc:
     data_dir.mkdir(parents=True, exist_ok=True)
     proc = Proc(

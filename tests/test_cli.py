@@ -36,18 +36,6 @@ def join(address: str, token: str, data_dir, *extra: str) -> subprocess.Complete
                "--connect-timeout", "5", "--threads", "1", "--progress", "plain", *extra)
 
 
-@pytest.fixture(scope="module")
-def coordinator(tmp_path_factory):
-    """One coordinator on the digits run, shared by the tests that only talk to it."""
-    base = tmp_path_factory.mktemp("shared")
-    started: list = []
-    try:
-        yield start_coordinator(started, base / "c", write_run(base / "run.toml"))
-    finally:
-        for proc in started:
-            proc.kill()
-
-
 # --- help ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("program", ["coordinator", "peer"])

@@ -28,17 +28,6 @@ RPCS = {"Join": pb.JoinReply, "Report": pb.ReportReply, "Heartbeat": pb.Heartbea
 
 
 @pytest.fixture(scope="module")
-def coordinator(tmp_path_factory):
-    base = tmp_path_factory.mktemp("security")
-    started: list = []
-    try:
-        yield start_coordinator(started, base / "c", write_run(base / "run.toml"))
-    finally:
-        for proc in started:
-            proc.kill()
-
-
-@pytest.fixture(scope="module")
 def channel(coordinator):
     channel = Endpoint(coordinator.address, coordinator.fingerprint).open()
     yield channel
