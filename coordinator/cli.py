@@ -136,10 +136,7 @@ def token_list(
          "expired": bool(t["expires"]) and t["expires"] < time.time()}
         for t in Ledger.open_existing(data_dir).tokens()
     ]
-    if format is TableOrJson.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        _table("tokens", rows, ["id", "org", "expires", "max_peers", "peers", "revoked", "expired"])
+    _print_rows(format, "tokens", rows, ["id", "org", "expires", "max_peers", "peers", "revoked", "expired"])
 
 
 @token_app.command("revoke")
@@ -174,10 +171,7 @@ def org_list(
          "active_tokens": o["active_tokens"], "removed": o["removed"]}
         for o in Ledger.open_existing(data_dir).orgs()
     ]
-    if format is TableOrJson.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        _table("orgs", rows, ["name", "max_peers", "peers", "active_tokens", "removed"])
+    _print_rows(format, "orgs", rows, ["name", "max_peers", "peers", "active_tokens", "removed"])
 
 
 @org_app.command("remove")
@@ -188,6 +182,14 @@ def org_remove(
     """Remove an organization: its tokens are revoked and its peers evicted; its credit history stays."""
     evicted = Ledger.open_existing(data_dir).remove_org(name)
     print(f"org '{name}' removed; {evicted} peer(s) evicted")
+
+
+def _print_rows(format: TableOrJson, title: str, rows: list[dict], columns: list[str]) -> None:
+    """All fields as JSON for scripts, or the named columns as a table for people."""
+    if format is TableOrJson.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _table(title, rows, columns)
 
 
 def _table(title: str, rows: list[dict], columns: list[str]) -> None:
