@@ -31,8 +31,10 @@ def _seed(*parts) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def gradient_seed(run_seed: int, epoch: int, peer_id: str, micro_batch: int) -> int:
-    return _seed("gradient-sketch", run_seed, epoch, peer_id, micro_batch)
+def gradient_seed(run_seed: int, epoch: int, peer_id: str = "", micro_batch: int = 0) -> int:
+    """One seed per (run, epoch), whatever the peer and micro-batch: sketches of one epoch add up
+    (peer and micro-batch stay in the signature: the callers name the work they sketch)."""
+    return _seed("gradient-sketch", run_seed, epoch)
 
 
 def parameter_seed(run_seed: int, epoch: int) -> int:
@@ -75,6 +77,39 @@ def count_sketch(tensors, seed: int, dims: int) -> Sketch:
         return Sketch(0.0, (0.0,) * dims)
     projection = (acc * column_signs).view(ROW // dims, dims).sum(0, dtype=torch.float64)
     return Sketch(math.sqrt(norm_sq), tuple(projection.cpu().tolist()))
+
+
+@torch.no_grad()
+def slice_sketch(values: torch.Tensor, offset: int, sizes: list[int], seed: int, dims: int) -> Sketch:
+    """The count sketch of a slice of the concatenation of tensors of ``sizes`` elements.
+
+    ``values`` holds coordinates ``offset .. offset + len(values)`` of that flattened concatenation.
+    The signs and buckets are those :func:`count_sketch` gives the same coordinates, so the
+    projections of the slices of a partition add up to ``count_sketch`` of the whole (up to float
+    rounding): what a reducer sees of one sender's vector can be compared with that sender's claim.
+    """
+    if dims <= 0 or ROW % dims:
+        raise ValueError(f"sketch size must divide {ROW}, got {dims}")
+    flat = values.detach().reshape(-1).to("cpu", torch.float64)
+    end = offset + flat.numel()
+    if offset < 0 or end > sum(sizes):
+        raise ValueError(f"slice {offset}..{end} is outside a vector of {sum(sizes)} coordinates")
+    generator = torch.Generator().manual_seed(seed)
+    column_signs = _signs(generator, ROW, "cpu").double()
+    projection = torch.zeros(dims, dtype=torch.float64)
+    start = 0
+    for size in sizes:
+        rows = size // ROW
+        row_signs = _signs(generator, rows + 1, "cpu").double()  # drawn for every tensor, as count_sketch does
+        low, high = max(offset, start), min(end, start + size)
+        if low < high:
+            local = torch.arange(low - start, high - start)
+            signs = row_signs[local // ROW] * column_signs[local % ROW]
+            projection.index_add_(0, (local % ROW) % dims, signs * flat[low - offset: high - offset])
+        start += size
+        if start >= end:
+            break
+    return Sketch(float(torch.linalg.vector_norm(flat)), tuple(projection.tolist()))
 
 
 def gradient_sketch(model: torch.nn.Module, seed: int, dims: int) -> Sketch:
