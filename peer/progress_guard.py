@@ -1,31 +1,97 @@
-"""Ignore impossible progress records: one peer's epoch lie must not derail the swarm.
+"""Read the swarm's progress records as evidence, not as facts: one peer's numbers must not steer the swarm.
 
-hivemind 1.1.12 takes the swarm's epoch as the max of the epochs peers publish (HIVEMIND_NOTES
-trap 4): a single record claiming epoch 1000 sends every honest peer into an endless "behind the
-swarm, load state" loop. The coordinator knows how far the run has really got; while its view is
-fresh, records beyond that epoch plus a slack are dropped before hivemind reads them. The
-coordinator bans the liar separately.
+hivemind 1.1.12's progress tracker believes every record a peer publishes (HIVEMIND_NOTES trap 4):
+- the swarm's epoch is the max of the published epochs: one record claiming epoch 1000 sends every
+  honest peer into an endless "behind the swarm, load state" loop;
+- an epoch ends when the published ``samples_accumulated`` add up to ``target_batch_size``, or when
+  the ETA estimated from the published ``samples_per_second`` and ``time`` has passed: one record
+  claiming the whole target, a huge rate or an old timestamp makes every peer step after one
+  micro-batch (measured: the run trained a third of its samples).
+
+So before hivemind reads them, records are cleaned: epochs beyond the run's epoch as the coordinator
+last said it, plus one (a peer that has just stepped), are dropped (with two peers, nothing else
+could tell a liar from a peer that is really ahead), and so are epochs that fewer than half of the peers have
+reached (one peer inside the slack cannot move the swarm's epoch either); each peer's samples count for at most its fair share of the
+target (target / peers at that epoch), its rate for at most twice the swarm's median rate, and its
+timestamp is kept recent enough that hivemind's extrapolation stays within that share. An honest swarm is unchanged by this (peers of
+equal speed; a fast peer's surplus samples still train, they just do not end the epoch for the
+others); a liar can at most claim the share of the work it would have done honestly. The
+coordinator bans epoch liars separately.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import time
 from typing import Callable
+
+AHEAD_OF_COORDINATOR = 1  # a peer that has just stepped is one epoch past the run's epoch, never more
+RATE_FACTOR = 2.0  # a peer's rate counts for at most this multiple of the median rate
+RECORD_LIFETIME = 15.0  # seconds; matches peer.swarm.PROGRESS_EXPIRATION
 
 
 def guard_swarm_epoch(tracker, epoch_limit: Callable[[], int | None]) -> None:
-    """Filter the progress records ``tracker`` parses (a pinned private method of hivemind 1.1.12)."""
+    """Clean the progress records ``tracker`` parses (a pinned private method of hivemind 1.1.12)."""
     parse = tracker._parse_swarm_progress_data
 
     def parse_plausible(metadata):
-        limit = epoch_limit()
-        if limit is not None and isinstance(metadata, dict):
-            metadata = {key: item for key, item in metadata.items() if not _beyond(item, limit)}
+        if isinstance(metadata, dict):
+            metadata = plausible_records(metadata, epoch_limit(), tracker.target_batch_size, time.time())
         return parse(metadata)
 
     tracker._parse_swarm_progress_data = parse_plausible
 
 
-def _beyond(item, limit: int) -> bool:
+def plausible_records(metadata: dict, limit: int | None, target_batch_size: int, now: float) -> dict:
+    """The records of ``metadata`` (subkey -> ValueWithExpiration of a progress dict), cleaned."""
+    records = {key: item for key, item in metadata.items()
+               if _progress(item) is not None and (limit is None or _progress(item)["epoch"] <= limit)}
+    top_epoch = _majority_epoch([_progress(item) for item in records.values()])
+    records = {key: item for key, item in records.items() if _progress(item)["epoch"] <= top_epoch}
+    if not records:
+        return {}
+    values = [_progress(item) for item in records.values()]
+    rates = sorted(v["samples_per_second"] for v in values)
+    rate_cap = RATE_FACTOR * rates[(len(rates) - 1) // 2]  # the lower median: one liar of two cannot raise it
+    at_top = sum(1 for v in values if v["epoch"] == top_epoch)
+    share = math.ceil(target_batch_size / max(at_top, 1))
+    cleaned = {}
+    for key, item in records.items():
+        value = dict(_progress(item))
+        value["samples_per_second"] = min(float(value["samples_per_second"]), rate_cap)
+        value["samples_accumulated"] = min(value["samples_accumulated"], share)
+        # hivemind extrapolates samples + (now - time) * rate: keep that within the share too
+        headroom = max(share - value["samples_accumulated"], 0) / max(value["samples_per_second"], 1e-9)
+        value["time"] = float(min(max(value["time"], now - RECORD_LIFETIME, now - headroom), now))
+        cleaned[key] = dataclasses.replace(item, value=value)
+    return cleaned
+
+
+def _majority_epoch(values: list[dict]) -> int:
+    """The highest epoch that at least half of the (non-client) records have reached.
+
+    hivemind takes the max; a peer alone ahead of the others is either one that has just stepped
+    (the rest follow on their own counts within moments) or a liar that would make every honest peer
+    "load state" in a loop. With two peers the two cannot be told apart, and the max stands.
+    """
+    epochs = sorted((v["epoch"] for v in values if not v.get("client_mode")), reverse=True)
+    if not epochs:
+        epochs = sorted((v["epoch"] for v in values), reverse=True)
+    if not epochs:
+        return -1
+    return epochs[max(math.ceil(len(epochs) / 2), 1) - 1]
+
+
+def _progress(item) -> dict | None:
+    """The progress dict of one record, or None when it is not a well-formed one."""
     value = getattr(item, "value", None)
-    epoch = value.get("epoch") if isinstance(value, dict) else None
-    return isinstance(epoch, int) and epoch > limit
+    if not isinstance(value, dict):
+        return None
+    epoch, samples, rate, stamp = (value.get(k) for k in ("epoch", "samples_accumulated", "samples_per_second", "time"))
+    if not (isinstance(epoch, int) and isinstance(samples, int) and epoch >= 0 and samples >= 0):
+        return None
+    if not (isinstance(rate, (int, float)) and isinstance(stamp, (int, float))
+            and math.isfinite(rate) and math.isfinite(stamp) and rate >= 0):
+        return None
+    return value

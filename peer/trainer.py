@@ -15,7 +15,7 @@ from peer.checkpoint import load_into_model, state_fingerprint
 from peer.client import CoordinatorLink
 from peer.events import EventLog
 from peer.progress import Progress, ProgressDisplay
-from peer.progress_guard import guard_swarm_epoch
+from peer.progress_guard import AHEAD_OF_COORDINATOR, guard_swarm_epoch
 from peer.runconfig import RunConfig
 from peer.swarm import FIRST_FETCH_TIMEOUT, load_state, make_optimizer, needs_state_from_peers, start_at_epoch
 from peer.work import EpochProof, autocast_context, do_micro_batch
@@ -108,7 +108,7 @@ def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLo
                     fingerprint=state_fingerprint(model.state_dict()))
     stop = install_stop_handlers()
     link: CoordinatorLink = make_link().start()
-    guard_swarm_epoch(opt.tracker, lambda: link.epoch_limit(config.verification.epoch_slack))
+    guard_swarm_epoch(opt.tracker, lambda: link.epoch_limit(AHEAD_OF_COORDINATOR))
     inputs, targets = task.train_data()
     eval_inputs, eval_targets = (t.to(device) for t in task.eval_data())
     autocast = autocast_context(device)

@@ -120,6 +120,25 @@ def lie_about_epoch() -> None:
     LocalTrainingProgress.dict = published
 
 
+LIE_AHEAD = 2  # epochs ahead, inside the default epoch_slack (3)
+
+
+def lie_about_progress() -> None:
+    """Publishes progress records two epochs ahead (inside the epoch slack) claiming the whole target
+    batch at a huge rate: with hivemind believing them, every honest peer loops "behind the swarm,
+    load state" (or steps after one micro-batch)."""
+    from hivemind.optim.progress_tracker import LocalTrainingProgress
+
+    honest = LocalTrainingProgress.dict
+
+    def published(self, *args, **kwargs):
+        record = honest(self, *args, **kwargs)
+        return {**record, "epoch": record["epoch"] + LIE_AHEAD, "samples_accumulated": 10**6, "samples_per_second": 1e6,
+                "time": record["time"] - 60}
+
+    LocalTrainingProgress.dict = published
+
+
 def replay_old_reports() -> None:
     """Reports each epoch with the sketches of its first epoch (a replayed report)."""
     from peer import client
@@ -137,7 +156,7 @@ def replay_old_reports() -> None:
 
 
 CHEATS = ["free_rider", "inflated", "noise", "scaled", "sign_flip", "copied", "stale", "forged", "epoch_lie",
-          "replay"]
+          "replay", "progress_lie"]
 
 
 def install(kind: str) -> None:
@@ -150,6 +169,8 @@ def install(kind: str) -> None:
         lie_about_epoch()
     elif kind == "replay":
         replay_old_reports()
+    elif kind == "progress_lie":
+        lie_about_progress()
     else:
         peer.trainer.do_micro_batch = Cheat(kind, float(os.environ.get("CHEAT_FRACTION", "1")),
                                             int(os.environ.get("CHEAT_SEED", "0")))
