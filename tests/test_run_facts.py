@@ -47,6 +47,69 @@ def test_quorum_rule():
     assert reached([("a", 5), ("a", 5), ("b", 5)], 1) == 6
 
 
+def test_report_epoch_verdicts_on_a_real_ledger(tmp_path):
+    """Consecutive epochs past the lagging run are refused but are not evidence; a jump and a
+    negative epoch are; a voter that leaves stops holding the run back."""
+    from coordinator import tokens
+    from coordinator.ledger import Ledger
+    from coordinator.run_epoch import EpochRule
+
+    key = Ed25519PrivateKey.generate()
+    ledger = Ledger(tmp_path / "ledger.sqlite", EpochRule(min_peers=2, peer_timeout=60, slack=3))
+    ledger.add_org("o")
+    sessions = {}
+    for peer_id in ("a", "b"):
+        token, _ = tokens.issue(ledger, key, "run", "o", 3600, 0)
+        claims = tokens.decode(token, key.public_key().public_bytes_raw())
+        sessions[peer_id] = ledger.admit(claims, peer_id, bytes(32), f"Qm{peer_id}", "cpu").session
+
+    def record(peer_id, epoch):
+        assert not ledger.judge_report_epoch(peer_id, epoch).refused
+        ledger.record_report(peer_id, sessions[peer_id], uuid.uuid4().hex, epoch, 10, 1.0, 1.0, {})
+
+    record("a", 0)
+    record("b", 0)
+    assert ledger.run_epoch() == 1
+    for epoch in (1, 2, 3, 4):  # b stalls (alive, not reporting); a trains on
+        record("a", epoch)
+    assert ledger.run_epoch() == 1
+    verdict = ledger.judge_report_epoch("a", 5)
+    assert verdict.refused and not verdict.evidence  # the next epoch of an honest peer that ran ahead
+    assert ledger.judge_report_epoch("b", 5).evidence  # b jumps from 1 to 5: no honest peer does
+    assert ledger.judge_report_epoch("a", 1_000_000).evidence
+    assert ledger.judge_report_epoch("a", -1).evidence
+    ledger.leave("b", sessions["b"])
+    ledger.heartbeat("a", sessions["a"], 5, 1.0)
+    assert ledger.run_epoch() == 5  # a is the only voter left
+    ledger.admit(tokens.decode(tokens.issue(ledger, key, "run", "o", 3600, 0)[0],
+                               key.public_key().public_bytes_raw()), "b", bytes(32), "Qmb", "cpu")
+    assert ledger.run_epoch() == 5  # never goes back
+    ledger.close()
+
+
+def test_a_live_session_refuses_copies_and_a_gone_one_does_not(tmp_path):
+    from coordinator import tokens
+    from coordinator.ledger import Ledger, LedgerError
+
+    key = Ed25519PrivateKey.generate()
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.add_org("o")
+    token, _ = tokens.issue(ledger, key, "run", "o", 3600, 0)
+    claims = tokens.decode(token, key.public_key().public_bytes_raw())
+    first = ledger.admit(claims, "a", bytes(32), "Qma", "cpu", live_within=60)
+    for peer_id, swarm_id, fragment in (("a", "Qmnew", "identity.key"), ("b", "Qma", "swarm_identity.key")):
+        with pytest.raises(LedgerError) as raised:
+            ledger.admit(claims, peer_id, bytes(32), swarm_id, "cpu", live_within=60)
+        assert raised.value.code == "ALREADY_EXISTS" and fragment in str(raised.value)
+    ledger.authenticate("a", first.session)  # the original keeps its session
+    ledger.leave("a", first.session)
+    second = ledger.admit(claims, "a", bytes(32), "Qma", "cpu", live_within=60)  # after a Leave: at once
+    assert second.session != first.session
+    # a crashed original (no Leave) may come back once silent longer than the timeout
+    assert ledger.admit(claims, "a", bytes(32), "Qma", "cpu", live_within=1e-6).session != second.session
+    ledger.close()
+
+
 # --- helpers -----------------------------------------------------------------------------------
 
 class Member:
