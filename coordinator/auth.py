@@ -3,9 +3,8 @@
 For each call it verifies the Ed25519 signature over the exact request bytes (peer/signing.py),
 the timestamp (finite, within the window), that the nonce was not seen before (also across a
 restart), the run id, and that the signing key is the one bound to the peer the request speaks for
-(for Join: the key being registered). Only
-then is the body parsed and handed to the service. Refusals are gRPC errors with a message a
-volunteer can act on; nothing reaches the ledger.
+(for Join: the key being registered). Only then is the body parsed and handed to the service.
+Refusals are gRPC errors with a message a volunteer can act on; nothing reaches the ledger.
 """
 
 from __future__ import annotations

@@ -74,7 +74,8 @@ def advance(db: sqlite3.Connection, rule: EpochRule, now: float | None = None) -
     now = time.time() if now is None else now
     voters = [(row[0], row[1]) for row in db.execute(
         "SELECT p.org, MAX(r.epoch) FROM peers p JOIN reports r ON r.peer_id = p.peer_id "
-        "WHERE p.evicted IS NULL AND p.left_at IS NULL AND p.last_seen >= ? GROUP BY p.peer_id", (now - rule.peer_timeout,))]
+        "WHERE p.evicted IS NULL AND p.left_at IS NULL AND p.last_seen >= ? GROUP BY p.peer_id",
+        (now - rule.peer_timeout,))]
     stored = current(db)
     epoch = max(stored, reached(voters, rule.min_peers))
     if epoch != stored:

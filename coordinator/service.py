@@ -30,7 +30,7 @@ log = logging.getLogger("potluck.coordinator")
 MAX_METRICS = 32
 MAX_SWARM_AUTH_KEY = 1024  # an RSA public key in DER is ~300 bytes
 CHECKPOINT_CHUNK_BYTES = 512 * 1024  # well under the 1 MiB message limit
-PROBE_TIMEOUT = 3.0  # seconds to connect to a peer's announced address and read its greeting
+PROBE_TIMEOUT = 3.0  # seconds to connect back to a requester's address and read its greeting
 
 
 def _abort(context: grpc.ServicerContext, error: LedgerError):

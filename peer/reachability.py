@@ -4,9 +4,9 @@ Before its swarm node starts, the peer listens on the port that node will use an
 coordinator (StatusProbe) to connect to it, the way another peer would. The coordinator dials only
 the address the request came from (so an announced address other than that cannot be confirmed)
 and answers only whether the listener's fresh nonce greeted it. When the test fails, the peer prints
-a numbered fix-it message and still trains, in client mode: it dials out to the others and takes part in averaging without hosting any part of it.
-A coordinator that cannot run the test (an older one, or unreachable) is not a failure: the peer
-goes on as a full peer, as before.
+a numbered fix-it message and still trains, in client mode: it dials out to the others and takes
+part in averaging without hosting any part of it. A coordinator that cannot run the test (an older
+one, or unreachable) is not a failure: the peer goes on as a full peer, as before.
 """
 
 from __future__ import annotations

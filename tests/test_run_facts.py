@@ -344,7 +344,7 @@ def test_status_probe_dials_only_the_requester_and_echoes_nothing(served):
 
 # --- a copied identity -------------------------------------------------------------------------
 
-def join_cli(coordinator, data_dir) -> "subprocess.CompletedProcess":  # noqa: F821
+def join_cli(coordinator, data_dir):
     return cli("peer", "join", coordinator.address, "--token", coordinator.token, *pin(coordinator.address),
                "--data-dir", str(data_dir), "--threads", "1", "--progress", "plain", "--connect-timeout", "20",
                timeout=120)
