@@ -1,46 +1,60 @@
 """The server side of signed RPCs: one interceptor checks every request before any handler runs.
 
 For each call it verifies the Ed25519 signature over the exact request bytes (peer/signing.py),
-the timestamp window, that the nonce was not seen before, the run id, and that the signing key
-is the one bound to the peer the request speaks for (for Join: the key being registered). Only
-then is the body parsed and handed to the service. Refusals are gRPC errors with a message a
-volunteer can act on; nothing reaches the ledger.
+the timestamp (finite, within the window), that the nonce was not seen before (also across a
+restart), the run id, and that the signing key is the one bound to the peer the request speaks for
+(for Join: the key being registered). Only then is the body parsed and handed to the service.
+Refusals are gRPC errors with a message a volunteer can act on; nothing reaches the ledger.
 """
 
 from __future__ import annotations
 
-import threading
+import hashlib
+import math
+import sqlite3
 import time
+from pathlib import Path
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from coordinator.store import SqliteStore
 from peer.signing import SignatureError, verify_request
 
 CLOCK_WINDOW = 120.0  # seconds a request's timestamp may differ from the coordinator's clock
-MAX_NONCES = 1_000_000  # remembered nonces; far above what the window holds at thousands of peers
+PRUNE_EVERY = 60.0  # seconds between deletions of nonces too old to matter
+NONCE_FILE = "nonces.sqlite"
 
 
-class NonceCache:
-    """Nonces seen within the clock window; a second use of one is a replay."""
+class NonceStore(SqliteStore):
+    """Nonces seen within the clock window, in a sqlite file next to the ledger: a second use of one is
+    a replay, also after a coordinator restart (a Join captured before it cannot be replayed after).
 
-    def __init__(self, window: float):
+    One indexed insert per request. The file is not the books: it uses ``synchronous=NORMAL`` (WAL),
+    which survives a killed process, the restart that matters here, without an fsync per request.
+    Entries older than twice the window are pruned now and then; their requests fail the clock check.
+    """
+
+    def __init__(self, path: Path, window: float):
+        super().__init__(path)
         self.window = window
-        self._seen: dict[str, float] = {}
-        self._lock = threading.Lock()
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS seen_nonces (digest BLOB PRIMARY KEY, at REAL NOT NULL) "
+                         "STRICT, WITHOUT ROWID")
+        self._next_prune = 0.0
 
-    def add(self, nonce: str, now: float) -> bool:
-        """Remember `nonce`; False when it was already seen (or the cache is full of fresh ones)."""
+    def add(self, key: bytes, nonce: str, now: float) -> bool:
+        """Remember (key, nonce); False when it was already seen."""
+        digest = hashlib.sha256(key + b"\0" + nonce.encode()).digest()[:20]
         with self._lock:
-            if nonce in self._seen:
+            try:
+                self._db.execute("INSERT INTO seen_nonces VALUES (?, ?)", (digest, now))
+            except sqlite3.IntegrityError:
                 return False
-            if len(self._seen) >= MAX_NONCES:
-                horizon = now - 2 * self.window
-                self._seen = {n: t for n, t in self._seen.items() if t > horizon}
-                if len(self._seen) >= MAX_NONCES:
-                    return False
-            self._seen[nonce] = now
-            return True
+            if now >= self._next_prune:
+                self._next_prune = now + PRUNE_EVERY
+                self._db.execute("DELETE FROM seen_nonces WHERE at < ?", (now - 2 * self.window,))
+        return True
 
 
 class SignedRequestInterceptor(grpc.ServerInterceptor):
@@ -48,7 +62,7 @@ class SignedRequestInterceptor(grpc.ServerInterceptor):
         self.ledger = ledger
         self.run_id = run_id
         self.clock = clock
-        self.nonces = NonceCache(CLOCK_WINDOW)
+        self.nonces = NonceStore(Path(ledger.path).parent / NONCE_FILE, CLOCK_WINDOW)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -64,6 +78,8 @@ class SignedRequestInterceptor(grpc.ServerInterceptor):
             except SignatureError as error:
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
             now = self.clock()
+            if not math.isfinite(timestamp):  # NaN compares false with everything: it would pass the window
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "request timestamp is not a finite number")
             if abs(now - timestamp) > CLOCK_WINDOW:
                 context.abort(
                     grpc.StatusCode.UNAUTHENTICATED,
@@ -82,7 +98,7 @@ class SignedRequestInterceptor(grpc.ServerInterceptor):
             if bound_key != key:
                 context.abort(grpc.StatusCode.UNAUTHENTICATED,
                               "request is not signed by the key of the peer it speaks for")
-            if not self.nonces.add(key.hex() + nonce, now):
+            if not self.nonces.add(key, nonce, now):
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "replayed request (nonce already used)")
             return behavior(request, context)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator import contribution_log
+from coordinator import run_epoch as checked_epoch
 from coordinator.store import SqliteStore
 from peer.report import canonical_body, canonical_bytes, signature_valid
 from peer.runconfig import VerificationConfig
@@ -104,13 +105,13 @@ class Credit(SqliteStore):
         return rows[0]["reason"] if rows else None
 
     def plausible_epoch(self) -> int:
-        """The highest epoch an honest peer can be at: the last reported epoch + 1, plus slack."""
+        """The highest epoch an honest peer can be at: the run's checked epoch plus slack."""
         return self.run_epoch() + self.v.epoch_slack
 
     def run_epoch(self) -> int:
-        """The epoch the run has reached, as far as reports show."""
-        row = self._read("SELECT MAX(epoch) AS e FROM credit_reports")[0]
-        return row["e"] + 1 if row["e"] is not None else 0
+        """The epoch the run has reached as a quorum of peers reported it (coordinator/run_epoch.py)."""
+        with self._lock:
+            return checked_epoch.current(self._db)
 
     def quiet_for(self, seconds: float) -> bool:
         row = self._read("SELECT MAX(received) AS t FROM credit_reports")[0]
@@ -163,8 +164,6 @@ class Credit(SqliteStore):
             problems.append(f"sketches must have {self.v.sketch_dims} dimensions")
         if not unproven and body["compute_dtype"] not in ("fp32", "bf16"):
             problems.append(f"unknown compute dtype {body['compute_dtype']!r}")
-        if request.epoch > self.plausible_epoch():
-            problems.append(f"epoch {request.epoch} is beyond what the run has reached")
         norms = [s["norm"] for s in sketches]
         median_norm = statistics.median(norms) if norms else 0.0
         samples_per_second = request.samples / request.compute_seconds if request.compute_seconds > 0 else math.inf

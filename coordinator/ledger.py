@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator import run_epoch as checked_epoch
 from coordinator.store import SqliteStore
 from peer.errors import EVICTED_PREFIX, UserError
 
@@ -104,9 +105,11 @@ class Admission:
 
 
 class Ledger(SqliteStore):
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, epoch_rule: checked_epoch.EpochRule | None = None):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         super().__init__(path)
+        # set by the serving process (which knows run.toml): reports and heartbeats then advance the run epoch
+        self.epoch_rule = epoch_rule
         self._db.execute("PRAGMA foreign_keys=ON")
         with self._write() as db:
             for statement in SCHEMA.split(";"):
@@ -251,9 +254,14 @@ class Ledger(SqliteStore):
 
     # --- peers --------------------------------------------------------------------------------
     def admit(self, claims, peer_id: str, public_key: bytes, hivemind_peer_id: str, device: str,
-              swarm_auth_key: bytes = b"") -> Admission:
+              swarm_auth_key: bytes = b"", live_within: float = 0.0) -> Admission:
         """Admit a peer holding a verified token (see coordinator.tokens); the ledger checks the rest:
-        revocation, the token's use limit, the org's quota, and that the identity keeps its org."""
+        revocation, the token's use limit, the org's quota, and that the identity keeps its org.
+
+        With ``live_within`` (the run's peer_timeout), an identity or a swarm id whose session was
+        heard from that recently is refused: it is a copy of a running peer's key, and admitting it
+        would take the original's session away. Once the original is silent that long, it may rejoin.
+        """
         session = secrets.token_urlsafe(24)
         now = time.time()
         with self._write() as db:
@@ -294,6 +302,8 @@ class Ledger(SqliteStore):
                         f"org '{org['name']}' already has {active} active peers, its quota; stop one of them or "
                         f"ask the operator to raise it (coordinator org add '{org['name']}' --max-peers N)",
                     )
+            if live_within > 0:
+                self._refuse_live_copy(db, peer_id, hivemind_peer_id, now, live_within)
             if not bound:
                 db.execute("INSERT INTO token_bindings VALUES (?, ?, ?)", (token["id"], peer_id, now))
             db.execute(
@@ -308,6 +318,22 @@ class Ledger(SqliteStore):
                  _sha256(session), now, now),
             )
         return Admission(peer_id=peer_id, org=token["org"], session=session)
+
+    @staticmethod
+    def _refuse_live_copy(db, peer_id: str, hivemind_peer_id: str, now: float, live_within: float) -> None:
+        live = db.execute(
+            "SELECT peer_id, last_seen FROM peers WHERE (peer_id=? OR hivemind_peer_id=?) AND evicted IS NULL "
+            "AND left_at IS NULL AND last_seen>=? ORDER BY peer_id<>?", (peer_id, hivemind_peer_id, now - live_within,
+                                                                        peer_id)).fetchone()
+        if live is None:
+            return
+        what = "peer identity (identity.key)" if live["peer_id"] == peer_id else \
+            f"swarm identity (swarm_identity.key, in use by peer {live['peer_id']})"
+        raise LedgerError(
+            "ALREADY_EXISTS",
+            f"this {what} is already in the run, heard from {now - live['last_seen']:.0f}s ago: another process "
+            f"holds a copy of this data dir's keys. Stop it, or join with another --data-dir; if that process "
+            f"crashed, join again after {live_within:.0f}s")
 
     def public_key(self, peer_id: str) -> bytes | None:
         rows = self._read("SELECT public_key FROM peers WHERE peer_id=?", (peer_id,))
@@ -330,11 +356,14 @@ class Ledger(SqliteStore):
         """Record liveness; returns the peer's row."""
         with self._write() as db:
             row = dict(self._check_session(db, peer_id, session))
+            now = time.time()
             db.execute(
                 "UPDATE peers SET last_seen=?, epoch=MAX(epoch, ?), samples_per_second=?, left_at=NULL "
                 "WHERE peer_id=?",
-                (time.time(), epoch, samples_per_second, peer_id),
+                (now, epoch, samples_per_second, peer_id),
             )
+            if self.epoch_rule is not None:  # a voter timing out can complete a quorum
+                checked_epoch.advance(db, self.epoch_rule, now)
         return row
 
     def leave(self, peer_id: str, session: str) -> None:
@@ -366,12 +395,24 @@ class Ledger(SqliteStore):
                 "UPDATE peers SET last_seen=?, epoch=MAX(epoch, ?), left_at=NULL WHERE peer_id=?",
                 (now, epoch + 1, peer_id),
             )
+            if self.epoch_rule is not None:
+                checked_epoch.advance(db, self.epoch_rule, now)
         return True
 
     def report_ids(self) -> set[str]:
         return {row["report_id"] for row in self._read("SELECT report_id FROM reports")}
 
     # --- the run as a whole -------------------------------------------------------------------
+    def run_epoch(self) -> int:
+        """The run's checked epoch (coordinator/run_epoch.py): the one number every view shows."""
+        with self._lock:
+            return checked_epoch.current(self._db)
+
+    def judge_report_epoch(self, peer_id: str, epoch: int) -> checked_epoch.Verdict:
+        """Whether a Report of ``epoch`` is possible now (needs ``epoch_rule``)."""
+        with self._lock:
+            return checked_epoch.judge_report(self._db, self.epoch_rule, peer_id, epoch)
+
     def snapshot(self, peer_timeout: float, now: float | None = None) -> dict:
         """The run's state for status displays and heartbeats (JSON-ready)."""
         now = time.time() if now is None else now
@@ -408,10 +449,9 @@ class Ledger(SqliteStore):
             }
             for row in peers
         ]
-        reported_epoch = last[0]["epoch"] + 1 if last else 0
         return {
             "run_id": self.meta("run_id"),
-            "epoch": max([reported_epoch] + [p["epoch"] for p in peer_list]),
+            "epoch": self.run_epoch(),  # checked by a quorum, never one peer's report or heartbeat
             "samples": totals["samples"],
             "loss": last[0]["loss"] if last else None,
             "metrics": json.loads(metrics_rows[0]["metrics"]) if metrics_rows else {},

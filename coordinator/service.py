@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
 from pathlib import Path
 
 import grpc
@@ -18,6 +17,8 @@ from coordinator import tokens
 from coordinator.accounting import accounts
 from coordinator.checkpoints import find_checkpoint, latest_checkpoint, read_checkpoint_bytes
 from coordinator.ledger import BANNED, Ledger, LedgerError
+from coordinator.probe import probe_requester
+from coordinator.run_epoch import EpochRule
 from peer.identity import Identity, peer_id_of
 from peer.runconfig import RunConfig
 from peer.swarm_access import issue_access_token
@@ -29,8 +30,7 @@ log = logging.getLogger("potluck.coordinator")
 MAX_METRICS = 32
 MAX_SWARM_AUTH_KEY = 1024  # an RSA public key in DER is ~300 bytes
 CHECKPOINT_CHUNK_BYTES = 512 * 1024  # well under the 1 MiB message limit
-PROBE_TIMEOUT = 3.0  # seconds to connect to a peer's announced address and read its greeting
-PROBE_GREETING_BYTES = 64
+PROBE_TIMEOUT = 3.0  # seconds to connect back to a requester's address and read its greeting
 
 
 def _abort(context: grpc.ServicerContext, error: LedgerError):
@@ -48,6 +48,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.data_dir = data_dir  # where checkpoints live; None: no checkpoints
         self.ledger = ledger
         self.config = config
+        ledger.epoch_rule = EpochRule.of(config)  # reports and heartbeats advance the checked run epoch
         self.initial_peers = initial_peers
         self.identity = identity
         self.credit = credit or Credit(ledger.path, config.verification, config.run_id,
@@ -82,7 +83,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         try:
             admission = self.ledger.admit(
                 claims, peer_id, request.public_key, request.hivemind_peer_id, request.device,
-                request.swarm_auth_key,
+                request.swarm_auth_key, live_within=self.config.peer_timeout,
             )
         except LedgerError as error:
             log.info("refused join of %s: %s", peer_id, error)
@@ -130,31 +131,25 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                   data=data[request.offset:request.offset + CHECKPOINT_CHUNK_BYTES])
 
     def StatusProbe(self, request: pb.StatusProbeRequest, context):
-        """Dial the address a peer will announce, as another peer would; say whether it answered.
-
-        Only admitted peers may ask (signed request, valid session), and the coordinator sends nothing
-        and reads at most a short greeting, so this cannot be used to talk to other services.
-        """
+        """Dial back the address this request came from, at the port named; say whether the peer's nonce
+        greeting answered. Only admitted peers may ask (signed request, valid session); the coordinator
+        dials no other host, sends nothing, and returns no bytes it read (coordinator/probe.py)."""
         try:
             self.ledger.authenticate(request.peer_id, request.session)
         except LedgerError as error:
             _abort(context, error)
-        if not request.host or len(request.host) > 255 or not 0 < request.port < 65536:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "probe needs a host and a port in 1-65535")
-        try:
-            with socket.create_connection((request.host, request.port), timeout=PROBE_TIMEOUT) as connection:
-                connection.settimeout(PROBE_TIMEOUT)
-                greeting = connection.recv(PROBE_GREETING_BYTES)
-        except OSError as error:
-            detail = error.strerror or type(error).__name__
-            log.info("peer %s is not reachable at %s:%d: %s", request.peer_id, request.host, request.port, detail)
-            return pb.StatusProbeReply(connected=False, detail=detail)
-        return pb.StatusProbeReply(connected=True, greeting=greeting.decode("ascii", "replace").strip())
+        if not request.host or len(request.host) > 255 or not 0 < request.port < 65536 or \
+                not 0 < len(request.nonce) <= 64:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "probe needs a host, a port in 1-65535 and a nonce")
+        result = probe_requester(context.peer(), request.host, request.port, request.nonce, PROBE_TIMEOUT)
+        if not result.greeted:
+            log.info("peer %s is not reachable at %s:%d: %s", request.peer_id, request.host, request.port,
+                     result.detail)
+        return pb.StatusProbeReply(connected=result.connected, greeted=result.greeted, detail=result.detail)
 
     def Report(self, request: pb.ReportRequest, context):
-        bad = (
-            request.epoch < 0
-            or request.samples < 0
+        bad = (  # an impossible epoch (negative or too far ahead) is judged below, once the sender is known
+            request.samples < 0
             or not math.isfinite(request.loss)
             or not math.isfinite(request.compute_seconds)
             or not 0 < len(request.report_id) <= 64
@@ -170,6 +165,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if not self.credit.signature_ok(request, public_key):
             self.credit.record_check_failure(request.peer_id, request.epoch, "report signature does not verify")
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "report signature does not verify against this peer's key")
+        verdict = self.ledger.judge_report_epoch(request.peer_id, request.epoch)
+        if verdict.refused:  # a claim the run cannot have reached: refused, and it moves nothing
+            log.warning("refused report %s of peer %s: %s", request.report_id, request.peer_id, verdict.reason)
+            if verdict.evidence:
+                self.credit.record_check_failure(request.peer_id, request.epoch, verdict.reason)
+            context.abort(grpc.StatusCode.OUT_OF_RANGE, f"report refused: {verdict.reason}")
         try:
             fresh = self.ledger.record_report(
                 request.peer_id, request.session, request.report_id, request.epoch, request.samples,

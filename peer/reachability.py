@@ -1,12 +1,12 @@
 """Reachability self-test at join: can other peers dial this one?
 
 Before its swarm node starts, the peer listens on the port that node will use and asks the
-coordinator (StatusProbe) to connect to the address the peer will announce, the way another peer
-would. The listener greets with a fresh nonce, so a connection that reached some other service does
-not count. When the test fails, the peer prints a numbered fix-it message and still trains, in
-client mode: it dials out to the others and takes part in averaging without hosting any part of it.
-A coordinator that cannot run the test (an older one, or unreachable) is not a failure: the peer
-goes on as a full peer, as before.
+coordinator (StatusProbe) to connect to it, the way another peer would. The coordinator dials only
+the address the request came from (so an announced address other than that cannot be confirmed)
+and answers only whether the listener's fresh nonce greeted it. When the test fails, the peer prints
+a numbered fix-it message and still trains, in client mode: it dials out to the others and takes
+part in averaging without hosting any part of it. A coordinator that cannot run the test (an older
+one, or unreachable) is not a failure: the peer goes on as a full peer, as before.
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ from peer.errors import UserError
 from protos import coordinator_pb2 as pb
 
 PROBE_CALL_TIMEOUT = 10.0
+
+
+def probe_greeting(nonce: str) -> bytes:
+    """What this peer's listener says first; the coordinator compares it and answers only pass/fail."""
+    return f"potluck-probe {nonce}\n".encode()
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ class _GreetingListener:
         self._socket.bind((host, port))
         self._socket.listen(4)
         self._socket.settimeout(0.2)
-        self._greeting = f"potluck-probe {nonce}\n".encode()
+        self._greeting = probe_greeting(nonce)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="reachability-listener", daemon=True)
         self._thread.start()
@@ -84,18 +89,14 @@ def check_reachability(endpoint, identity, run_id: str, peer_id: str, session: s
                         f"pick another --port, or 0 for a free one") from None
     try:
         reply = status_probe(endpoint, identity, run_id, pb.StatusProbeRequest(
-            peer_id=peer_id, session=session, host=announce_host, port=port), PROBE_CALL_TIMEOUT)
+            peer_id=peer_id, session=session, host=announce_host, port=port, nonce=nonce), PROBE_CALL_TIMEOUT)
     except (grpc.RpcError, UserError) as error:
         detail = error.details() if isinstance(error, grpc.RpcError) else str(error)
         return Reachability(False, True, announce_host, port, f"coordinator could not test: {detail}")
-    except grpc.RpcError as error:
-        return Reachability(False, True, announce_host, port, f"coordinator could not test: {error.details()}")
     finally:
         listener.close()
-    if not reply.connected:
+    if not reply.greeted:
         return Reachability(True, False, announce_host, port, reply.detail or "no connection")
-    if reply.greeting != f"potluck-probe {nonce}":
-        return Reachability(True, False, announce_host, port, "another service answered on that address")
     return Reachability(True, True, announce_host, port)
 
 

@@ -206,23 +206,27 @@ class CheckpointChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class StatusProbeRequest(_message.Message):
-    __slots__ = ("peer_id", "session", "host", "port")
+    __slots__ = ("peer_id", "session", "host", "port", "nonce")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     session: str
     host: str
     port: int
-    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+    nonce: str
+    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ..., nonce: _Optional[str] = ...) -> None: ...
 
 class StatusProbeReply(_message.Message):
-    __slots__ = ("connected", "greeting", "detail")
+    __slots__ = ("connected", "greeting", "detail", "greeted")
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     GREETING_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    GREETED_FIELD_NUMBER: _ClassVar[int]
     connected: bool
     greeting: str
     detail: str
-    def __init__(self, connected: _Optional[bool] = ..., greeting: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+    greeted: bool
+    def __init__(self, connected: _Optional[bool] = ..., greeting: _Optional[str] = ..., detail: _Optional[str] = ..., greeted: _Optional[bool] = ...) -> None: ...

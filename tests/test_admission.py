@@ -8,7 +8,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator import tokens
-from coordinator.auth import NonceCache
+from coordinator.auth import CLOCK_WINDOW, NonceStore
 from coordinator.ledger import Ledger, LedgerError
 from peer.errors import EVICTED_PREFIX
 from peer.identity import Identity
@@ -172,10 +172,17 @@ def test_signature_refuses(case):
         verify_request(metadata, method, body)
 
 
-def test_nonce_cache_catches_replays():
-    cache = NonceCache(window=120)
-    assert cache.add("a", 0.0) and cache.add("b", 0.0)
-    assert not cache.add("a", 1.0)
+def test_nonce_store_catches_replays_across_a_reopen_and_prunes_old_ones(tmp_path):
+    store = NonceStore(tmp_path / "nonces.sqlite", window=CLOCK_WINDOW)
+    key, other = bytes(32), bytes([1]) * 32
+    assert store.add(key, "a", 1000.0) and store.add(key, "b", 1000.0) and store.add(other, "a", 1000.0)
+    assert not store.add(key, "a", 1001.0)
+    store.close()
+    reopened = NonceStore(tmp_path / "nonces.sqlite", window=CLOCK_WINDOW)  # as after a coordinator restart
+    assert not reopened.add(key, "a", 1002.0) and not reopened.add(key, "b", 1002.0)
+    # long after the window, old entries go (their requests fail the clock check anyway)
+    assert reopened.add(key, "c", 1000.0 + 3 * CLOCK_WINDOW)
+    assert reopened.add(key, "a", 1000.0 + 3 * CLOCK_WINDOW + 1)
 
 
 # --- swarm access tokens -------------------------------------------------------------------------

@@ -50,7 +50,9 @@ def signed(identity: Identity, name: str, body: bytes, run_id: str = "digits-dem
 
 
 def join_request(identity: Identity, token: str) -> bytes:
-    return pb.JoinRequest(token=token, public_key=identity.public_bytes, hivemind_peer_id="QmAttacker",
+    # a swarm id of its own: two live sessions may not share one (a copied swarm_identity.key)
+    return pb.JoinRequest(token=token, public_key=identity.public_bytes,
+                          hivemind_peer_id=f"QmAttacker-{peer_id_of(identity.public_bytes)}",
                           device="cpu", client_version="0.1.0", swarm_auth_key=b"k" * 32).SerializeToString()
 
 
