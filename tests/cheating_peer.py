@@ -142,7 +142,7 @@ CHEATS = ["free_rider", "inflated", "noise", "scaled", "sign_flip", "copied", "s
 
 def install(kind: str) -> None:
     import peer.report
-    import peer.trainer
+    import peer.loop
 
     if kind == "forged":
         peer.report.sign_report = forge_signature
@@ -151,7 +151,7 @@ def install(kind: str) -> None:
     elif kind == "replay":
         replay_old_reports()
     else:
-        peer.trainer.do_micro_batch = Cheat(kind, float(os.environ.get("CHEAT_FRACTION", "1")),
+        peer.loop.do_micro_batch = Cheat(kind, float(os.environ.get("CHEAT_FRACTION", "1")),
                                             int(os.environ.get("CHEAT_SEED", "0")))
 
 
