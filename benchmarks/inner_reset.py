@@ -24,7 +24,7 @@ from peer.work import do_micro_batch
 
 
 def simulate(task, seed: int, peers: int, inner_steps: int, rounds: int, reset: bool, micro_batch: int = 32,
-             outer_lr: float = 0.7, outer_momentum: float = 0.9) -> dict:
+             outer_lr: float = 0.7, outer_momentum: float = 0.9, warmup: int = 0) -> dict:
     inputs, targets = task.train_data()
     eval_inputs, eval_targets = task.eval_data()
     models = [task.build_model(seed) for _ in range(peers)]
@@ -39,11 +39,17 @@ def simulate(task, seed: int, peers: int, inner_steps: int, rounds: int, reset: 
                     p.copy_(a)
             if reset:
                 inner[index] = task.make_optimizer(model.parameters())
+            base = [group["lr"] for group in inner[index].param_groups]
             for step in range(inner_steps):
+                scale = min(1.0, (step + 1) / warmup) if warmup else 1.0
+                for group, lr in zip(inner[index].param_groups, base):
+                    group["lr"] = lr * scale
                 do_micro_batch(task, model, inputs, targets, run_seed=seed, epoch=epoch, peer_id=f"p-{index}",
                                micro_batch=step, micro_batch_size=micro_batch, sketch_dims=64,
                                device=torch.device("cpu"))
                 inner[index].step()
+            for group, lr in zip(inner[index].param_groups, base):
+                group["lr"] = lr
             deltas.append([a - p.detach() for a, p in zip(anchor, model.parameters())])
         for a, *parts in zip(anchor, *deltas):
             a.grad = sum(parts) / peers
@@ -64,12 +70,15 @@ def main() -> None:
     parser.add_argument("--inner-steps", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=0, help="also try a reset with this many warm-up inner steps")
     args = parser.parse_args()
     torch.set_num_threads(1)
     task = load_task(args.task, args.version)
-    for reset in (True, False):
-        runs = [simulate(task, 20261128 + s, args.peers, args.inner_steps, args.rounds, reset) for s in range(args.seeds)]
-        print(json.dumps({"reset_inner_state": reset, "peers": args.peers, "inner_steps": args.inner_steps,
+    arms = [(True, 0), (False, 0)] + ([(True, args.warmup)] if args.warmup else [])
+    for reset, warmup in arms:
+        runs = [simulate(task, 20261128 + s, args.peers, args.inner_steps, args.rounds, reset, warmup=warmup)
+                for s in range(args.seeds)]
+        print(json.dumps({"reset_inner_state": reset, "warmup": warmup, "peers": args.peers, "inner_steps": args.inner_steps,
                           "rounds": args.rounds, "samples": args.peers * args.inner_steps * args.rounds * 32,
                           "loss": [round(r["loss"], 4) for r in runs],
                           "mean_loss": round(statistics.mean(r["loss"] for r in runs), 4),

@@ -9,17 +9,17 @@ optimizer steps; a fresh optimizer at the start of the chain) and returns the sk
 with ``coordinator.replay.judge``. Cost: j + 1 micro-batches for step j (sample j from the late
 end only when the budget allows).
 
-How the auditor calls it: for a report of a ``diloco`` run without overlap, load the anchor of the
-report's epoch (what the swarm's state averager shares at that epoch), check the report's
-parameter fingerprint against it (``Replayer.check_parameters``), choose micro-batches as for
-sync, then ``replay_phase(task, config, anchor_state, claim, upto=max(chosen))`` and judge
-``claim["sketches"][j]`` against ``result[j].sketch`` for each chosen j. A report of an overlap
-run starts from parameters no one else holds (except epoch 0, the initial model): audit only by
-the cheap checks there, as before.
-
-Inner-state reset (measured, digits, 2 peers, H=16, 12 rounds, fp32, in-process DiLoCo, 3 seeds;
-``python -m coordinator.phase_replay --measure``): held-out loss with a fresh Adam per phase
-RESET_FIGURES vs without reset NO_RESET_FIGURES (see the report of the branch that added this).
+How the auditor calls it: for a report of a ``diloco`` run, ``replayable_steps(config, claim)``
+says how many leading steps can be replayed (all of them for a phase that starts at the anchor
+with a fresh inner optimizer, ``inner_state = "reset"`` without overlap; only step 0 with
+``inner_state = "keep"``, whose later steps depend on the peer's private optimizer state; none
+for an overlapped phase, which starts where no one else has been; everything at epoch 0, which
+starts at the initial model with a fresh optimizer). Load the anchor
+of the report's epoch (what the swarm's DiLoCo state averager shares at that epoch), check the
+report's parameter fingerprint against it (``Replayer.check_parameters``), choose micro-batches
+among the replayable ones as for sync, then ``replay_phase(task, config, anchor_state, claim,
+upto=max(chosen))`` and judge ``claim["sketches"][j]`` against ``result[j].sketch`` for each
+chosen j (``coordinator.replay.judge``, the dtype's tolerance).
 """
 
 from __future__ import annotations
@@ -30,12 +30,23 @@ from peer.runconfig import RunConfig
 from peer.work import MicroBatchResult, do_micro_batch
 
 
+def replayable_steps(config: RunConfig, claim: dict) -> int:
+    """How many leading inner steps of a DiLoCo report an auditor holding its epoch's anchor can replay."""
+    settings, steps = config.averaging, len(claim["sketches"])
+    if claim["epoch"] == 0:  # every peer's first phase starts at the initial model, with a fresh optimizer
+        return steps
+    if settings.overlap:
+        return 0
+    return min(1, steps) if settings.inner_state == "keep" else steps
+
+
 def replay_phase(task, config: RunConfig, start_state: dict[str, torch.Tensor], claim: dict, upto: int,
                  device: torch.device | None = None) -> list[MicroBatchResult]:
     """Re-run inner steps 0..upto of the phase behind ``claim`` (a report body, peer/report.py's
     canonical_body) from ``start_state``; returns one result per step, fp32 on the CPU by default."""
-    if not 0 <= upto < len(claim["sketches"]):
-        raise ValueError(f"step {upto} is not in the report (it has {len(claim['sketches'])})")
+    if not 0 <= upto < replayable_steps(config, claim):
+        raise ValueError(f"step {upto} of this report cannot be replayed from its anchor (replayable: "
+                         f"{replayable_steps(config, claim)} of {len(claim['sketches'])}; see replayable_steps)")
     device = device or torch.device("cpu")
     model = task.build_model(config.seed)
     model.load_state_dict(start_state)

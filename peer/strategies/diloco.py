@@ -31,7 +31,6 @@ FIRST_HEARTBEAT_TIMEOUT = 15.0  # seconds to learn the swarm's epoch from the co
 class DiLoCoStrategy:
     name = "diloco"
     gate_after_first_step = False  # the coordinator counts live peers: gate before any work
-    reset_inner_state = True  # a fresh inner optimizer per proof chain (replayable phases; see the module)
 
     def __init__(self, dht, config, model, task, max_rounds: int = 0):
         self.config, self.model, self.task = config, model, task
@@ -77,7 +76,7 @@ class DiLoCoStrategy:
         return self.diloco.epoch + (1 if self.diloco.pending else 0)
 
     def chain_started(self) -> None:
-        if self.reset_inner_state:
+        if self.settings.inner_state == "reset":
             self.inner = self.task.make_optimizer(self.model.parameters())
 
     def after_micro_batch(self, done, link) -> list[Outcome]:
