@@ -8,14 +8,16 @@ heartbeat, so the DHT stays quiet between rounds.
 
 Replayable phases. A phase's micro-batches are labelled with the epoch of the round they feed
 (the anchor's epoch, +1 while an overlapped round is in flight). Without overlap a phase starts
-at the anchor, and the inner optimizer's state is reset whenever a new proof chain starts (see
-peer/loop.py), so the work behind one report is a deterministic function of (anchor, assigned
-data): an auditor holding the anchor replays steps 0..j with a fresh inner optimizer
-(coordinator/phase_replay.py). After a failed round the chain goes on (no reset), so it stays one
-trajectory from the anchor. Resetting costs nothing measurable in held-out loss on digits (the
-figures are in the module docstring of coordinator/phase_replay.py). With overlap a phase starts
-from where the last one ended, not from an anchor: its sketches are reported but only its first
-phase (from the initial model) can be replayed from an anchor.
+at the anchor; with ``inner_state = "reset"`` (the default) the inner optimizer is also fresh
+whenever a new proof chain starts (see peer/loop.py), so the work behind one report is a
+deterministic function of (anchor, assigned data) and an auditor holding the anchor replays steps
+0..j (coordinator/phase_replay.py). After a failed round the chain goes on (no reset), so it stays
+one trajectory from the anchor. ``inner_state = "keep"`` carries the optimizer's state across
+phases, as DiLoCo's paper does: better held-out loss on digits (2 peers, H=16, 10,240 samples,
+in-process, 5 seeds: 0.46 against 0.97 with reset; H=50: 0.27 against 0.38; ``python -m
+benchmarks.inner_reset``), but only each phase's first step can then be replayed. With overlap a
+phase starts from where the last one ended, not from an anchor: its sketches are reported, and
+only epoch 0 (the initial model) can be replayed.
 """
 
 from __future__ import annotations
