@@ -79,6 +79,7 @@ def test_replayable_steps_follow_inner_state_and_overlap():
     assert replayable_steps(diloco_config(), claim) == STEPS
     assert replayable_steps(diloco_config(inner_state="keep"), claim) == 1
     assert replayable_steps(diloco_config(overlap=True), claim) == 0
+    assert replayable_steps(diloco_config(), dict(claim, compute_dtype="bf16")) == 1  # drifts from the fp32 replay
     for config in (diloco_config(inner_state="keep"), diloco_config(overlap=True)):
         assert replayable_steps(config, dict(claim, epoch=0)) == STEPS  # first phase: initial model, fresh optimizer
     with pytest.raises(ValueError, match="cannot be replayed from its anchor"):
