@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=2)
     parser.add_argument("--inner-steps", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--micro-batch", type=int, default=32)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=0, help="also try a reset with this many warm-up inner steps")
     args = parser.parse_args()
@@ -76,10 +77,11 @@ def main() -> None:
     task = load_task(args.task, args.version)
     arms = [(True, 0), (False, 0)] + ([(True, args.warmup)] if args.warmup else [])
     for reset, warmup in arms:
-        runs = [simulate(task, 20261128 + s, args.peers, args.inner_steps, args.rounds, reset, warmup=warmup)
+        runs = [simulate(task, 20261128 + s, args.peers, args.inner_steps, args.rounds, reset,
+                         micro_batch=args.micro_batch, warmup=warmup)
                 for s in range(args.seeds)]
         print(json.dumps({"reset_inner_state": reset, "warmup": warmup, "peers": args.peers, "inner_steps": args.inner_steps,
-                          "rounds": args.rounds, "samples": args.peers * args.inner_steps * args.rounds * 32,
+                          "rounds": args.rounds, "samples": args.peers * args.inner_steps * args.rounds * args.micro_batch,
                           "loss": [round(r["loss"], 4) for r in runs],
                           "mean_loss": round(statistics.mean(r["loss"] for r in runs), 4),
                           "mean_accuracy": round(statistics.mean(r.get("accuracy", 0.0) for r in runs), 4)}),
