@@ -30,6 +30,7 @@ ARMS = [  # name, [averaging] settings
     ("sync", {"strategy": "sync", "compression": "none"}),
     ("sync fp16", {"strategy": "sync", "compression": "fp16"}),
     ("diloco H=16", {"strategy": "diloco", "compression": "none", "inner_steps": 16}),
+    ("diloco H=16 keep", {"strategy": "diloco", "compression": "none", "inner_steps": 16, "inner_state": "keep"}),
     ("diloco H=16 fp16", {"strategy": "diloco", "compression": "fp16", "inner_steps": 16}),
     ("diloco H=16 uint8 overlap", {"strategy": "diloco", "compression": "uint8", "inner_steps": 16, "overlap": True}),
     ("diloco H=50 uint8", {"strategy": "diloco", "compression": "uint8", "inner_steps": 50}),

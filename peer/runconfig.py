@@ -16,6 +16,7 @@ from peer.errors import UserError
 
 STRATEGIES = ("sync", "diloco")
 COMPRESSIONS = ("none", "fp16", "uint8")
+INNER_STATES = ("reset", "keep")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,10 @@ class AveragingConfig:
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     overlap: bool = False
+    # diloco: "reset" gives each phase a fresh inner optimizer, so the auditor can replay it from the
+    # anchor (peer/strategies/diloco.py); "keep" carries its state across phases (better loss, only
+    # each phase's first step can be replayed)
+    inner_state: str = "reset"
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ _SCHEMA: dict[str, dict[str, tuple[type, object]]] = {
         "outer_lr": (float, AveragingConfig.outer_lr),
         "outer_momentum": (float, AveragingConfig.outer_momentum),
         "overlap": (bool, AveragingConfig.overlap),
+        "inner_state": (str, AveragingConfig.inner_state),
     },
     "security": {"access_token_ttl": (float, 300.0)},
     "verification": {f.name: (type(f.default), f.default) for f in fields(VerificationConfig)},
@@ -201,6 +207,9 @@ def _check_averaging(averaging: AveragingConfig, where: str) -> None:
     if averaging.compression not in COMPRESSIONS:
         raise UserError(f"{where}: [averaging] compression must be one of {', '.join(COMPRESSIONS)}, "
                         f"got {averaging.compression!r}")
+    if averaging.inner_state not in INNER_STATES:
+        raise UserError(f"{where}: [averaging] inner_state must be one of {', '.join(INNER_STATES)}, "
+                        f"got {averaging.inner_state!r}")
     if averaging.inner_steps < 1:
         raise UserError(f"{where}: [averaging] inner_steps must be >= 1, got {averaging.inner_steps}")
     if not 0 < averaging.outer_lr <= 10:

@@ -161,7 +161,7 @@ CHEATS = ["free_rider", "inflated", "noise", "scaled", "sign_flip", "copied", "s
 
 def install(kind: str) -> None:
     import peer.report
-    import peer.trainer
+    import peer.loop
 
     if kind == "forged":
         peer.report.sign_report = forge_signature
@@ -172,7 +172,7 @@ def install(kind: str) -> None:
     elif kind == "progress_lie":
         lie_about_progress()
     else:
-        peer.trainer.do_micro_batch = Cheat(kind, float(os.environ.get("CHEAT_FRACTION", "1")),
+        peer.loop.do_micro_batch = Cheat(kind, float(os.environ.get("CHEAT_FRACTION", "1")),
                                             int(os.environ.get("CHEAT_SEED", "0")))
 
 

@@ -43,6 +43,7 @@ def test_averaging_defaults_keep_sync():
     ({"outer_lr": 0}, "outer_lr must be in (0, 10]"),
     ({"outer_momentum": 1}, "outer_momentum must be in [0, 1)"),
     ({"overlap": 1}, "overlap must be a bool"),
+    ({"inner_state": "fresh"}, "inner_state must be one of reset, keep"),
     ({"inner_steps": True}, "inner_steps must be a int"),
     ({"speed": "fast"}, "unknown key(s) in [averaging]: speed"),
 ])

@@ -1,0 +1,67 @@
+"""``[averaging] strategy = "sync"``: hivemind.Optimizer averages gradients every target batch.
+
+An epoch is hivemind's: it ends when the swarm has accumulated ``target_batch_size`` samples and
+the Optimizer's step averaged their gradients (and then the parameters). The loop's micro-batch
+leaves its gradient in the model; :meth:`after_micro_batch` hands it to the Optimizer with the
+true sample count (the averaging weight).
+"""
+
+from __future__ import annotations
+
+from peer.loop import Outcome
+from peer.progress_guard import AHEAD_OF_COORDINATOR, guard_swarm_epoch
+from peer.swarm import FIRST_FETCH_TIMEOUT, load_state, make_optimizer, needs_state_from_peers, start_at_epoch
+
+
+class SyncStrategy:
+    name = "sync"
+    gate_after_first_step = True  # hivemind announces a peer only once it has accumulated samples
+
+    def __init__(self, dht, config, model, task, client_mode: bool):
+        self.config, self.model = config, model
+        self.opt = make_optimizer(dht, config, model, task, client_mode=client_mode)
+
+    @property
+    def epoch(self) -> int:
+        return self.opt.local_epoch
+
+    def start_at(self, epoch: int) -> None:
+        start_at_epoch(self.opt, epoch)
+
+    def start(self, link, stop, display, events) -> dict:
+        guard_swarm_epoch(self.opt.tracker, lambda: link.epoch_limit(AHEAD_OF_COORDINATOR))
+        # learn the swarm's epoch first, so a late joiner loads state before computing anything
+        self.opt.tracker.fetched_global_progress_this_epoch.wait(FIRST_FETCH_TIMEOUT)
+        return {}
+
+    def needs_gate(self) -> bool:
+        return self.opt.tracker.global_epoch == 0
+
+    def peers(self, link) -> int:
+        return self.opt.tracker.global_progress.num_peers
+
+    def catch_up(self, display) -> list[Outcome]:
+        if not needs_state_from_peers(self.opt):
+            return []
+        display.message(f"behind the swarm (epoch {self.opt.local_epoch} < {self.opt.tracker.global_epoch}): "
+                        f"loading state from peers")
+        load_state(self.opt, self.model)
+        return [Outcome(discard=True, epoch=self.opt.local_epoch)]
+
+    def label(self) -> int:
+        return self.opt.local_epoch
+
+    def chain_started(self) -> None:
+        pass
+
+    def after_micro_batch(self, done, link) -> list[Outcome]:
+        before = self.opt.local_epoch
+        # the averaging weight is the sample count hivemind accumulates: pass the true one
+        self.opt.step(batch_size=done.samples)
+        self.opt.zero_grad()
+        if self.opt.local_epoch == before:
+            return []
+        return [Outcome(seal=True, applied=True, epoch=before, peers=self.opt.tracker.global_progress.num_peers)]
+
+    def shutdown(self) -> None:
+        self.opt.shutdown()
