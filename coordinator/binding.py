@@ -21,6 +21,21 @@ into a strike, a ban and forfeited credit; passes stay in this module's own tabl
 
 The tables and all their SQL live here; the credit store calls :meth:`Binding.record` inside the
 transaction that stores the report, so the records and their verdicts commit with it.
+
+What is bound: the vector each sender puts into a gradient round, to its signed report of that epoch
+(through its own records, and through its reducers' records wherever three or more members take
+part). What is not (yet):
+- a sender that attests nothing: rounds where reducers saw its parts but it sent no records are
+  recorded as "withheld", not punished, since two colluding reducers could invent such a round;
+- in a two-member round a dispute cannot be resolved; colluders that are half of a round or more
+  can frame an honest member;
+- the sketch seed is known before the round (one per run and epoch), so a vector in the sketch's
+  null space is invisible to both checks; the norm bound limits it to the slack between the vector's
+  norm and the mix of micro-batch norms (about a quarter of it on digits). A seed drawn after the
+  round needs sketches the peer computes after it (VERIFICATION.md, "The projection seed");
+- what a reducer sends back (the aggregated part) and its own part (never on the wire) are attested
+  only by itself; DiLoCo rounds get the pair check only (their reports carry no micro-batch sketches);
+- under uint8 compression the own-report check only sees gross lies (see OWN_TOLERANCE).
 """
 
 from __future__ import annotations
@@ -47,6 +62,7 @@ CREATE TABLE IF NOT EXISTS attestations (
     PRIMARY KEY (group_id, role, sender, reducer)
 ) STRICT;
 CREATE INDEX IF NOT EXISTS attestations_author ON attestations (author, epoch);
+CREATE INDEX IF NOT EXISTS attestations_sender ON attestations (sender, role);
 CREATE TABLE IF NOT EXISTS binding_checks (
     check_kind TEXT NOT NULL, group_id TEXT NOT NULL, subject TEXT NOT NULL, counterparty TEXT NOT NULL,
     epoch INTEGER NOT NULL, verdict TEXT NOT NULL, relative_error REAL, norm_ratio REAL, detail TEXT NOT NULL,
@@ -68,6 +84,7 @@ MAX_GROUPS_PER_EPOCH = 4         # rounds one author may store records for under
 # the same norm (1.4); the norm bound still catches any scale-up.
 OWN_TOLERANCE = {"none": 1e-3, "fp16": 1e-2, "uint8": 1.0}
 PAIR_TOLERANCE = 1e-3  # both sides sketch the same decoded numbers: only float rounding differs
+WITHHELD_AFTER = 3     # epochs after a round by which a reporting peer's own records of it must be in
 
 
 @dataclass(frozen=True)
@@ -94,8 +111,8 @@ def parameter_count(task, seed: int) -> int:
 
 def malformed(request) -> str | None:
     """Why a report's attestation records cannot even be stored (None: fine to go on)."""
-    if len(request.attestations) > 4 * MAX_PER_REPORT:
-        return f"more than {4 * MAX_PER_REPORT} attestation records"
+    if len(request.attestations) > 2 * MAX_PER_REPORT:
+        return f"more than {2 * MAX_PER_REPORT} attestation records"
     for a in request.attestations:
         if not all(math.isfinite(x) for x in (*a.sketch, a.norm_sq, a.weight, a.score, a.time)):
             return "an attestation record holds a non-finite number"
@@ -168,6 +185,7 @@ class Binding:
         evidence = []
         for group in sorted(touched):
             evidence += self._judge(db, group)
+        self._withheld(db, swarm_id, author, request.epoch)
         if ignored:
             log.info("report %s of peer %s: ignored %d attestation record(s), e.g. %s", request.report_id, author,
                      len(ignored), ignored[0])
@@ -302,6 +320,23 @@ class Binding:
             self._verdict(db, "blame", group, peer_id, "", epoch, "fail", None, None, detail)
             evidence.append(Evidence(peer_id, epoch, None, None, None, f"binding: {detail}"))
         return evidence
+
+    def _withheld(self, db, swarm_id: str, peer_id: str, epoch: int) -> None:
+        """Rounds where two or more reducers say they received parts from this peer, long enough ago
+        (WITHHELD_AFTER epochs) that its own records should be in, yet it sent none: recorded, not
+        punished (two colluders could invent such a round; see the module notes)."""
+        rows = db.execute(
+            "SELECT group_id, MIN(epoch) AS epoch, COUNT(DISTINCT reducer) AS reducers FROM attestations "
+            "WHERE role='received' AND sender=? AND reducer != sender GROUP BY group_id "
+            "HAVING reducers >= 2 AND MIN(epoch) <= ?", (swarm_id, epoch - WITHHELD_AFTER)).fetchall()
+        for row in rows:
+            if self._done(db, "withheld", row["group_id"], peer_id) or db.execute(
+                    "SELECT 1 FROM attestations WHERE group_id=? AND role='sent' AND sender=?",
+                    (row["group_id"], swarm_id)).fetchone():
+                continue
+            self._verdict(db, "withheld", row["group_id"], peer_id, "", row["epoch"], "unresolved", None, None,
+                          f"{row['reducers']} reducers attest parts it sent in round {row['group_id'][:12]}; "
+                          f"it attested none")
 
     # --- views --------------------------------------------------------------------------------
     @staticmethod

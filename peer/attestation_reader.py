@@ -19,7 +19,9 @@ from protos import coordinator_pb2 as pb
 log = logging.getLogger("potluck.peer")
 
 ATTESTATIONS_FILE = "attestations.jsonl"
-MAX_PER_REPORT = 64          # the coordinator reads no more than this many records from one report
+# A round makes two records per group member, so a report must carry more than a round's worth or a
+# backlog grows: the byte budget is what binds (about 2,000 records of 64-float sketches).
+MAX_PER_REPORT = 1024          # the coordinator reads no more than this many records from one report
 MAX_REPORT_BYTES = 768 * 1024  # stay well under the 1 MiB message limit (peer/transport.py)
 MAX_LINE_BYTES = 64 * 1024     # a longer line is not a record (1024 floats of sketch is ~25 KB)
 _READ_BYTES = 4 << 20          # per call; the rest is read by the next report

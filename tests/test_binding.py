@@ -129,14 +129,15 @@ class World:
                 records[reducer].append(self.record("received", sender, reducer, low, seen, group))
         return records
 
-    def epoch_of_rounds(self, **round_args) -> None:
-        """Every peer works, the swarm all-reduces, every peer reports with its records; next epoch."""
+    def epoch_of_rounds(self, withhold: tuple[str, ...] = (), **round_args) -> None:
+        """Every peer works, the swarm all-reduces, every peer reports with its records (those in
+        ``withhold`` with none); next epoch."""
         requests, self.vectors = {}, {}
         for name in self.peers:
             requests[name], self.vectors[name] = self.work(name)
         records = self.round(**round_args)
         for name, request in requests.items():
-            for record in records[name]:
+            for record in records[name] if name not in withhold else []:
                 request.attestations.append(to_attestation(record))
             self.submit(name, request)
         self.epoch += 1
@@ -198,7 +199,7 @@ def test_honest_rounds_produce_no_evidence(world):
     own, pairs = world.checks("own_report"), world.checks("pair")
     assert len(own) == 3 * 4 and {row["verdict"] for row in own} == {"pass"}, own
     assert len(pairs) == 3 * 4 * 3 and {row["verdict"] for row in pairs} == {"agree"}
-    assert world.binding_failures() == {} and not world.checks("blame")
+    assert world.binding_failures() == {} and not world.checks("blame") and not world.checks("withheld")
     assert all(row["strikes"] == 0 and not row["banned"] for row in world.rows().values())
     worst = max(row["relative_error"] for row in own)
     print(f"codec {world.codec}: worst honest own-report error {worst:.3g} over {len(own)} checks, "
@@ -281,6 +282,16 @@ def test_framing_reducer_is_blamed_not_the_senders(world):
     assert rows["framer"]["banned"]
     assert all(rows[name]["strikes"] == 0 and not rows[name]["banned"] for name in "abc")
     assert {row["verdict"] for row in world.checks("own_report")} == {"pass"}
+
+
+def test_a_sender_that_attests_nothing_is_recorded_not_punished(world):
+    world.join("a", "b", "quiet")
+    for _ in range(4):
+        world.epoch_of_rounds(withhold=("quiet",), sent=flip_x10("sent", "quiet"))
+    withheld = world.checks("withheld")
+    # the round of epoch 0 is due by the report of epoch 3 (WITHHELD_AFTER = 3)
+    assert [(row["subject"], row["epoch"], row["verdict"]) for row in withheld] == [("quiet", 0, "unresolved")]
+    assert world.binding_failures() == {} and not any(row["strikes"] for row in world.rows().values())
 
 
 # --- what a peer may attest ----------------------------------------------------------------------
