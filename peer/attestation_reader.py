@@ -58,7 +58,7 @@ def attach_attestations(request: pb.ReportRequest, path: Path, offset: int,
             data = file.read(_READ_BYTES)
     except FileNotFoundError:
         return 0
-    position = offset
+    position, size = offset, request.ByteSize()
     while len(request.attestations) < max_records:
         end = data.find(b"\n", position - offset)
         if end < 0:  # a torn last line: its writer has not finished it yet
@@ -72,9 +72,9 @@ def attach_attestations(request: pb.ReportRequest, path: Path, offset: int,
             except ValueError as error:  # json.JSONDecodeError is a ValueError
                 log.warning("skipping a malformed line in %s at byte %d: %s", path, position, error)
             else:
-                request.attestations.append(message)
-                if request.ByteSize() > max_bytes:
-                    del request.attestations[-1]
+                size += message.ByteSize() + 4  # + the field's tag and length prefix
+                if size > max_bytes:
                     break
+                request.attestations.append(message)
         position = next_position
     return position

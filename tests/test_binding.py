@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from conftest import DIGITS_RUN, start_coordinator, wait_until, write_run
 from coordinator import tokens
-from coordinator.binding import BINDING, Binding
+from coordinator.binding import BINDING, OWN_TOLERANCE, Binding
 from coordinator.credit import Credit
 from coordinator.ledger import LEDGER_FILE, Ledger
 from examples.digits import TASK
@@ -323,6 +323,8 @@ def test_the_ledger_shows_binding_verdicts(world, tmp_path):
     result = cli("coordinator", "ledger", "--data-dir", str(world.data_dir), "--format", "json")
     assert result.returncode == 0, result.stderr
     rows = {row["peer"]: row for row in json.loads(result.stdout)}
+    verified = cli("coordinator", "ledger", "verify", "--data-dir", str(world.data_dir))
+    assert verified.returncode == 0, verified.stderr  # the records are in the signed, logged report bodies
     assert rows[world.peers["poisoner"].peer_id]["audits_failed"] == 1
     assert rows[world.peers["a"].peer_id]["audits_failed"] == 0
     world.credit = Credit(world.ledger.path, world.config.verification, world.config.run_id)
@@ -444,3 +446,41 @@ def test_malformed_records_are_refused_before_anything_is_stored():
     request = pb.ReportRequest()
     request.attestations.add(role="sent", group="x" * 500)
     assert "oversized" in malformed(request)
+
+
+def test_a_backlog_is_carried_over_reports_under_the_message_limit(tmp_path):
+    from peer.transport import MAX_MESSAGE_BYTES
+
+    record = {"role": "received", "kind": "grad", "group": "ab" * 16, "epoch": 1, "sender": "Qm" + "x" * 44,
+              "reducer": "Qm" + "y" * 44, "length": 4096, "sketch": [0.123456789] * 64, "norm_sq": 1.0}
+    path = tmp_path / ATTESTATIONS_FILE
+    path.write_text((json.dumps(record) + "\n") * 3000)
+    offset, seen = 0, 0
+    while offset < path.stat().st_size:
+        request = pb.ReportRequest(report_id="r")
+        offset = attach_attestations(request, path, offset)
+        assert request.attestations and request.ByteSize() < MAX_MESSAGE_BYTES * 0.8
+        seen += len(request.attestations)
+    assert seen == 3000
+
+
+def test_uint8_honest_error_over_many_seeds_stays_under_the_tolerance(world):
+    """The own-report error of an honest uint8 sender, over 6 real vectors x 150 sketch seeds."""
+    from peer.sketch import count_sketch
+
+    world.join("a", "b")
+    errors = []
+    for epoch in range(3):
+        world.epoch = epoch
+        for name in ("a", "b"):
+            _, vector = world.work(name)
+            cuts = [round(i * vector.numel() / 4) for i in range(5)]
+            decoded = torch.cat([round_trip(vector[lo:hi].clone(), "uint8")[0] for lo, hi in zip(cuts, cuts[1:])])
+            for seed in range(150):
+                exact = torch.tensor(count_sketch([vector], seed, 64).projection)
+                wire = torch.tensor(count_sketch([decoded], seed, 64).projection)
+                errors.append(float((wire - exact).norm() / exact.norm()))
+    errors.sort()
+    print(f"uint8 honest own-report error: median {errors[len(errors) // 2]:.3f}, "
+          f"99th percentile {errors[int(0.99 * len(errors))]:.3f}, max {errors[-1]:.3f} over {len(errors)}")
+    assert errors[-1] < OWN_TOLERANCE["uint8"] / 1.5
