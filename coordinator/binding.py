@@ -9,7 +9,8 @@ that went between them (peer/attestation_reader.py brings the records in with it
   vector's norm may not exceed the same mix of the micro-batch norms (triangle inequality). A
   mismatch means the peer averaged something other than the work it reported.
 - **pairs**: a sender's "sent" record and its reducer's "received" record of one pair must agree. A
-  disagreement is a dispute between the two. A party disputing with at least two members of the
+  disagreement in content is a dispute between the two (one in length is a round cut short:
+  "incomplete", nobody's fault). A party disputing with at least two members of the
   round, and with more of them than it agrees with, is blamed: a poisoner that lies in its records
   disputes with every honest reducer, a framing reducer with every honest sender, while an honest
   party disputes with the liars only. In a two-peer round a dispute stays unresolved.
@@ -293,11 +294,16 @@ class Binding:
         error = relative_error(a, b)
         ratio = (math.sqrt(mine["norm_sq"] / theirs["norm_sq"]) if theirs["norm_sq"] > 0
                  else 1.0 if mine["norm_sq"] == 0 else math.inf)
-        agree = mine["length"] == theirs["length"] and error <= PAIR_TOLERANCE and abs(ratio - 1) <= PAIR_TOLERANCE
-        detail = "" if agree else (f"sender says {mine['length']} coordinates, reducer {theirs['length']}; "
-                                   f"relative error {error:.3g}, norm ratio {ratio:.3g}")
-        self._verdict(db, "pair", group, sender, reducer, theirs["epoch"], "agree" if agree else "dispute",
-                      error, ratio, detail)
+        if mine["length"] != theirs["length"]:
+            # parts lost in a failed round (HIVEMIND_NOTES 13-14), not a lie: a sender cannot change how
+            # many coordinates a reducer counts, and a reducer that miscounts only voids this pair
+            verdict = "incomplete"
+            detail = f"sender says {mine['length']} coordinates, reducer {theirs['length']}"
+        elif error <= PAIR_TOLERANCE and abs(ratio - 1) <= PAIR_TOLERANCE:
+            verdict, detail = "agree", ""
+        else:
+            verdict, detail = "dispute", f"relative error {error:.3g}, norm ratio {ratio:.3g}"
+        self._verdict(db, "pair", group, sender, reducer, theirs["epoch"], verdict, error, ratio, detail)
 
     def _blame(self, db, group: str) -> list[Evidence]:
         disputes: dict[str, set[str]] = {}
@@ -305,6 +311,8 @@ class Binding:
         epochs: dict[str, list[int]] = {}  # labels of the disputed pairs a party is in (senders' labels differ)
         for row in db.execute("SELECT subject, counterparty, verdict, epoch FROM binding_checks WHERE "
                               "check_kind='pair' AND group_id=?", (group,)):
+            if row["verdict"] not in ("agree", "dispute"):
+                continue
             for me, other in ((row["subject"], row["counterparty"]), (row["counterparty"], row["subject"])):
                 (disputes if row["verdict"] == "dispute" else agreements).setdefault(me, set()).add(other)
                 if row["verdict"] == "dispute":

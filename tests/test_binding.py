@@ -294,6 +294,16 @@ def test_a_sender_that_attests_nothing_is_recorded_not_punished(world):
     assert world.binding_failures() == {} and not any(row["strikes"] for row in world.rows().values())
 
 
+def test_parts_lost_in_a_failed_round_are_no_dispute(world):
+    # the links of sender "a" to two reducers broke mid-part: they received only the first half
+    world.join("a", "b", "c")
+    halves = lambda reducer, sender, part: part[: part.numel() // 2] if sender == "a" and reducer != "a" else part  # noqa: E731
+    world.epoch_of_rounds(received=halves)
+    verdicts = {(row["subject"], row["counterparty"]): row["verdict"] for row in world.checks("pair")}
+    assert verdicts[("a", "b")] == verdicts[("a", "c")] == "incomplete"
+    assert not world.checks("blame") and world.binding_failures() == {}
+
+
 # --- what a peer may attest ----------------------------------------------------------------------
 def test_records_for_others_unknown_ids_and_bad_shapes_are_ignored(world):
     world.join("a", "b")
