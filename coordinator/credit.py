@@ -367,7 +367,8 @@ class Credit(SqliteStore):
 
     def audit_rows(self) -> list[dict]:
         kind = lambda mb: "binding" if mb == BINDING else "check" if mb < 0 else "replay"  # noqa: E731
-        return [{**dict(row), "kind": kind(row["micro_batch"])} for row in self._read("SELECT * FROM audits ORDER BY id")]
+        return [{**dict(row), "kind": kind(row["micro_batch"])}
+                for row in self._read("SELECT * FROM audits ORDER BY id")]
 
     # --- integrity ----------------------------------------------------------------------------
     def verify(self) -> list[str]:

@@ -40,7 +40,8 @@ def to_message(record: dict) -> pb.Attestation:
         )
     except (KeyError, TypeError, ValueError, OverflowError) as error:
         raise ValueError(f"not an attestation record: {error}") from None
-    if not all(math.isfinite(x) for x in (*message.sketch, message.norm_sq, message.weight, message.score, message.time)):
+    numbers = (*message.sketch, message.norm_sq, message.weight, message.score, message.time)
+    if not all(math.isfinite(x) for x in numbers):
         raise ValueError("not an attestation record: non-finite number")
     return message
 

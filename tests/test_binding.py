@@ -186,7 +186,8 @@ def world(tmp_path, request):
     w.ledger.close()
 
 
-def flip_x10(name: str, bad: str):
+def flip_x10(bad: str):
+    """What a poisoner puts in: its vector, sign-flipped and scaled x10."""
     return lambda sender, vector: -10 * vector if sender == bad else vector
 
 
@@ -211,11 +212,11 @@ def test_honest_rounds_produce_no_evidence(world):
 # --- (a) the sender against its own report ----------------------------------------------------
 def test_sign_flipped_x10_sender_is_caught_by_its_own_report(world):
     world.join("a", "b", "c", "poisoner")
-    world.epoch_of_rounds(sent=flip_x10("sent", "poisoner"))
+    world.epoch_of_rounds(sent=flip_x10("poisoner"))
     assert world.binding_failures() == {"poisoner": 1}
     failed = [row for row in world.checks("own_report") if row["verdict"] == "fail"]
     assert [row["subject"] for row in failed] == ["poisoner"] and failed[0]["relative_error"] > 5
-    world.epoch_of_rounds(sent=flip_x10("sent", "poisoner"))  # a second, independent round: a strike
+    world.epoch_of_rounds(sent=flip_x10("poisoner"))  # a second, independent round: a strike
     rows = world.rows()
     assert rows["poisoner"]["banned"] and rows["poisoner"]["strikes"] == 1
     assert rows["poisoner"]["samples_provisional"] == 0 and rows["poisoner"]["windows_forfeited"] >= 1
@@ -250,13 +251,13 @@ def test_scaled_up_vector_hidden_from_the_sketch_breaks_the_norm_bound(world):
 # --- (b) senders against reducers ---------------------------------------------------------------
 def test_sender_lying_in_its_records_is_blamed_by_three_reducers(world):
     world.join("a", "b", "liar")
-    world.epoch_of_rounds(sent=flip_x10("sent", "liar"), claimed=lambda sender, vector: vector)
+    world.epoch_of_rounds(sent=flip_x10("liar"), claimed=lambda sender, vector: vector)
     assert world.binding_failures() == {"liar": 1}
     assert [row["subject"] for row in world.checks("blame")] == ["liar"]
     assert {row["verdict"] for row in world.checks("own_report")} == {"pass"}  # its records match its report
     disputes = {(row["subject"], row["counterparty"]) for row in world.checks("pair") if row["verdict"] == "dispute"}
     assert disputes == {("liar", "a"), ("liar", "b")}
-    world.epoch_of_rounds(sent=flip_x10("sent", "liar"), claimed=lambda sender, vector: vector)
+    world.epoch_of_rounds(sent=flip_x10("liar"), claimed=lambda sender, vector: vector)
     rows = world.rows()
     assert rows["liar"]["banned"] and not rows["a"]["banned"] and not rows["b"]["banned"]
     assert rows["a"]["strikes"] == rows["b"]["strikes"] == 0
@@ -265,7 +266,7 @@ def test_sender_lying_in_its_records_is_blamed_by_three_reducers(world):
 def test_in_a_two_peer_group_a_dispute_stays_unresolved(world):
     world.join("a", "liar")
     for _ in range(2):
-        world.epoch_of_rounds(sent=flip_x10("sent", "liar"), claimed=lambda sender, vector: vector)
+        world.epoch_of_rounds(sent=flip_x10("liar"), claimed=lambda sender, vector: vector)
     disputes = [row for row in world.checks("pair") if row["verdict"] == "dispute"]
     assert len(disputes) == 2 and not world.checks("blame")
     assert world.binding_failures() == {}
@@ -287,7 +288,7 @@ def test_framing_reducer_is_blamed_not_the_senders(world):
 def test_a_sender_that_attests_nothing_is_recorded_not_punished(world):
     world.join("a", "b", "quiet")
     for _ in range(4):
-        world.epoch_of_rounds(withhold=("quiet",), sent=flip_x10("sent", "quiet"))
+        world.epoch_of_rounds(withhold=("quiet",), sent=flip_x10("quiet"))
     withheld = world.checks("withheld")
     # the round of epoch 0 is due by the report of epoch 3 (WITHHELD_AFTER = 3)
     assert [(row["subject"], row["epoch"], row["verdict"]) for row in withheld] == [("quiet", 0, "unresolved")]
@@ -297,7 +298,9 @@ def test_a_sender_that_attests_nothing_is_recorded_not_punished(world):
 def test_parts_lost_in_a_failed_round_are_no_dispute(world):
     # the links of sender "a" to two reducers broke mid-part: they received only the first half
     world.join("a", "b", "c")
-    halves = lambda reducer, sender, part: part[: part.numel() // 2] if sender == "a" and reducer != "a" else part  # noqa: E731
+    def halves(reducer, sender, part):
+        return part[: part.numel() // 2] if sender == "a" and reducer != "a" else part
+
     world.epoch_of_rounds(received=halves)
     verdicts = {(row["subject"], row["counterparty"]): row["verdict"] for row in world.checks("pair")}
     assert verdicts[("a", "b")] == verdicts[("a", "c")] == "incomplete"
@@ -328,7 +331,7 @@ def test_the_ledger_shows_binding_verdicts(world, tmp_path):
     from conftest import cli
 
     world.join("a", "b", "poisoner")
-    world.epoch_of_rounds(sent=flip_x10("sent", "poisoner"))
+    world.epoch_of_rounds(sent=flip_x10("poisoner"))
     world.credit.close()
     result = cli("coordinator", "ledger", "--data-dir", str(world.data_dir), "--format", "json")
     assert result.returncode == 0, result.stderr
