@@ -497,3 +497,19 @@ def test_uint8_honest_error_over_many_seeds_stays_under_the_tolerance(world):
     print(f"uint8 honest own-report error: median {errors[len(errors) // 2]:.3f}, "
           f"99th percentile {errors[int(0.99 * len(errors))]:.3f}, max {errors[-1]:.3f} over {len(errors)}")
     assert errors[-1] < OWN_TOLERANCE["uint8"] / 1.5
+
+
+def test_what_one_peer_can_store_is_bounded(world):
+    from coordinator.binding import MAX_GROUPS_PER_EPOCH
+
+    world.join("a", "b")
+    requests, world.vectors = {}, {}
+    for name in world.peers:
+        requests[name], world.vectors[name] = world.work(name)
+    mine = next(r for r in world.round()["a"] if r["role"] == "sent" and r["reducer"] == swarm("b"))
+    request = requests["a"]
+    for group in range(MAX_GROUPS_PER_EPOCH + 3):  # invented rounds under one epoch label
+        request.attestations.append(to_attestation(dict(mine, group=f"{group:032x}")))
+    world.submit("a", request)
+    groups = world.credit._read("SELECT COUNT(DISTINCT group_id) AS n FROM attestations")[0]["n"]
+    assert groups == MAX_GROUPS_PER_EPOCH
