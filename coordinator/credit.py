@@ -20,6 +20,7 @@ from pathlib import Path
 
 from coordinator import contribution_log
 from coordinator import run_epoch as checked_epoch
+from coordinator.binding import BINDING
 from coordinator.store import SqliteStore
 from peer.report import canonical_body, canonical_bytes, signature_valid
 from peer.runconfig import VerificationConfig
@@ -98,6 +99,13 @@ class Credit(SqliteStore):
             db.execute("INSERT OR REPLACE INTO meta VALUES ('verification', ?)",
                        (json.dumps(dataclasses.asdict(verification)),))
         self.on_ban = None  # on_ban(peer_id, reason): revocation hook (token + swarm access)
+        self.binding = None  # coordinator/binding.py: the averaged vector against the report (use_binding)
+
+    def use_binding(self, binding) -> None:
+        """Check the attestation records reports carry (their tables commit with the report)."""
+        with self._write() as db:
+            binding.create_tables(db)
+        self.binding = binding
 
     # --- standing -----------------------------------------------------------------------------
     def banned_reason(self, peer_id: str) -> str | None:
@@ -209,9 +217,14 @@ class Credit(SqliteStore):
             contribution_log.append(db, "report", request.peer_id, entry)
             for problem in problems:
                 self._audit(db, request.report_id, request.peer_id, request.epoch, -1, FAIL, None, None, problem)
-            banned = self._strike_if_due(db, request.peer_id)
-        if banned:
-            self.ban(request.peer_id, banned)
+            evidence = self.binding.record(db, request)[0] if self.binding is not None else []
+            for e in evidence:  # may name other peers: a sender or reducer this report's records disagree with
+                self._audit(db, e.report_id, e.peer_id, e.epoch, BINDING, FAIL, e.relative_error, e.norm_ratio,
+                            e.reason)
+            bans = {peer: self._strike_if_due(db, peer) for peer in {request.peer_id, *(e.peer_id for e in evidence)}}
+        for peer, reason in bans.items():
+            if reason:
+                self.ban(peer, reason)
         return Admitted(True, problems)
 
     def record_check_failure(self, peer_id: str, epoch: int, reason: str) -> None:
@@ -352,7 +365,9 @@ class Credit(SqliteStore):
         return sorted(orgs.values(), key=lambda o: (-o["samples_settled"], o["org"]))
 
     def audit_rows(self) -> list[dict]:
-        return [dict(row) for row in self._read("SELECT * FROM audits ORDER BY id")]
+        kind = lambda mb: "binding" if mb == BINDING else "check" if mb < 0 else "replay"  # noqa: E731
+        return [{**dict(row), "kind": kind(row["micro_batch"])}
+                for row in self._read("SELECT * FROM audits ORDER BY id")]
 
     # --- integrity ----------------------------------------------------------------------------
     def verify(self) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 
+from coordinator.binding import Binding, malformed, run_binding
 from coordinator.credit import Credit
 from coordinator import tokens
 from coordinator.accounting import accounts
@@ -44,7 +45,7 @@ def access_lists(ledger: Ledger) -> pb.AccessLists:
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, ledger: Ledger, config: RunConfig, initial_peers: list[str], identity: Identity,
-                 data_dir: Path | None = None, credit: Credit | None = None):
+                 data_dir: Path | None = None, credit: Credit | None = None, binding: Binding | None = None):
         self.data_dir = data_dir  # where checkpoints live; None: no checkpoints
         self.ledger = ledger
         self.config = config
@@ -53,6 +54,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.identity = identity
         self.credit = credit or Credit(ledger.path, config.verification, config.run_id,
                                        proof_required=config.averaging.strategy == "sync")
+        binding = binding or run_binding(config)
+        if binding is not None:
+            self.credit.use_binding(binding)
         # a ban (failed audits, forged reports) is an eviction: token session refused, swarm access withdrawn
         self.credit.on_ban = lambda peer_id, reason: ledger.evict(peer_id, f"{BANNED}: {reason}")
 
@@ -158,6 +162,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         )
         if bad:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed report: negative, non-finite or oversized field")
+        if problem := malformed(request):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed report: {problem}")
         try:
             public_key = self.ledger.authenticate(request.peer_id, request.session)
         except LedgerError as error:

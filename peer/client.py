@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from peer.attestation_reader import ATTESTATIONS_FILE, attach_attestations
 from peer.errors import EVICTED_PREFIX, UserError
 from peer.outbox import Outbox
 from peer.report import attach_proof
@@ -178,7 +179,8 @@ class CoordinatorLink:
 
     def report(self, epoch: int, samples: int, loss: float, compute_seconds: float, metrics: dict[str, float],
                proof=None) -> str:
-        """Store a report (with its proof of work, signed) durably and wake the sender; returns its id."""
+        """Store a report (with its proof of work and the averagers' new attestation records, signed)
+        durably and wake the sender; returns its id."""
         report_id = uuid.uuid4().hex
         request = pb.ReportRequest(
             peer_id=self.peer_id, session=self.session, report_id=report_id, epoch=epoch, samples=samples,
@@ -186,9 +188,11 @@ class CoordinatorLink:
         )
         if proof is not None:
             attach_proof(request, proof)
+        read_to = attach_attestations(request, self.outbox.data_dir / ATTESTATIONS_FILE,
+                                      self.outbox.cursor(ATTESTATIONS_FILE))
         if self.sign is not None:
             self.sign(request)
-        self.outbox.put(report_id, request.SerializeToString())
+        self.outbox.put(report_id, request.SerializeToString(), cursors={ATTESTATIONS_FILE: read_to})
         self._wake.set()
         return report_id
 

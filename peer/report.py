@@ -28,8 +28,12 @@ def attach_proof(request: pb.ReportRequest, proof: EpochProof) -> None:
 
 
 def canonical_body(request: pb.ReportRequest, run_id: str) -> dict:
-    """Everything a report claims, as plain JSON values (floats as the message holds them)."""
-    return {
+    """Everything a report claims, as plain JSON values (floats as the message holds them).
+
+    Attestation records are signed with the report (so the contribution log holds them as the
+    peer's own word); the key is left out when there are none, so older reports verify unchanged.
+    """
+    body = {
         "format": FORMAT,
         "run_id": run_id,
         "peer_id": request.peer_id,
@@ -46,6 +50,15 @@ def canonical_body(request: pb.ReportRequest, run_id: str) -> dict:
             for s in request.sketches
         ],
     }
+    if request.attestations:
+        body["attestations"] = [attestation_body(a) for a in request.attestations]
+    return body
+
+
+def attestation_body(a: pb.Attestation) -> dict:
+    return {"role": a.role, "kind": a.kind, "group": a.group, "epoch": a.epoch, "sender": a.sender,
+            "reducer": a.reducer, "length": a.length, "sketch": list(a.sketch), "norm_sq": a.norm_sq,
+            "weight": a.weight, "score": a.score, "clipped": a.clipped, "time": a.time}
 
 
 def canonical_bytes(body: dict) -> bytes:

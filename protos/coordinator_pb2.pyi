@@ -67,7 +67,7 @@ class JoinReply(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., org: _Optional[str] = ..., run_id: _Optional[str] = ..., run_config_toml: _Optional[str] = ..., run_config_hash: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., checkpoint_epoch: _Optional[int] = ..., checkpoint_sha256: _Optional[str] = ..., checkpoint_bytes: _Optional[int] = ..., start_from_checkpoint: _Optional[bool] = ..., coordinator_public_key: _Optional[bytes] = ..., access_token: _Optional[bytes] = ..., access_lists: _Optional[_Union[AccessLists, _Mapping]] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
-    __slots__ = ("peer_id", "session", "report_id", "epoch", "samples", "loss", "compute_seconds", "metrics", "parameters", "sketches", "compute_dtype", "signature")
+    __slots__ = ("peer_id", "session", "report_id", "epoch", "samples", "loss", "compute_seconds", "metrics", "parameters", "sketches", "compute_dtype", "signature", "attestations")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class ReportRequest(_message.Message):
     SKETCHES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    ATTESTATIONS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     session: str
     report_id: str
@@ -99,7 +100,38 @@ class ReportRequest(_message.Message):
     sketches: _containers.RepeatedCompositeFieldContainer[SketchOfGradient]
     compute_dtype: str
     signature: bytes
-    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., report_id: _Optional[str] = ..., epoch: _Optional[int] = ..., samples: _Optional[int] = ..., loss: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., parameters: _Optional[_Union[SketchOfParameters, _Mapping]] = ..., sketches: _Optional[_Iterable[_Union[SketchOfGradient, _Mapping]]] = ..., compute_dtype: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    attestations: _containers.RepeatedCompositeFieldContainer[Attestation]
+    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., report_id: _Optional[str] = ..., epoch: _Optional[int] = ..., samples: _Optional[int] = ..., loss: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., parameters: _Optional[_Union[SketchOfParameters, _Mapping]] = ..., sketches: _Optional[_Iterable[_Union[SketchOfGradient, _Mapping]]] = ..., compute_dtype: _Optional[str] = ..., signature: _Optional[bytes] = ..., attestations: _Optional[_Iterable[_Union[Attestation, _Mapping]]] = ...) -> None: ...
+
+class Attestation(_message.Message):
+    __slots__ = ("role", "kind", "group", "epoch", "sender", "reducer", "length", "sketch", "norm_sq", "weight", "score", "clipped", "time")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    REDUCER_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SKETCH_FIELD_NUMBER: _ClassVar[int]
+    NORM_SQ_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    CLIPPED_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    kind: str
+    group: str
+    epoch: int
+    sender: str
+    reducer: str
+    length: int
+    sketch: _containers.RepeatedScalarFieldContainer[float]
+    norm_sq: float
+    weight: float
+    score: float
+    clipped: bool
+    time: float
+    def __init__(self, role: _Optional[str] = ..., kind: _Optional[str] = ..., group: _Optional[str] = ..., epoch: _Optional[int] = ..., sender: _Optional[str] = ..., reducer: _Optional[str] = ..., length: _Optional[int] = ..., sketch: _Optional[_Iterable[float]] = ..., norm_sq: _Optional[float] = ..., weight: _Optional[float] = ..., score: _Optional[float] = ..., clipped: _Optional[bool] = ..., time: _Optional[float] = ...) -> None: ...
 
 class SketchOfParameters(_message.Message):
     __slots__ = ("norm", "projection")
