@@ -42,7 +42,7 @@ def train_diloco(config: RunConfig, task, peer_id: str, dht, make_link, events: 
     device = options.device
     model = task.build_model(config.seed).to(device)
     setup_started = time.monotonic()
-    diloco = DiLoCo(dht, config, model)  # forks hivemind's averager processes: before any gRPC thread
+    diloco = DiLoCo(dht, config, model, data_dir=options.data_dir)  # forks hivemind's averager processes: before any gRPC thread
     averagers_seconds = time.monotonic() - setup_started
     stop = install_stop_handlers()
     link: CoordinatorLink = make_link().start()

@@ -16,6 +16,7 @@ from peer.errors import UserError
 
 STRATEGIES = ("sync", "diloco")
 COMPRESSIONS = ("none", "fp16", "uint8")
+AGGREGATORS = ("centered_clip", "trimmed_mean", "mean")  # peer.robust.AGGREGATORS (kept import-free here)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,9 @@ class AveragingConfig:
     - ``diloco``: each peer takes ``inner_steps`` local optimizer steps, then the swarm all-reduces the
       pseudo-gradient (parameters before minus after) and applies an outer Nesterov SGD step.
     ``compression`` is the codec of every averaged tensor on the wire.
+    ``aggregator`` is how each all-reduce part is combined (peer.robust): ``centered_clip`` (default,
+    robust, clip radius ``tau`` times the group's median distance to its coordinate-wise median),
+    ``trimmed_mean`` or ``mean`` (hivemind's weighted mean, no defence against a poisoning peer).
     """
 
     strategy: str = "sync"
@@ -34,6 +38,15 @@ class AveragingConfig:
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     overlap: bool = False
+    aggregator: str = "centered_clip"
+    tau: float = 1.0
+
+    @property
+    def rule(self):
+        """The AveragingRule every averager of this run applies (peer.robust)."""
+        from peer.robust import AveragingRule
+
+        return AveragingRule(self.aggregator, self.tau)
 
 
 @dataclass(frozen=True)
@@ -99,6 +112,8 @@ _SCHEMA: dict[str, dict[str, tuple[type, object]]] = {
         "outer_lr": (float, AveragingConfig.outer_lr),
         "outer_momentum": (float, AveragingConfig.outer_momentum),
         "overlap": (bool, AveragingConfig.overlap),
+        "aggregator": (str, AveragingConfig.aggregator),
+        "tau": (float, AveragingConfig.tau),
     },
     "security": {"access_token_ttl": (float, 300.0)},
     "verification": {f.name: (type(f.default), f.default) for f in fields(VerificationConfig)},
@@ -201,6 +216,12 @@ def _check_averaging(averaging: AveragingConfig, where: str) -> None:
     if averaging.compression not in COMPRESSIONS:
         raise UserError(f"{where}: [averaging] compression must be one of {', '.join(COMPRESSIONS)}, "
                         f"got {averaging.compression!r}")
+    if averaging.aggregator not in AGGREGATORS:
+        raise UserError(f"{where}: [averaging] aggregator must be one of {', '.join(AGGREGATORS)}, "
+                        f"got {averaging.aggregator!r} (centered_clip is the robust default)")
+    if not (0 < averaging.tau <= 100):
+        raise UserError(f"{where}: [averaging] tau must be in (0, 100] (the clip radius in units of the "
+                        f"group's median distance), got {averaging.tau}")
     if averaging.inner_steps < 1:
         raise UserError(f"{where}: [averaging] inner_steps must be >= 1, got {averaging.inner_steps}")
     if not 0 < averaging.outer_lr <= 10:

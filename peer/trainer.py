@@ -101,7 +101,7 @@ def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLo
     if options.initial_state is not None:
         load_into_model(model, options.initial_state[1], what="run's checkpoint")
     model = model.to(device)
-    opt = make_optimizer(dht, config, model, task, client_mode=options.client_mode)
+    opt = make_optimizer(dht, config, model, task, client_mode=options.client_mode, data_dir=options.data_dir)
     if options.initial_state is not None:
         start_at_epoch(opt, options.initial_state[0])
         events.emit("checkpoint_loaded", epoch=options.initial_state[0], sha256=options.initial_state[2],
