@@ -8,7 +8,9 @@ vector, so the rule it applies is what stands between one poisoning sender and e
   2022): start from the coordinate-wise median ``m`` of the parts, set the clip radius
   ``tau = tau_factor * median_i ||x_i - m||`` (relative to the group, so it needs no scale of its own),
   then iterate ``v <- v + sum_i w_i clip(x_i - v, tau) / sum_i w_i``. One outlier among n moves the
-  result by at most about ``tau / (n - 1)`` whatever its size.
+  result by at most about ``tau / (n - 1)`` whatever its size. A part still farther than
+  ``REJECT_SCORE`` radii from the center is then left out and the rest re-aggregated, so a gross
+  outlier (a flipped or scaled gradient) costs nothing at all, and a subtle one stays bounded.
 - ``trimmed_mean``: coordinate-wise, drop the ``b = min(ceil(n/4), (n-1)//2)`` largest and smallest
   values and average the rest (equal weights).
 - ``mean``: hivemind's weighted mean, unchanged (no weight cap): the control, not a defence.
@@ -33,6 +35,9 @@ AGGREGATORS = ("centered_clip", "trimmed_mean", "mean")
 DEFAULT_AGGREGATOR = "centered_clip"
 DEFAULT_TAU = 1.0  # clip radius in units of the group's median distance to the coordinate-wise median
 ITERATIONS = 10  # CenteredClip iterations from the median (it converges in a few; stops early when still)
+# parts this many radii from the center are left out (honest parts score about 1: distances of noisy
+# high-dimensional vectors concentrate; a sign-flipped x10 gradient scores 10 or more)
+REJECT_SCORE = 3.0
 
 
 @dataclass(frozen=True)
@@ -96,9 +101,22 @@ def _evidence(parts: torch.Tensor, live: torch.Tensor, result: torch.Tensor, rad
     return scores, clipped
 
 
+def _clip_iterations(rows, w, center, radius: float, iterations: int):
+    total = float(w.sum())
+    for _ in range(iterations):
+        offsets = rows - center
+        scale = (radius / offsets.norm(dim=1).clamp_min(1e-30)).clamp(max=1.0)
+        step = (w * scale) @ offsets / total
+        center = center + step
+        if float(step.norm()) <= 1e-7 * radius:
+            break
+    return center
+
+
 def centered_clip(parts: torch.Tensor, weights: torch.Tensor, tau: float = DEFAULT_TAU,
-                  iterations: int = ITERATIONS) -> Aggregate:
-    """CenteredClip of the rows of ``parts`` (n x d) with weights capped at their median."""
+                  iterations: int = ITERATIONS, reject: float = REJECT_SCORE) -> Aggregate:
+    """CenteredClip of the rows of ``parts`` (n x d) with weights capped at their median; rows farther
+    than ``reject`` radii from the result are then left out and the rest clipped again."""
     parts = parts.float()
     weights = cap_weights(weights.double()).float()
     live = weights > 0
@@ -108,14 +126,10 @@ def centered_clip(parts: torch.Tensor, weights: torch.Tensor, tau: float = DEFAU
     center = _median(rows)
     radius = _radius(rows, tau)
     if radius > 0:
-        total = float(w.sum())
-        for _ in range(iterations):
-            offsets = rows - center
-            scale = (radius / offsets.norm(dim=1).clamp_min(1e-30)).clamp(max=1.0)
-            step = (w * scale) @ offsets / total
-            center = center + step
-            if float(step.norm()) <= 1e-7 * radius:
-                break
+        center = _clip_iterations(rows, w, center, radius, iterations)
+        kept = (rows - center).norm(dim=1) <= reject * radius
+        if not bool(kept.all()) and int(kept.sum()) * 2 > len(kept):  # leave out gross outliers (a minority)
+            center = _clip_iterations(rows[kept], w[kept], _median(rows[kept]), radius, iterations)
     scores, clipped = _evidence(parts, live, center, radius, clip=True)
     return Aggregate(center, scores, clipped)
 

@@ -29,11 +29,15 @@ DIGITS_RUN = ROOT / "examples" / "digits" / "run.toml"
 def test_centered_clip_by_hand():
     # 1-D parts 0, 1, 2, 100: median 1.5; distances 1.5, .5, .5, 98.5 -> median distance 1.0 = tau
     parts = torch.tensor([[0.0], [1.0], [2.0], [100.0]])
-    result = centered_clip(parts, torch.ones(4), tau=1.0, iterations=1)
+    result = centered_clip(parts, torch.ones(4), tau=1.0, iterations=1, reject=float("inf"))
     # one step from 1.5: (clip(-1.5) + -0.5 + 0.5 + clip(98.5)) / 4 = (-1 - .5 + .5 + 1) / 4 = 0
     assert result.value.tolist() == [1.5]
     assert result.clipped == [True, False, False, True]
     assert result.scores == pytest.approx([1.5, 0.5, 0.5, 98.5])
+    # 98.5 radii out is left out: from the median 1 of 0, 1, 2, clipped offsets -1, 0, 1 cancel
+    result = centered_clip(parts, torch.ones(4), tau=1.0, iterations=1)
+    assert result.value.tolist() == [1.0]
+    assert result.clipped == [False, False, False, True]
     # two vectors: the median is their mean, nothing is clipped, the result is the mean
     two = torch.tensor([[1.0, 2.0], [3.0, -2.0]])
     torch.testing.assert_close(centered_clip(two, torch.ones(2)).value, torch.tensor([2.0, 0.0]))
@@ -44,11 +48,15 @@ def test_centered_clip_fixed_point_and_identical_parts():
     honest = torch.tensor([1.0, 0.0])
     parts = torch.stack([honest, honest + torch.tensor([0.0, 0.2]), honest - torch.tensor([0.0, 0.2]),
                          torch.tensor([-50.0, 0.0])])
-    result = centered_clip(parts, torch.ones(4), tau=2.0, iterations=200)
+    result = centered_clip(parts, torch.ones(4), tau=2.0, iterations=200, reject=float("inf"))
     # median (1, 0); distances 0, .2, .2, 51 -> median .2 -> radius 2 x .2 = .4; the clipped outlier
     # pulls by .4, the three honest parts (unclipped: within .4 of v) pull back: 3 (1 - v) = .4
     torch.testing.assert_close(result.value, torch.tensor([1 - 0.4 / 3, 0.0]), atol=1e-5, rtol=0)
     assert result.clipped == [False, False, False, True]
+    # by default a part that far (> 3 radii) is left out: the result is CenteredClip of the other three
+    result = centered_clip(parts, torch.ones(4), tau=2.0, iterations=200)
+    torch.testing.assert_close(result.value, torch.tensor([1.0, 0.0]), atol=1e-6, rtol=0)
+    assert result.clipped[3] and result.scores[3] > 100
     same = torch.ones(3, 4)
     assert centered_clip(same, torch.ones(3)).value.tolist() == [1.0] * 4
 
@@ -75,7 +83,7 @@ def test_sign_flipped_x10_outlier_moves_the_result_by_at_most_tau_over_n():
     parts = torch.cat([honest, -10 * honest[:1]])
     spread = float((honest - honest_mean).norm(dim=1).mean())
     for tau in (0.5, 1.0, 2.0, 4.0):
-        result = centered_clip(parts, torch.ones(4), tau=tau)
+        result = centered_clip(parts, torch.ones(4), tau=tau, reject=float("inf"))
         radius = tau * float((parts - _median(parts)).norm(dim=1).sort().values[1:3].mean())
         shift = float((result.value - honest_mean).norm())
         if not any(result.clipped[:3]):
@@ -85,7 +93,11 @@ def test_sign_flipped_x10_outlier_moves_the_result_by_at_most_tau_over_n():
             assert shift <= max(radius / 3, spread / 2), (tau, shift, radius, spread)
         assert result.clipped[3] and result.scores[3] > 5
     dragged = float((parts.mean(0) - honest_mean).norm())
-    assert dragged > 10 * float((centered_clip(parts, torch.ones(4)).value - honest_mean).norm())
+    assert dragged > 10 * float((centered_clip(parts, torch.ones(4), reject=float("inf")).value
+                                 - honest_mean).norm())
+    # with the default rejection the flipped part is left out altogether: CenteredClip of the honest three
+    alone = centered_clip(honest, torch.ones(3)).value
+    torch.testing.assert_close(centered_clip(parts, torch.ones(4)).value, alone, atol=1e-5, rtol=0)
 
 
 def _median(rows):
@@ -110,12 +122,16 @@ def test_rules_never_average_together():
 def test_aggregator_in_run_toml():
     text = DIGITS_RUN.read_text()
     assert parse_run_config(text).averaging.rule == AveragingRule("centered_clip", 1.0)
-    mean = parse_run_config(text.replace("[averaging]", '[averaging]\naggregator = "mean"'))
+    default = 'aggregator = "centered_clip"'
+    assert default in text and "tau = 1.0" in text
+    mean = parse_run_config(text.replace(default, 'aggregator = "mean"'))
     assert mean.averaging.rule.aggregator == "mean"
     with pytest.raises(UserError, match=r"aggregator must be one of centered_clip, trimmed_mean, mean"):
-        parse_run_config(text.replace("[averaging]", '[averaging]\naggregator = "median"'))
+        parse_run_config(text.replace(default, 'aggregator = "median"'))
     with pytest.raises(UserError, match="tau must be in"):
-        parse_run_config(text.replace("[averaging]", "[averaging]\ntau = -1.0"))
+        parse_run_config(text.replace("tau = 1.0", "tau = -1.0"))
+    without = "\n".join(line for line in text.splitlines() if not line.startswith(("aggregator", "tau")))
+    assert parse_run_config(without).averaging.rule == AveragingRule()  # the robust rule is the default
 
 
 def test_reducer_waits_for_every_sender_and_handles_a_failed_one():
@@ -215,3 +231,68 @@ def test_one_poisoner_of_four_is_clipped_and_recorded(procs, tmp_path):
         assert by_sender[results["d"]["peer_id"]]["clipped"] and by_sender[results["d"]["peer_id"]]["score"] > 3
         assert all(by_sender[results[h]["peer_id"]]["score"] < 3 for h in "abc")
     assert reducers >= 2
+
+
+# -- a real swarm: 3 honest peers and 1 poisoner, through the real CLI -----------------------------------
+
+SWARM_EPOCHS = 8
+ACCURACY_FLOOR = 0.6  # all honest, 4 peers, 8 epochs: see the test's docstring
+PEER_EXIT = 300
+
+
+def run_poisoned_swarm(procs, base: Path, aggregator: str) -> dict:
+    """3 honest `peer join` processes and one poisoning_peer (sign-flipped x10 gradients, honest reports)."""
+    from conftest import load_model, pin, start_coordinator, start_peer, write_run
+
+    base.mkdir(parents=True)
+    run = write_run(base / "run.toml", epochs=SWARM_EPOCHS, min_peers=4, aggregator=aggregator)
+    coordinator = start_coordinator(procs, base / "c", run)
+    token = coordinator.token  # the default org's token admits any number of peers
+    honest = [start_peer(procs, coordinator.address, token, base / name) for name in ("h1", "h2", "h3")]
+    (base / "bad").mkdir()
+    poisoner = Proc([sys.executable, "-m", "tests.variants.poisoning_peer", "join", coordinator.address,
+                     "--token", token, *pin(coordinator.address), "--data-dir", str(base / "bad"),
+                     "--threads", "1", "--progress", "plain"], base / "bad.log")
+    procs.append(poisoner)
+    for proc in honest:
+        assert proc.wait(PEER_EXIT) == 0, proc.log()[-3000:]
+    models = {name: load_model(base / name) for name in ("h1", "h2", "h3")}
+    return models
+
+
+def held_out(state: dict) -> dict:
+    from examples.digits import TASK
+
+    model = TASK.build_model(0)
+    model.load_state_dict(state["state_dict"])
+    return TASK.evaluate(model, *TASK.eval_data())
+
+
+def test_one_poisoner_of_four_cannot_wreck_the_robust_average(procs, tmp_path):
+    from peer.attestations import read_records
+
+    robust = run_poisoned_swarm(procs, tmp_path / "robust", "centered_clip")
+    for proc in procs:
+        proc.kill()
+    procs.clear()
+    mean = run_poisoned_swarm(procs, tmp_path / "mean", "mean")
+    robust_scores = {name: held_out(state) for name, state in robust.items()}
+    mean_scores = {name: held_out(state) for name, state in mean.items()}
+    print("robust", robust_scores, "mean", mean_scores)
+    # averaging happened: honest peers trained on different samples, yet (at least) two of them end
+    # with the same parameters (one may miss the run's last round when the others have left)
+    def same(first, second):
+        return all(torch.allclose(t, second["state_dict"][k], atol=1e-4, rtol=0) for k, t in first["state_dict"].items())
+    assert any(same(robust[x], robust[y]) for x, y in (("h1", "h2"), ("h1", "h3"), ("h2", "h3")))
+    # the robust rule keeps the honest peers learning (ACCURACY_FLOOR, from benchmarks/robust.py's
+    # all-honest arms); the mean is wrecked (chance is 0.1)
+    assert all(score["accuracy"] > ACCURACY_FLOOR for score in robust_scores.values()), robust_scores
+    assert all(score["accuracy"] < 0.3 for score in mean_scores.values()), mean_scores
+    # the honest reducers recorded the poisoner as clipped, and nobody honest
+    bad_id = json.loads((tmp_path / "robust" / "bad" / "attestations.jsonl").read_text().splitlines()[0])["sender"]
+    received = [r for name in ("h1", "h2", "h3") for r in read_records(tmp_path / "robust" / name)
+                if r["role"] == "received" and r["kind"] == "grad"]
+    assert received, "no attestation records"
+    from_bad = [r for r in received if r["sender"] == bad_id]
+    assert from_bad and sum(r["clipped"] for r in from_bad) >= 0.9 * len(from_bad)
+    assert max(r["score"] for r in received if r["sender"] != bad_id) < min(r["score"] for r in from_bad)
