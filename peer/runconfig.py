@@ -39,7 +39,7 @@ class AveragingConfig:
     outer_momentum: float = 0.9
     overlap: bool = False
     aggregator: str = "centered_clip"
-    tau: float = 1.0
+    tau: float = 2.0
 
     @property
     def rule(self):

@@ -93,7 +93,7 @@ def test_sign_flipped_x10_outlier_moves_the_result_by_at_most_tau_over_n():
             assert shift <= max(radius / 3, spread / 2), (tau, shift, radius, spread)
         assert result.clipped[3] and result.scores[3] > 5
     dragged = float((parts.mean(0) - honest_mean).norm())
-    assert dragged > 10 * float((centered_clip(parts, torch.ones(4), reject=float("inf")).value
+    assert dragged > 10 * float((centered_clip(parts, torch.ones(4), tau=1.0, reject=float("inf")).value
                                  - honest_mean).norm())
     # with the default rejection the flipped part is left out altogether: CenteredClip of the honest three
     alone = centered_clip(honest, torch.ones(3)).value
@@ -115,21 +115,21 @@ def test_trimmed_mean_by_hand():
 def test_rules_never_average_together():
     plain = b"schema"
     hashes = {agreed_schema_hash(plain, AveragingRule(name)) for name in ("centered_clip", "trimmed_mean", "mean")}
-    hashes.add(agreed_schema_hash(plain, AveragingRule("centered_clip", tau=2.0)))
+    hashes.add(agreed_schema_hash(plain, AveragingRule("centered_clip", tau=3.0)))
     assert len(hashes) == 4
 
 
 def test_aggregator_in_run_toml():
     text = DIGITS_RUN.read_text()
-    assert parse_run_config(text).averaging.rule == AveragingRule("centered_clip", 1.0)
+    assert parse_run_config(text).averaging.rule == AveragingRule("centered_clip", 2.0)
     default = 'aggregator = "centered_clip"'
-    assert default in text and "tau = 1.0" in text
+    assert default in text and "tau = 2.0" in text
     mean = parse_run_config(text.replace(default, 'aggregator = "mean"'))
     assert mean.averaging.rule.aggregator == "mean"
     with pytest.raises(UserError, match=r"aggregator must be one of centered_clip, trimmed_mean, mean"):
         parse_run_config(text.replace(default, 'aggregator = "median"'))
     with pytest.raises(UserError, match="tau must be in"):
-        parse_run_config(text.replace("tau = 1.0", "tau = -1.0"))
+        parse_run_config(text.replace("tau = 2.0", "tau = -1.0"))
     without = "\n".join(line for line in text.splitlines() if not line.startswith(("aggregator", "tau")))
     assert parse_run_config(without).averaging.rule == AveragingRule()  # the robust rule is the default
 
@@ -269,6 +269,10 @@ def held_out(state: dict) -> dict:
 
 
 def test_one_poisoner_of_four_cannot_wreck_the_robust_average(procs, tmp_path):
+    """The poisoner is the real peer sending sign-flipped x10 gradients (honest reports). With the
+    robust default the honest peers still learn; with aggregator = "mean" they end at chance.
+    All honest, this run reaches ~0.8-0.9 held-out accuracy after 8 epochs (benchmarks/robust.py
+    measures the same comparison against an all-honest swarm over 20 epochs)."""
     from peer.attestations import read_records
 
     robust = run_poisoned_swarm(procs, tmp_path / "robust", "centered_clip")
@@ -289,7 +293,7 @@ def test_one_poisoner_of_four_cannot_wreck_the_robust_average(procs, tmp_path):
     assert all(score["accuracy"] > ACCURACY_FLOOR for score in robust_scores.values()), robust_scores
     assert all(score["accuracy"] < 0.3 for score in mean_scores.values()), mean_scores
     # the honest reducers recorded the poisoner as clipped, and nobody honest
-    bad_id = json.loads((tmp_path / "robust" / "bad" / "attestations.jsonl").read_text().splitlines()[0])["sender"]
+    bad_id = next(r["sender"] for r in read_records(tmp_path / "robust" / "bad") if r["role"] == "sent")
     received = [r for name in ("h1", "h2", "h3") for r in read_records(tmp_path / "robust" / name)
                 if r["role"] == "received" and r["kind"] == "grad"]
     assert received, "no attestation records"
