@@ -230,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-records", action="store_true", help="do not write attestation records")
     parser.add_argument("--workdir", type=Path, help="where logs and arm data go (default: a new temp dir)")
     parser.add_argument("--arms", nargs="+", choices=[name for name, _, _ in ARMS], help="run only these arms")
+    parser.add_argument("--robust", default="centered_clip", choices=["centered_clip", "trimmed_mean"],
+                        help="the aggregator of the *-robust arms")
     args = parser.parse_args(argv)
     if not args.out.parent.exists():
         print(f"error: the folder of --out ({args.out.parent}) does not exist", file=sys.stderr)
@@ -244,13 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     arms = {name: [] for name, _, _ in chosen}
     for repeat in range(args.repeats):
         for name, aggregator, poison in chosen:
+            aggregator = args.robust if aggregator == "centered_clip" else aggregator
             print(f"[robust] repeat {repeat} arm {name} ...", file=sys.stderr, flush=True)
             result = run_arm(workdir / f"{name}-{repeat}", aggregator, poison, args.peers, args.epochs,
                              args.step_seconds, not args.no_records)
             print(f"[robust]   {json.dumps(result)}", file=sys.stderr, flush=True)
             arms[name].append(result)
     summary = summarize(arms)
-    output = {"benchmark": "robust", "peers": args.peers, "epochs": args.epochs, "repeats": args.repeats,
+    output = {"benchmark": "robust", "robust_aggregator": args.robust, "peers": args.peers, "epochs": args.epochs, "repeats": args.repeats,
               "step_seconds": args.step_seconds, "records": not args.no_records, "workdir": str(workdir),
               "arms": arms, **summary}
     print(table(summary))

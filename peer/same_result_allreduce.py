@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from pathlib import Path
 from typing import AsyncIterator
-
-import logging
 
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.partition import AllreduceException, BannedException
@@ -106,7 +105,7 @@ class SameResultAllReduceRunner(AllReduceRunner):
         """Remember a returned average implausibly far from our own part (a reducer's lie shows here)."""
         own = float(raw.norm())
         distance = float((averaged - raw).norm())
-        if distance > SUSPECT_RATIO * own and distance > 0:
+        if own > 0 and distance > SUSPECT_RATIO * own:  # (a member that sends zeros, e.g. weight 0, has no scale)
             self._suspect.append({"reducer": peer_id.to_base58(), "part": part_index, "distance": distance,
                                   "own_norm": own})
             log.warning("reducer %s returned part %d at %.3g from our part (norm %.3g)",

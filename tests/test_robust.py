@@ -300,3 +300,18 @@ def test_one_poisoner_of_four_cannot_wreck_the_robust_average(procs, tmp_path):
     from_bad = [r for r in received if r["sender"] == bad_id]
     assert from_bad and sum(r["clipped"] for r in from_bad) >= 0.9 * len(from_bad)
     assert max(r["score"] for r in received if r["sender"] != bad_id) < min(r["score"] for r in from_bad)
+
+
+def test_benchmark_summary_names_each_goal():
+    from benchmarks.robust import summarize, table
+
+    def arm(loss, seconds):
+        return [{"loss": loss, "accuracy": 0.9, "grad_round_s": seconds, "state_round_s": seconds}]
+
+    summary = summarize({"honest-mean": arm(0.2, 0.10), "honest-robust": arm(0.202, 0.105),
+                         "poison-mean": arm(900.0, 0.10), "poison-robust": arm(0.25, 0.11)})
+    assert summary["goals"]["met"] == {"poisoned_robust_within_1.05x": False, "honest_robust_within_1.02x": True,
+                                       "round_time_within_1.10x": True}
+    assert summary["goals"]["poisoned_robust_loss_ratio"] == pytest.approx(1.25)
+    printed = table(summary)
+    assert "poison-robust" in printed and "goal <= 1.05" in printed
