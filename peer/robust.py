@@ -126,7 +126,12 @@ def centered_clip(parts: torch.Tensor, weights: torch.Tensor, tau: float = DEFAU
         return Aggregate(torch.zeros(parts.shape[1]), [0.0] * len(parts), [False] * len(parts))
     center = _median(rows)
     radius = _radius(rows, tau, center)
-    if radius > 0:
+    mean = w @ rows / float(w.sum())
+    if radius > 0 and float((rows - mean).norm(dim=1).max()) <= radius:
+        # nobody is clipped at the weighted mean, so it is the fixed point CenteredClip converges to (the
+        # Huber-type objective it minimizes is convex): the common honest case costs no iterations
+        center = mean
+    elif radius > 0:
         center = _clip_iterations(rows, w, center, radius, iterations)
         kept = (rows - center).norm(dim=1) <= reject * radius
         if not bool(kept.all()) and int(kept.sum()) * 2 > len(kept):  # leave out gross outliers (a minority)

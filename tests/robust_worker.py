@@ -1,11 +1,13 @@
 """One member of a real all-reduce for tests/test_robust.py, run as its own OS process.
 
-    python tests/robust_worker.py ROLE WORKDIR GROUP AGGREGATOR CODEC SCALE
+    python tests/robust_worker.py ROLE WORKDIR GROUP AGGREGATOR CODEC SCALE [LYING_REDUCER]
 
 Member "a" starts the DHT and writes its address to WORKDIR/a.maddrs; the others join it. Each holds
 the known vector ``known_vector(ROLE)`` times SCALE (a poisoner is an honest member with SCALE -10),
 averages it once in a group of GROUP through potluck's averager (peer.averagers.PotluckAveraging:
 robust rule, attestation records in WORKDIR/ROLE/), and writes the result to WORKDIR/ROLE.json.
+With LYING_REDUCER = 1, the member's reducer returns -10 x its robust result to everyone (the
+product's ``peer.robust_reducer.aggregate`` wrapped in this process only).
 """
 
 from __future__ import annotations
@@ -32,8 +34,23 @@ def known_vector(role: str) -> list[torch.Tensor]:
     return [torch.randn(shape, generator=common) + 0.3 * torch.randn(shape, generator=own) for shape in SHAPES]
 
 
-def main(role: str, workdir: Path, group: int, aggregator: str, codec: str, scale: float) -> None:
+def lie_as_reducer() -> None:
+    import peer.robust_reducer
+
+    honest = peer.robust_reducer.aggregate
+
+    def lying(rule, parts, weights):
+        result = honest(rule, parts, weights)
+        result.value = -10 * result.value
+        return result
+
+    peer.robust_reducer.aggregate = lying
+
+
+def main(role: str, workdir: Path, group: int, aggregator: str, codec: str, scale: float, lie: bool = False) -> None:
     torch.set_num_threads(1)
+    if lie:
+        lie_as_reducer()
     import hivemind
     from hivemind.averaging import DecentralizedAverager
 
@@ -80,4 +97,5 @@ def main(role: str, workdir: Path, group: int, aggregator: str, codec: str, scal
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], float(sys.argv[6]))
+    main(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], float(sys.argv[6]),
+         len(sys.argv) > 7 and sys.argv[7] == "1")

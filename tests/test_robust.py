@@ -157,12 +157,14 @@ def test_reducer_waits_for_every_sender_and_handles_a_failed_one():
 
 # -- a real all-reduce: values and attestation records ------------------------------------------------
 
-def run_group(procs, workdir: Path, roles: str, aggregator: str, codec: str = "none", poisoner: str = ""):
+def run_group(procs, workdir: Path, roles: str, aggregator: str, codec: str = "none", poisoner: str = "",
+              liar: str = ""):
     workdir.mkdir(parents=True)
     for role in roles:
         scale = -10.0 if role == poisoner else 1.0
         procs.append(Proc([sys.executable, str(ROOT / "tests" / "robust_worker.py"), role, str(workdir),
-                           str(len(roles)), aggregator, codec, str(scale)], workdir / f"{role}.log"))
+                           str(len(roles)), aggregator, codec, str(scale), str(int(role == liar))],
+                          workdir / f"{role}.log"))
     results = {}
     for role in roles:
         path = workdir / f"{role}.json"
@@ -231,6 +233,27 @@ def test_one_poisoner_of_four_is_clipped_and_recorded(procs, tmp_path):
         assert by_sender[results["d"]["peer_id"]]["clipped"] and by_sender[results["d"]["peer_id"]]["score"] > 3
         assert all(by_sender[results[h]["peer_id"]]["score"] < 3 for h in "abc")
     assert reducers >= 2
+
+
+def test_a_lying_reducer_is_recorded_by_the_members_it_lied_to(procs, tmp_path):
+    from peer.attestations import REDUCER_EVIDENCE_FILE
+
+    results = run_group(procs, tmp_path / "w", "abc", "centered_clip", liar="c")
+    liar = results["c"]["peer_id"]
+    reduced_by_liar = any(r["role"] == "received" for r in read_records_of(tmp_path / "w" / "c"))
+    assert reduced_by_liar, "hivemind gave the liar no part to reduce"
+    for role in "ab":
+        path = tmp_path / "w" / role / REDUCER_EVIDENCE_FILE
+        evidence = [json.loads(line) for line in path.read_text().splitlines()]
+        assert evidence and {e["reducer"] for e in evidence} == {liar}, evidence
+        assert all(e["distance"] > 5 * e["own_norm"] and e["kind"] == "grad" for e in evidence)
+    assert not (tmp_path / "w" / "c" / REDUCER_EVIDENCE_FILE).exists()  # honest reducers a and b: no evidence
+
+
+def read_records_of(data_dir: Path) -> list[dict]:
+    from peer.attestations import read_records
+
+    return read_records(data_dir)
 
 
 # -- a real swarm: 3 honest peers and 1 poisoner, through the real CLI -----------------------------------
