@@ -10,7 +10,10 @@ Arms, interleaved in one run (each repeat runs every arm once, in turn), each a 
 
 Figures: the honest peers' final held-out loss and accuracy per arm, and the seconds per all-reduce
 (gradient and parameter rounds, timed around potluck's runner inside each averager process, so
-matchmaking waits are not counted). Goals (issue 10): poisoned robust loss <= 1.05 x honest; honest
+matchmaking waits are not counted). Round times inside training arms move with the machine's load,
+so a round-time probe follows: ``peers`` processes, each with one averager per rule (mean,
+centered_clip, centered_clip without attestation records) on the same vector, the rules taking turns
+round by round, so every rule sees the same load. Goals (issue 10): poisoned robust loss <= 1.05 x honest; honest
 robust loss <= 1.02 x honest mean; robust round time <= 1.10 x mean. Compute is real (digits is
 tiny); ``--step-seconds`` adds simulated compute per micro-batch. Attestation records are written
 in every arm (their cost is in both round times); ``--no-records`` measures without them.
@@ -35,7 +38,7 @@ POISON_SCALE = -10.0
 
 # -- one peer (its own process) --------------------------------------------------------------------
 
-def _time_allreduce(log_path: Path) -> None:
+def _time_allreduce(log_path: Path, kind_of=None) -> None:
     """Wrap potluck's runner so every all-reduce appends its kind and seconds to ``log_path``."""
     import peer.same_result_allreduce as runner
 
@@ -44,7 +47,7 @@ def _time_allreduce(log_path: Path) -> None:
     async def timed(averager, tensors, *args, **kwargs):
         started = time.perf_counter()
         await inner(averager, tensors, *args, **kwargs)
-        kind = "grad" if "grad" in averager.prefix else "state"
+        kind = kind_of(averager) if kind_of else ("grad" if "grad" in averager.prefix else "state")
         with open(log_path, "a") as log:
             log.write(json.dumps({"kind": kind, "seconds": time.perf_counter() - started}) + "\n")
 
@@ -120,6 +123,99 @@ def peer_main(index: int, workdir: Path, aggregator: str, poison: bool, epochs: 
         time.sleep(0.1)
     opt.shutdown()
     dht.shutdown()
+
+
+ROUND_RULES = (("mean", "mean", True), ("centered_clip", "centered_clip", True),
+               ("centered_clip-no-records", "centered_clip", False))
+
+
+def rounds_main(index: int, workdir: Path, peers: int, size: int, rounds: int) -> None:
+    """One member of the round-time probe: the three rules take turns, round by round, on one vector."""
+    import torch
+
+    torch.set_num_threads(1)
+    import hivemind
+    from hivemind.averaging import DecentralizedAverager
+
+    from peer.attestations import Attestations
+    from peer.averagers import PotluckAveraging
+    from peer.robust import AveragingRule
+    from peer.swarm import use_fork_start_method
+
+    class Averager(PotluckAveraging, DecentralizedAverager):
+        pass
+
+    use_fork_start_method()
+    me = workdir / f"r{index}"
+    me.mkdir(exist_ok=True)
+    _time_allreduce(me / "rounds.jsonl", kind_of=lambda averager: averager.prefix.split("_", 1)[1])
+    maddrs = workdir / "maddrs.json"
+    if index == 0:
+        dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+        (workdir / "maddrs.tmp").write_text(json.dumps([str(m) for m in dht.get_visible_maddrs()]))
+        (workdir / "maddrs.tmp").rename(maddrs)
+    else:
+        while not maddrs.exists():
+            time.sleep(0.1)
+        dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=json.loads(maddrs.read_text()),
+                           start=True)
+    signal = torch.randn(size, generator=torch.Generator().manual_seed(1))
+    vector = signal + torch.randn(size, generator=torch.Generator().manual_seed(100 + index))
+    averagers = []
+    for name, aggregator, records in ROUND_RULES:
+        averagers.append(Averager(
+            [vector.clone()], dht=dht, prefix=f"rt_{name.replace('_', '-')}", start=True,
+            rule=AveragingRule(aggregator), attestations=Attestations(me, "grad", 1, 64) if records else None,
+            target_group_size=peers, min_group_size=peers, min_matchmaking_time=1.0, request_timeout=0.5,
+            allreduce_timeout=30, next_chunk_timeout=10))
+    (me / "ready").touch()
+    for round_index in range(rounds):
+        turn = round_index % len(averagers)  # each rule goes first as often as the others
+        for averager in averagers[turn:] + averagers[:turn]:
+            with averager.get_tensors() as tensors:
+                tensors[0].copy_(vector)
+            try:
+                averager.step(gather={"epoch": round_index}, timeout=30)
+            except Exception as error:  # a failed round is left out of the figures
+                print(f"round {round_index} {averager.prefix} failed: {error!r}", flush=True)
+    (me / "result.json").write_text("{}")
+    while not (workdir / "done").exists():
+        time.sleep(0.1)
+    for averager in averagers:
+        averager.shutdown()
+    dht.shutdown()
+
+
+def run_round_probe(workdir: Path, peers: int, size: int, rounds: int) -> dict:
+    """Seconds per all-reduce (median over members and rounds) for each rule, the rules interleaved."""
+    workdir.mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = []
+    for index in range(peers):
+        log = open(workdir / f"r{index}.log", "wb")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.robust", "rounds", str(index), str(workdir), str(peers), str(size),
+             str(rounds)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True))
+    try:
+        _wait(lambda: all((workdir / f"r{i}" / "result.json").exists() for i in range(peers)), 900, "round probe")
+    finally:
+        (workdir / "done").touch()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+    seconds = {}
+    for i in range(peers):
+        for line in (workdir / f"r{i}" / "rounds.jsonl").read_text().splitlines():
+            item = json.loads(line)
+            seconds.setdefault(item["kind"], []).append(item["seconds"])
+    figures = {kind: {"median_s": statistics.median(values), "rounds": len(values)} for kind, values in seconds.items()}
+    mean = figures.get("mean", {}).get("median_s")
+    for name in ("centered-clip", "centered-clip-no-records"):
+        if mean and name in figures:
+            figures[name]["vs_mean"] = figures[name]["median_s"] / mean
+    return {"size": size, "peers": peers, "rounds": rounds, "figures": figures}
 
 
 # -- the run -------------------------------------------------------------------------------------------
@@ -217,6 +313,10 @@ def table(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "rounds":
+        index, workdir, peers, size, rounds = argv[1:6]
+        rounds_main(int(index), Path(workdir), int(peers), int(size), int(rounds))
+        return 0
     if argv and argv[0] == "peer":
         index, workdir, aggregator, bad, epochs, step_seconds, records = argv[1:8]
         peer_main(int(index), Path(workdir), aggregator, bad == "1", int(epochs), float(step_seconds), records == "1")
@@ -230,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-records", action="store_true", help="do not write attestation records")
     parser.add_argument("--workdir", type=Path, help="where logs and arm data go (default: a new temp dir)")
     parser.add_argument("--arms", nargs="+", choices=[name for name, _, _ in ARMS], help="run only these arms")
+    parser.add_argument("--probe-only", action="store_true", help="only the round-time probe, no training arms")
+    parser.add_argument("--probe-rounds", type=int, default=15, help="rounds per rule in the round-time probe (0: skip)")
+    parser.add_argument("--probe-size", type=int, nargs="+", default=[17226],
+                        help="vector sizes of the round-time probe (17,226: the digits model)")
     parser.add_argument("--robust", default="centered_clip", choices=["centered_clip", "trimmed_mean"],
                         help="the aggregator of the *-robust arms")
     args = parser.parse_args(argv)
@@ -242,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="potluck-robust-"))
-    chosen = [arm for arm in ARMS if not args.arms or arm[0] in args.arms]
+    chosen = [] if args.probe_only else [arm for arm in ARMS if not args.arms or arm[0] in args.arms]
     arms = {name: [] for name, _, _ in chosen}
     for repeat in range(args.repeats):
         for name, aggregator, poison in chosen:
@@ -252,11 +356,22 @@ def main(argv: list[str] | None = None) -> int:
                              args.step_seconds, not args.no_records)
             print(f"[robust]   {json.dumps(result)}", file=sys.stderr, flush=True)
             arms[name].append(result)
+    probes = []
+    for size in args.probe_size if args.probe_rounds else []:
+        print(f"[robust] round-time probe, {size} values ...", file=sys.stderr, flush=True)
+        probes.append(run_round_probe(workdir / f"probe-{size}", args.peers, size, args.probe_rounds))
+        print(f"[robust]   {json.dumps(probes[-1])}", file=sys.stderr, flush=True)
     summary = summarize(arms)
+    summary["round_probe"] = probes
     output = {"benchmark": "robust", "robust_aggregator": args.robust, "peers": args.peers, "epochs": args.epochs, "repeats": args.repeats,
               "step_seconds": args.step_seconds, "records": not args.no_records, "workdir": str(workdir),
               "arms": arms, **summary}
     print(table(summary))
+    for probe in probes:
+        print(f"round-time probe, {probe['size']:,} values, {probe['peers']} members (median s per all-reduce):")
+        for kind, figure in probe["figures"].items():
+            ratio = f"  {figure['vs_mean']:.3f} x mean" if "vs_mean" in figure else ""
+            print(f"  {kind:<26} {figure['median_s']:.4f} s over {figure['rounds']} rounds{ratio}")
     args.out.write_text(json.dumps(output, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
