@@ -35,7 +35,9 @@ Checks (HIVEMIND_NOTES traps 13, 14, 8). Every round has a matchmaking deadline 
 timeout, and the wait for its result is bounded too. What comes back is checked before use: a group
 of at least two, finite values, and the projection of the averaged pseudo-gradient must equal the
 mean of the projections the members sent (the projection is linear, so a dropped or corrupted part
-shows up), within the codec's error. A failed or rejected round changes nothing: ``x`` keeps its
+shows up), within the codec's error. With a robust ``[averaging] aggregator`` (the default) the
+average is not the mean, and the check only bounds it (each part's norm is at most sqrt(n) times the
+largest member's); the reducers' rule (peer.robust) is what limits a poisoning member there. A failed or rejected round changes nothing: ``x`` keeps its
 local progress, which the next round's pseudo-gradient then carries. A late joiner downloads the
 anchor, momentum and epoch from a peer (bounded by a timeout; shapes, finiteness and metadata
 checked) before its first phase.
