@@ -76,8 +76,14 @@ def build_plan(args) -> Plan:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "robust":  # its own options: see benchmarks/robust.py
+        from benchmarks import robust
+
+        return robust.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("robust", help="robust averaging against a poisoning peer (python -m benchmarks robust -h)")
     runp = sub.add_parser("run", help="run the benchmarks")
     runp.add_argument("--out", type=Path, required=True, help="where the JSON goes")
     mode = runp.add_mutually_exclusive_group()

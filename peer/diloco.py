@@ -35,7 +35,9 @@ Checks (HIVEMIND_NOTES traps 13, 14, 8). Every round has a matchmaking deadline 
 timeout, and the wait for its result is bounded too. What comes back is checked before use: a group
 of at least two, finite values, and the projection of the averaged pseudo-gradient must equal the
 mean of the projections the members sent (the projection is linear, so a dropped or corrupted part
-shows up), within the codec's error. A failed or rejected round changes nothing: ``x`` keeps its
+shows up), within the codec's error. With a robust ``[averaging] aggregator`` (the default) the
+average is not the mean, and the check only bounds it (each part's norm is at most sqrt(n) times the
+largest member's); the reducers' rule (peer.robust) is what limits a poisoning member there. A failed or rejected round changes nothing: ``x`` keeps its
 local progress, which the next round's pseudo-gradient then carries. A late joiner downloads the
 anchor, momentum and epoch from a peer (bounded by a timeout; shapes, finiteness and metadata
 checked) before its first phase.
@@ -95,10 +97,12 @@ def _make_averager_class():
     from hivemind.averaging import DecentralizedAverager
     from hivemind.utils import MPFuture
 
-    from peer.same_result_allreduce import run_allreduce_inplace
+    from peer.averagers import PotluckAveraging
 
-    class GroupSizedAverager(DecentralizedAverager):
+    class GroupSizedAverager(PotluckAveraging, DecentralizedAverager):
         """A DecentralizedAverager whose expected group size can change between rounds.
+
+        Its all-reduce is potluck's (peer.averagers): robust rule, same decoded result on every member.
 
         hivemind's leader waits the whole matchmaking window unless the group reaches
         ``target_group_size``, fixed at construction. The coordinator knows how many peers are
@@ -110,10 +114,6 @@ def _make_averager_class():
             future = MPFuture()
             self._outer_pipe.send(("_set_target_group_size", [], dict(size=size, future=future)))
             future.result(timeout=REQUEST_TIMEOUT * 5)
-
-        async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
-            # every member gets the same decoded average, so anchors do not drift apart (see the module)
-            await run_allreduce_inplace(self, tensors, group_info, group_id, **kwargs)
 
         async def _set_target_group_size(self, size, future):  # runs in the averager's process
             self._matchmaking.target_group_size = size
@@ -148,7 +148,10 @@ class RoundOutcome:
 class DiLoCo:
     """The outer loop's state and rounds for one peer; the caller runs the inner steps on ``model``."""
 
-    def __init__(self, dht, config: RunConfig, model: torch.nn.Module, prefix: str | None = None):
+    def __init__(self, dht, config: RunConfig, model: torch.nn.Module, prefix: str | None = None,
+                 data_dir=None):
+        from peer.attestations import Attestations
+
         GroupSizedAverager, StateAverager = _make_averager_class()
         settings = config.averaging
         self.config = config
@@ -169,11 +172,14 @@ class DiLoCo:
             dht=dht, start=True, min_matchmaking_time=config.matchmaking_time,
             request_timeout=min(REQUEST_TIMEOUT, config.matchmaking_time / 2),
             allreduce_timeout=config.averaging_timeout, next_chunk_timeout=config.averaging_timeout / 2,
-            min_group_size=2, client_mode=False,
+            min_group_size=2, client_mode=False, rule=settings.rule,
         )
+        self.robust = settings.aggregator != "mean"
+        attestations = None if data_dir is None else Attestations(
+            data_dir, "diloco_delta", config.seed, config.verification.sketch_dims)
         self.delta_averager = GroupSizedAverager(
-            self.deltas, prefix=f"{prefix}_diloco_delta", compression=make_compression(self.codec),
-            allow_state_sharing=False, **common,
+            self.deltas, prefix=f"{prefix}_diloco_delta_{settings.aggregator}",
+            compression=make_compression(self.codec), allow_state_sharing=False, attestations=attestations, **common,
         )
         self.state_averager = StateAverager(
             [*self.anchor, *self.momentum], prefix=f"{prefix}_diloco_state", allow_state_sharing=True, **common,
@@ -326,6 +332,8 @@ class DiLoCo:
         # averaged deltas coming down (about twice that); each projection of it is ~N(0, loss^2)
         codec_loss = 3 * max(m["delta_error"] for m in members)
         tolerance = SKETCH_SIGMAS * (codec_loss + 1e-5 * largest) + 1e-9
+        if self.robust:  # a robust aggregate is not the mean; it is bounded (each part's norm <= sqrt(n) x largest)
+            tolerance += SKETCH_SIGMAS * (math.sqrt(len(members)) + 1) * largest
         if not _close(self.sketch(mean_delta), expected, tolerance):
             return "averaged pseudo-gradient does not match what the group sent"
         return ""

@@ -17,6 +17,7 @@ from peer.errors import UserError
 STRATEGIES = ("sync", "diloco")
 COMPRESSIONS = ("none", "fp16", "uint8")
 INNER_STATES = ("reset", "keep")
+AGGREGATORS = ("centered_clip", "trimmed_mean", "mean")  # peer.robust.AGGREGATORS (kept import-free here)
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class AveragingConfig:
     - ``diloco``: each peer takes ``inner_steps`` local optimizer steps, then the swarm all-reduces the
       pseudo-gradient (parameters before minus after) and applies an outer Nesterov SGD step.
     ``compression`` is the codec of every averaged tensor on the wire.
+    ``aggregator`` is how each all-reduce part is combined (peer.robust): ``centered_clip`` (default,
+    robust, clip radius ``tau`` times the group's median distance to its coordinate-wise median),
+    ``trimmed_mean`` or ``mean`` (hivemind's weighted mean, no defence against a poisoning peer).
     """
 
     strategy: str = "sync"
@@ -39,6 +43,15 @@ class AveragingConfig:
     # anchor (peer/strategies/diloco.py); "keep" carries its state across phases (better loss, only
     # each phase's first step can be replayed)
     inner_state: str = "reset"
+    aggregator: str = "centered_clip"
+    tau: float = 2.0
+
+    @property
+    def rule(self):
+        """The AveragingRule every averager of this run applies (peer.robust)."""
+        from peer.robust import AveragingRule
+
+        return AveragingRule(self.aggregator, self.tau)
 
 
 @dataclass(frozen=True)
@@ -105,6 +118,8 @@ _SCHEMA: dict[str, dict[str, tuple[type, object]]] = {
         "outer_momentum": (float, AveragingConfig.outer_momentum),
         "overlap": (bool, AveragingConfig.overlap),
         "inner_state": (str, AveragingConfig.inner_state),
+        "aggregator": (str, AveragingConfig.aggregator),
+        "tau": (float, AveragingConfig.tau),
     },
     "security": {"access_token_ttl": (float, 300.0)},
     "verification": {f.name: (type(f.default), f.default) for f in fields(VerificationConfig)},
@@ -210,6 +225,12 @@ def _check_averaging(averaging: AveragingConfig, where: str) -> None:
     if averaging.inner_state not in INNER_STATES:
         raise UserError(f"{where}: [averaging] inner_state must be one of {', '.join(INNER_STATES)}, "
                         f"got {averaging.inner_state!r}")
+    if averaging.aggregator not in AGGREGATORS:
+        raise UserError(f"{where}: [averaging] aggregator must be one of {', '.join(AGGREGATORS)}, "
+                        f"got {averaging.aggregator!r} (centered_clip is the robust default)")
+    if not (0 < averaging.tau <= 100):
+        raise UserError(f"{where}: [averaging] tau must be in (0, 100] (the clip radius in units of the "
+                        f"group's median distance), got {averaging.tau}")
     if averaging.inner_steps < 1:
         raise UserError(f"{where}: [averaging] inner_steps must be >= 1, got {averaging.inner_steps}")
     if not 0 < averaging.outer_lr <= 10:

@@ -5,7 +5,10 @@ Traps of hivemind 1.1.12 handled here (see docs/HIVEMIND_NOTES.md in the shared 
 - both are created in the main thread, before any thread of ours starts (they fork processes);
 - the codec of gradients and averaged state is ``[averaging] compression`` (peer.compression, which
   also fixes hivemind's 8-bit decoder for numpy >= 2.4);
-- every averaging round has a timeout (all-reduce included), so a dead peer cannot hang the rest.
+- every averaging round has a timeout (all-reduce included), so a dead peer cannot hang the rest;
+- both all-reduces that move the model (gradients, and parameters every epoch) aggregate each part
+  with the run's robust rule (``[averaging] aggregator``, peer.averagers), and the gradient rounds
+  write attestation records under the data dir (peer.attestations).
 """
 
 from __future__ import annotations
@@ -60,13 +63,19 @@ def start_dht(data_dir: Path, initial_peers: list[str], host: str, port: int, cl
     )
 
 
-def make_optimizer(dht, config: RunConfig, model: torch.nn.Module, task, client_mode: bool):
-    import hivemind
-
+def make_optimizer(dht, config: RunConfig, model: torch.nn.Module, task, client_mode: bool,
+                   data_dir: Path | None = None):
+    """The peer's hivemind.Optimizer (robust averaging); with ``data_dir``, gradient rounds are attested."""
+    from peer.attestations import Attestations
+    from peer.averagers import make_potluck_optimizer
     from peer.compression import make_compression
 
     codec = make_compression(config.averaging.compression)
-    return hivemind.Optimizer(
+    attestations = None if data_dir is None else Attestations(
+        Path(data_dir), "grad", config.seed, config.verification.sketch_dims)
+    return make_potluck_optimizer(
+        rule=config.averaging.rule,
+        attestations=attestations,
         dht=dht,
         run_id=config.run_id,
         params=model.parameters(),

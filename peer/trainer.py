@@ -25,10 +25,10 @@ def make_strategy(config: RunConfig, task, dht, model, options: TrainOptions):
     if config.averaging.strategy == "diloco":
         from peer.strategies.diloco import DiLoCoStrategy
 
-        return DiLoCoStrategy(dht, config, model, task, max_rounds=options.max_epochs)
+        return DiLoCoStrategy(dht, config, model, task, max_rounds=options.max_epochs, data_dir=options.data_dir)
     from peer.strategies.sync import SyncStrategy
 
-    return SyncStrategy(dht, config, model, task, client_mode=options.client_mode)
+    return SyncStrategy(dht, config, model, task, client_mode=options.client_mode, data_dir=options.data_dir)
 
 
 def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLog, options: TrainOptions) -> dict:

@@ -35,12 +35,12 @@ class DiLoCoStrategy:
     name = "diloco"
     gate_after_first_step = False  # the coordinator counts live peers: gate before any work
 
-    def __init__(self, dht, config, model, task, max_rounds: int = 0):
+    def __init__(self, dht, config, model, task, max_rounds: int = 0, data_dir=None):
         self.config, self.model, self.task = config, model, task
         self.settings = config.averaging
         self.max_rounds = max_rounds  # --max-epochs: the last round is completed at once and resynced
         started = time.monotonic()
-        self.diloco = DiLoCo(dht, config, model)  # forks hivemind's averager processes: before any gRPC thread
+        self.diloco = DiLoCo(dht, config, model, data_dir=data_dir)  # forks hivemind's averager processes: before any gRPC thread
         self.averagers_seconds = time.monotonic() - started
         self.setup_started = started
         self.inner = task.make_optimizer(model.parameters())

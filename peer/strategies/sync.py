@@ -17,9 +17,10 @@ class SyncStrategy:
     name = "sync"
     gate_after_first_step = True  # hivemind announces a peer only once it has accumulated samples
 
-    def __init__(self, dht, config, model, task, client_mode: bool):
+    def __init__(self, dht, config, model, task, client_mode: bool, data_dir=None):
         self.config, self.model = config, model
-        self.opt = make_optimizer(dht, config, model, task, client_mode=client_mode)
+        # data_dir: where the averagers write their attestation records (peer/attestations.py)
+        self.opt = make_optimizer(dht, config, model, task, client_mode=client_mode, data_dir=data_dir)
 
     @property
     def epoch(self) -> int:

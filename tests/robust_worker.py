@@ -1,0 +1,101 @@
+"""One member of a real all-reduce for tests/test_robust.py, run as its own OS process.
+
+    python tests/robust_worker.py ROLE WORKDIR GROUP AGGREGATOR CODEC SCALE [LYING_REDUCER]
+
+Member "a" starts the DHT and writes its address to WORKDIR/a.maddrs; the others join it. Each holds
+the known vector ``known_vector(ROLE)`` times SCALE (a poisoner is an honest member with SCALE -10),
+averages it once in a group of GROUP through potluck's averager (peer.averagers.PotluckAveraging:
+robust rule, attestation records in WORKDIR/ROLE/), and writes the result to WORKDIR/ROLE.json.
+With LYING_REDUCER = 1, the member's reducer returns -10 x its robust result to everyone (the
+product's ``peer.robust_reducer.aggregate`` wrapped in this process only).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = [(40, 30), (30,), (7, 5)]  # 1,465 coordinates in three tensors
+EPOCH = 5
+RUN_SEED = 99
+DIMS = 16
+
+
+def known_vector(role: str) -> list[torch.Tensor]:
+    """A shared signal plus a member's own noise, as honest gradients look."""
+    common = torch.Generator().manual_seed(1)
+    own = torch.Generator().manual_seed(ord(role))
+    return [torch.randn(shape, generator=common) + 0.3 * torch.randn(shape, generator=own) for shape in SHAPES]
+
+
+def lie_as_reducer() -> None:
+    import peer.robust_reducer
+
+    honest = peer.robust_reducer.aggregate
+
+    def lying(rule, parts, weights):
+        result = honest(rule, parts, weights)
+        result.value = -10 * result.value
+        return result
+
+    peer.robust_reducer.aggregate = lying
+
+
+def main(role: str, workdir: Path, group: int, aggregator: str, codec: str, scale: float, lie: bool = False) -> None:
+    torch.set_num_threads(1)
+    if lie:
+        lie_as_reducer()
+    import hivemind
+    from hivemind.averaging import DecentralizedAverager
+
+    from peer.attestations import Attestations
+    from peer.averagers import PotluckAveraging
+    from peer.compression import make_compression
+    from peer.robust import AveragingRule
+    from peer.swarm import use_fork_start_method
+
+    class Averager(PotluckAveraging, DecentralizedAverager):
+        pass
+
+    use_fork_start_method()
+    if role == "a":
+        dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+        (workdir / "a.maddrs.tmp").write_text(json.dumps([str(m) for m in dht.get_visible_maddrs()]))
+        (workdir / "a.maddrs.tmp").rename(workdir / "a.maddrs")
+    else:
+        while not (workdir / "a.maddrs").exists():
+            time.sleep(0.1)
+        dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True,
+                           initial_peers=json.loads((workdir / "a.maddrs").read_text()))
+    data_dir = workdir / role
+    data_dir.mkdir(exist_ok=True)
+    tensors = [t * scale for t in known_vector(role)]
+    averager = Averager(
+        [t.clone() for t in tensors], dht=dht, prefix="robusttest", start=True,
+        rule=AveragingRule(aggregator), attestations=Attestations(data_dir, "grad", RUN_SEED, DIMS),
+        compression=make_compression(codec), part_size_bytes=2048,  # several parts per reducer
+        target_group_size=group, min_group_size=group, min_matchmaking_time=3.0, request_timeout=1.0,
+        allreduce_timeout=30, next_chunk_timeout=10,
+    )
+    gathered = averager.step(gather={"epoch": EPOCH}, timeout=60)
+    with averager.get_tensors() as result:
+        out = {"group": len(gathered or {}), "peer_id": dht.peer_id.to_base58(),
+               "sent": [t.reshape(-1).tolist() for t in tensors],
+               "result": [t.reshape(-1).tolist() for t in result]}
+    (workdir / f"{role}.json").write_text(json.dumps(out))
+    deadline = time.monotonic() + 60
+    while not (workdir / "done").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    averager.shutdown()
+    dht.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], float(sys.argv[6]),
+         len(sys.argv) > 7 and sys.argv[7] == "1")
