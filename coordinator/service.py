@@ -176,7 +176,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             log.warning("refused report %s of peer %s: %s", request.report_id, request.peer_id, verdict.reason)
             if verdict.evidence:
                 self.credit.record_check_failure(request.peer_id, request.epoch, verdict.reason)
-            context.abort(grpc.StatusCode.OUT_OF_RANGE, f"report refused: {verdict.reason}")
+                context.abort(grpc.StatusCode.OUT_OF_RANGE, f"report refused: {verdict.reason}")
+            # an honest peer ahead of a stalled quorum (or of a coordinator that was down): its outbox
+            # keeps the report and sends it again once the run's epoch has caught up
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"report not yet accepted, retry later: {verdict.reason}")
         try:
             fresh = self.ledger.record_report(
                 request.peer_id, request.session, request.report_id, request.epoch, request.samples,

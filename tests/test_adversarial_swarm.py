@@ -30,3 +30,49 @@ def test_progress_liar_cannot_shorten_the_epochs(procs, tmp_path):
     assert epochs_reported(tmp_path / "h1")[-1] == epochs_reported(tmp_path / "h2")[-1] == 3
     first, second = load_model(tmp_path / "h1"), load_model(tmp_path / "h2")
     assert first["epoch"] == second["epoch"] == 4
+
+
+def binding_checks(coordinator) -> list[dict]:
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{coordinator.data_dir / 'ledger.sqlite'}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(row) for row in db.execute("SELECT * FROM binding_checks")]
+    finally:
+        db.close()
+
+
+def test_a_poisoner_with_honest_reports_is_bound_to_what_it_averaged(procs, tmp_path):
+    """The poisoner (tests/variants/poisoning_peer.py) sends sign-flipped x10 gradients into the
+    all-reduce while its reports describe its honest work. Its own averager's records of what it sent
+    contradict its report: the coordinator's binding check fails it and bans it; every honest peer
+    passes the same check, keeps its credit and is never struck."""
+    import sys
+
+    from conftest import Proc, pin
+    from test_cheaters_swarm import credit_rows, peer_id
+
+    run = write_run(tmp_path / "run.toml", epochs=6, min_peers=4)
+    coordinator = start_coordinator(procs, tmp_path / "c", run)
+    names = ("h1", "h2", "h3")
+    honest = [start_peer(procs, coordinator.address, coordinator.token, tmp_path / name) for name in names]
+    (tmp_path / "bad").mkdir()
+    procs.append(Proc([sys.executable, "-m", "tests.variants.poisoning_peer", "join", coordinator.address,
+                       "--token", coordinator.token, *pin(coordinator.address), "--data-dir", str(tmp_path / "bad"),
+                       "--threads", "1", "--progress", "plain"], tmp_path / "bad.log"))
+    ids = {name: peer_id(tmp_path / name) for name in (*names, "bad")}
+    wait_until(lambda: credit_rows(coordinator).get(ids["bad"], {}).get("banned"), 400, "the poisoner banned")
+    for peer in honest:
+        assert peer.wait(300) == 0, peer.log()[-3000:]
+    checks = binding_checks(coordinator)
+    own = [c for c in checks if c["check_kind"] == "own_report"] or checks
+    print({(c["check_kind"], c["verdict"]) for c in checks})
+    rows = credit_rows(coordinator)
+    for name in names:
+        row = rows[ids[name]]
+        assert row["strikes"] == 0 and not row["banned"] and row["audits_failed"] == 0, (name, row)
+    assert not any(c["verdict"] == "fail" and c["subject"] != ids["bad"] for c in checks), checks
+    assert any(c["verdict"] == "pass" for c in own), checks
+    bad = rows[ids["bad"]]
+    assert bad["banned"] and bad["samples_settled"] == 0 and bad["samples_provisional"] == 0, bad
