@@ -102,12 +102,13 @@ def audited_window(v: VerificationConfig, micro_batches: int, established: bool,
 
 def window_overhead(v: VerificationConfig, micro_batches: int, work_s: float, fingerprint_s: float,
                     established: bool, rng: random.Random) -> dict:
-    """Auditor work / the peer's work per window (mean of 200 windows of the real policy's draws); a
-    fingerprint per report (finding its snapshot) and per nearby label (trusting the snapshot)."""
+    """Auditor work / the peer's work per window (mean of 200 windows of the real policy's draws), plus
+    one parameter fingerprint per report (finding its snapshot; shared by every peer of a label, so
+    this is the one-peer worst case)."""
     windows, replays = 200, 0
     for _ in range(windows):
         replays += sum(len(a) for a in audited_window(v, micro_batches, established, rng))
-    fingerprints = windows * v.window_epochs * (1 + 2 * v.epoch_slack)
+    fingerprints = windows * v.window_epochs
     peer_seconds = windows * v.window_epochs * micro_batches * work_s
     auditor_seconds = replays * work_s + fingerprints * fingerprint_s
     return {"replays": replays / windows, "replay_share": replays / (windows * v.window_epochs * micro_batches),

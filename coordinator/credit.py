@@ -274,10 +274,6 @@ class Credit(SqliteStore):
     def reports_of_epoch(self, epoch: int) -> list[sqlite3.Row]:
         return self._read("SELECT * FROM credit_reports WHERE epoch=?", (epoch,))
 
-    def reports_in_epochs(self, lo: int, hi: int) -> list[sqlite3.Row]:
-        """Reports labelled lo..hi (inclusive): the neighbourhood a snapshot's trust is judged in."""
-        return self._read("SELECT * FROM credit_reports WHERE epoch>=? AND epoch<=?", (lo, hi))
-
     def mark_report(self, report_id: str, state: str) -> None:
         with self._write() as db:
             db.execute("UPDATE credit_reports SET audit_state=? WHERE report_id=?", (state, report_id))
