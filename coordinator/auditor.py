@@ -40,6 +40,7 @@ POLL = 0.3  # seconds between looks at the swarm and the ledger
 REPORT_QUORUM_WAIT = 20.0  # seconds a lone report waits for peers' reports of its epoch (snapshot check)
 QUIET_BEFORE_FINAL_SETTLEMENT = 5.0
 MAX_SNAPSHOTS = 64
+SNAPSHOT_TRIES = 3  # downloads of one epoch's parameters before the auditor gives up on it
 RECHECKS = 2  # extra micro-batches replayed after an inconclusive one
 SNAPSHOT_TIMEOUT = 20.0  # seconds for one download of the swarm's state (the loop waits meanwhile)
 # A report's parameters must equal a snapshot's, not be near it: averaged parameters are the same
@@ -288,7 +289,7 @@ def run_auditor(run_path: Path, data_dir: Path, initial_peers: list[str], stop=N
         dht = start_watch_dht(initial_peers, swarm_pass)
     watch_progress(dht, config.run_id)
     suspects: dict[str, int] = {}
-    attempted: set[int] = set()
+    attempted: dict[int, int] = {}  # swarm epoch -> snapshot downloads tried
     print("auditor ready", flush=True)
     while not stop.is_set():
         swarm_pass.refresh()
@@ -305,15 +306,20 @@ def run_auditor(run_path: Path, data_dir: Path, initial_peers: list[str], stop=N
         honest = [e.epoch for e in entries if e.epoch <= limit]
         if auditor is not None:
             swarm_epoch = max(honest, default=None)
-            if swarm_epoch is not None and swarm_epoch not in attempted and auditor.policy.snapshot_epoch(swarm_epoch):
-                attempted.add(swarm_epoch)
+            # every epoch's parameters are needed (a report from parameters never kept cannot be paid):
+            # a failed download is tried again, a few times
+            if swarm_epoch is not None and attempted.get(swarm_epoch, 0) < SNAPSHOT_TRIES and \
+                    auditor.policy.snapshot_epoch(swarm_epoch):
+                attempted[swarm_epoch] = attempted.get(swarm_epoch, 0) + 1
                 try:
                     got = observer.download(timeout=SNAPSHOT_TIMEOUT)
                 except SnapshotError as error:  # a peer served malformed state: no audit at this epoch
                     log.warning("snapshot at epoch %d refused: %s", swarm_epoch, error)
                     got = None
-                if got is not None and got.epoch not in auditor.snapshots:
-                    auditor.add_snapshot(got.epoch, got.state_dict)
+                if got is not None:
+                    attempted[swarm_epoch] = SNAPSHOT_TRIES
+                    if got.epoch not in auditor.snapshots:
+                        auditor.add_snapshot(got.epoch, got.state_dict)
             for row in credit.reports_to_audit():
                 if not credit.banned_reason(row["peer_id"]) and auditor.ready(row):
                     auditor.audit_report(row)

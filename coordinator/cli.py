@@ -166,8 +166,10 @@ def org_list(
     format: Annotated[TableOrJson, typer.Option("--format")] = TableOrJson.table,
 ):
     """List organizations with their quota, peers, active tokens and strikes (one per banned peer)."""
+    from coordinator.credit import org_strikes
+
     ledger = Ledger.open_existing(data_dir)
-    strikes = open_credit(data_dir).org_strikes()
+    strikes = org_strikes(ledger.query)
     rows = [
         {"name": o["name"], "created": _when(o["created"]), "max_peers": o["max_peers"], "peers": o["peers"],
          "active_tokens": o["active_tokens"], "strikes": strikes.get(o["name"], 0), "removed": o["removed"]}

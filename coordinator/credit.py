@@ -94,6 +94,14 @@ def _digest(projection) -> str:
     return hashlib.sha256(json.dumps(list(projection)).encode()).hexdigest()
 
 
+def org_strikes(query) -> dict[str, int]:
+    """org -> strikes on its standing (one per banned peer of the org); ``query`` is Ledger.query, so
+    read-only commands need not open the credit store (none before the first ban's table exists)."""
+    if not query("SELECT 1 FROM sqlite_master WHERE type='table' AND name='org_strikes'"):
+        return {}
+    return {row["org"]: row["n"] for row in query("SELECT org, COUNT(*) AS n FROM org_strikes GROUP BY org")}
+
+
 class Credit(SqliteStore):
     def __init__(self, path: Path, verification: VerificationConfig, run_id: str, flops_per_sample: float = 0.0,
                  proof_required: bool = True):
@@ -180,8 +188,7 @@ class Credit(SqliteStore):
         return row["org"], token_ids
 
     def org_strikes(self) -> dict[str, int]:
-        """org -> strikes on its standing (one per banned peer of the org)."""
-        return {row["org"]: row["n"] for row in self._read("SELECT org, COUNT(*) AS n FROM org_strikes GROUP BY org")}
+        return org_strikes(self._read)
 
     # --- reports ------------------------------------------------------------------------------
     def signature_ok(self, request, public_key: bytes) -> bool:
