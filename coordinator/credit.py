@@ -58,6 +58,8 @@ CREATE TABLE IF NOT EXISTS audits (
     reason TEXT NOT NULL,
     at REAL NOT NULL
 ) STRICT;
+CREATE INDEX IF NOT EXISTS audits_report ON audits (report_id);
+CREATE INDEX IF NOT EXISTS audits_verdict ON audits (verdict);
 CREATE TABLE IF NOT EXISTS standing (
     peer_id TEXT PRIMARY KEY, strikes INTEGER NOT NULL DEFAULT 0, banned INTEGER NOT NULL DEFAULT 0,
     reason TEXT, at REAL
@@ -354,7 +356,7 @@ class Credit(SqliteStore):
             # the auditor closes the last windows early at the run's end: the views must agree
             db.execute("INSERT INTO meta VALUES ('closed_through', ?) ON CONFLICT (key) DO UPDATE SET "
                        "value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))", (str(run_epoch),))
-            for (peer_id, window), summary in self._summaries(db, run_epoch).items():
+            for (peer_id, window), summary in self._summaries(db, run_epoch, undecided=True).items():
                 if summary["state"] == "forfeit-due":
                     self._settle_one(db, peer_id, window, forfeit=True)
                     settled += 1
@@ -363,14 +365,18 @@ class Credit(SqliteStore):
                     settled += 1
         return settled
 
-    def _summaries(self, db, run_epoch: int, peer_id: str | None = None) -> dict[tuple[str, int], dict]:
+    def _summaries(self, db, run_epoch: int, peer_id: str | None = None,
+                   undecided: bool = False) -> dict[tuple[str, int], dict]:
         """(peer, window) -> what the ledger shows of a window: state, micro-batches, audited, confidence.
 
         state: settled / forfeited (decided); open (not closed, or reports still to judge); provisional
         (closed, confidence not reached); settle-due / forfeit-due (closed, to be decided now).
         """
         w = self.v.window_epochs
-        where, args = ("WHERE r.peer_id=?", (peer_id,)) if peer_id else ("", ())
+        where, args = ("WHERE r.peer_id=?", (peer_id,)) if peer_id else ("WHERE 1", ())
+        if undecided:  # what settlement and top-ups look at, every few hundred ms: skip decided windows
+            where += (f" AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.peer_id = r.peer_id "
+                      f"AND s.window = r.epoch / {w})")
         reports = db.execute(f"SELECT r.peer_id, r.epoch, r.micro_batches, r.credited_samples, r.audit_state, "
                              f"({_AUDITED}) AS audited FROM credit_reports r {where}", args).fetchall()
         decided = {(row["peer_id"], row["window"]): dict(row) for row in db.execute(
@@ -446,7 +452,7 @@ class Credit(SqliteStore):
         """Closed windows some peer still waits on (confidence not reached): where top-up audits go."""
         run_epoch = max(run_epoch, self._closed_through())
         with self._lock:
-            summaries = self._summaries(self._db, run_epoch)
+            summaries = self._summaries(self._db, run_epoch, undecided=True)
         return sorted({window for (_, window), s in summaries.items() if s["state"] == "provisional"})
 
     # --- views --------------------------------------------------------------------------------
