@@ -284,6 +284,10 @@ def run_auditor(run_path: Path, data_dir: Path, initial_peers: list[str], stop=N
                                  identity_path=swarm_pass.identity_path)
         dht = observer.dht
         auditor = Auditor(config, task, credit)
+        # a run starts from the task's initial parameters: the auditor holds them before any download
+        # (the first epochs pass before its swarm observer is ready); a report is still matched by fingerprint
+        auditor.add_snapshot(0, {name: tensor.detach().clone()
+                                 for name, tensor in auditor.replayer.model.state_dict().items()})
         credit.flops_per_sample = 6.0 * auditor.replayer.parameter_count
     else:
         dht = start_watch_dht(initial_peers, swarm_pass)

@@ -354,8 +354,9 @@ class Credit(SqliteStore):
         settled = 0
         with self._write() as db:
             # the auditor closes the last windows early at the run's end: the views must agree
-            db.execute("INSERT INTO meta VALUES ('closed_through', ?) ON CONFLICT (key) DO UPDATE SET "
-                       "value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))", (str(run_epoch),))
+            row = db.execute("SELECT value FROM meta WHERE key='closed_through'").fetchone()
+            if row is None or int(row["value"]) < run_epoch:  # written only when it moves (this runs every poll)
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('closed_through', ?)", (str(run_epoch),))
             for (peer_id, window), summary in self._summaries(db, run_epoch, undecided=True).items():
                 if summary["state"] == "forfeit-due":
                     self._settle_one(db, peer_id, window, forfeit=True)
