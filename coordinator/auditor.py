@@ -1,12 +1,16 @@
 """The auditor: a process owned by `coordinator serve` that checks a random sample of the work.
 
-It joins the swarm as a client (no compute, no averaging), keeps the swarm's parameters at epochs
-it chose secretly in advance, and, when a report arrives, draws *then* which micro-batches to
-replay (so a peer cannot know which ones will be checked). Replays go through peer/work.py, the
-same code a peer trains with. New peers are audited at ``audit_rate_new``, established ones at
-``audit_rate``, and every peer at least ``audit_floor`` times per window. It also watches the
-swarm's progress records and bans a peer that publishes an epoch the run cannot have reached
-(HIVEMIND_NOTES trap 4), and settles credit window by window.
+It joins the swarm as a client (no compute, no averaging) and keeps the swarm's parameters as it
+sees them epoch by epoch. A report names the parameters it started from only by a fingerprint
+(seeded by the report's own epoch label), and labels drift between honest peers (one can train in
+lockstep one label behind another), so a report is matched to the snapshot whose *fingerprint*
+equals its own, whatever that snapshot's label; a report that matches none is never judged (it
+cannot be failed, and is not paid). After a report arrives the auditor draws *then* which
+micro-batches to replay (its share of the window's audits, so a peer cannot know which ones), and
+when the window closes it tops the audits up until the window reaches the detection confidence of
+``[verification]`` (coordinator/confidence.py). Replays go through peer/work.py, the same code a
+peer trains with. It also watches the swarm's progress records and bans a peer that publishes an
+epoch the run cannot have reached (HIVEMIND_NOTES trap 4), and settles credit window by window.
 
 The unit of work is one micro-batch in the synchronous mode. In DiLoCo mode the unit would be a
 whole inner phase (many local steps from one snapshot): the same Replayer runs the phase from the
@@ -18,15 +22,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import secrets
 import time
 from pathlib import Path
 
-from coordinator.credit import INCONCLUSIVE, PASS, Credit
+from coordinator.confidence import required_audits
+from coordinator.credit import AUDITABLE, FAIL, INCONCLUSIVE, PASS, Credit
 from coordinator.replay import Replayer, judge, tolerance_for
 from peer.runconfig import RunConfig, VerificationConfig
-from peer.sketch import Sketch
+from peer.sketch import Sketch, count_sketch, parameter_seed
 
 log = logging.getLogger("potluck.auditor")
 
@@ -34,8 +40,13 @@ POLL = 0.3  # seconds between looks at the swarm and the ledger
 REPORT_QUORUM_WAIT = 20.0  # seconds a lone report waits for peers' reports of its epoch (snapshot check)
 QUIET_BEFORE_FINAL_SETTLEMENT = 5.0
 MAX_SNAPSHOTS = 64
+SNAPSHOT_TRIES = 3  # downloads of one epoch's parameters before the auditor gives up on it
 RECHECKS = 2  # extra micro-batches replayed after an inconclusive one
 SNAPSHOT_TIMEOUT = 20.0  # seconds for one download of the swarm's state (the loop waits meanwhile)
+# A report's parameters must equal a snapshot's, not be near it: averaged parameters are the same
+# bits on every peer (only summation order in the sketch differs, ~1e-7), while parameters one step
+# apart can differ by less than 1e-3 late in a run and still give gradients 25% apart.
+PARAMETER_MATCH = 1e-5
 
 
 class AuditPolicy:
@@ -55,117 +66,188 @@ class AuditPolicy:
         return self.v.audit_rate if established and not suspicious else self.v.audit_rate_new
 
     def choose(self, micro_batches: int, rate: float, flagged: list[int]) -> list[int]:
-        chosen = {i for i in range(micro_batches) if self.rng.random() < rate}
+        """``ceil(rate * micro_batches)`` micro-batches drawn without replacement, plus the flagged ones."""
+        count = min(micro_batches, math.ceil(round(rate * micro_batches, 9)))
+        chosen = set(self.rng.sample(range(micro_batches), count))
         return sorted(chosen | {i for i in flagged if 0 <= i < micro_batches})
 
 
+def arrival_share(v: VerificationConfig, micro_batches: int, established: bool, suspicious: bool) -> float:
+    """The share of a report replayed on arrival: its part of the audits a window of such reports needs
+    (so most windows reach their confidence without a top-up), at least the new/established rate."""
+    expected = micro_batches * v.window_epochs
+    rate = v.audit_rate if established and not suspicious else v.audit_rate_new
+    return max(required_audits(v, expected) / max(expected, 1), rate)
+
+
 class Auditor:
-    """The audit logic, independent of where parameters come from (``snapshots``: epoch -> tensors)."""
+    """The audit logic, independent of where parameters come from (``snapshots``: label -> tensors)."""
 
     def __init__(self, config: RunConfig, task, credit: Credit, policy: AuditPolicy | None = None):
         self.config, self.credit = config, credit
         self.policy = policy or AuditPolicy(config.verification)
         self.replayer = Replayer(task, config)
-        self.snapshots: dict[int, dict] = {}  # epoch -> the swarm's state_dict at its start
+        self.snapshots: dict[int, dict] = {}  # the epoch label it was served under -> the swarm's state_dict
         self._loaded_epoch: int | None = None
-        self._fingerprints: dict[int, Sketch] = {}
+        self._fingerprints: dict[tuple[int, int], Sketch] = {}  # (snapshot label, seed label) -> fingerprint
+        self._claimed: dict[str, Sketch] = {}  # report id -> the parameter fingerprint it reports
+        self._matched: dict[str, int] = {}  # report id -> label of the snapshot holding its parameters
+        self._exhausted: set[tuple[str, int]] = set()  # (peer, window)s whose top-up ran out of replayable micro-batches
+        self._names = [name for name, _ in self.replayer.model.named_parameters()]
 
     def add_snapshot(self, epoch: int, state_dict: dict) -> None:
         self.snapshots[epoch] = state_dict
         for old in sorted(self.snapshots)[:-MAX_SNAPSHOTS]:
             del self.snapshots[old]
+            self._fingerprints = {key: f for key, f in self._fingerprints.items() if key[0] != old}
+            if self._loaded_epoch == old:
+                self._loaded_epoch = None
 
     def _load(self, epoch: int) -> None:
         if self._loaded_epoch != epoch:
             self.replayer.load(self.snapshots[epoch])
             self._loaded_epoch = epoch
-            self._fingerprints[epoch] = self.replayer.fingerprint(epoch)
 
-    def _snapshot_trusted(self, epoch: int) -> bool:
-        """The snapshot came from one peer: trust it if at least half the reports of the epoch started there."""
-        reports = self.credit.reports_of_epoch(epoch)
-        tolerance = self.config.verification.fp32_tolerance
-        matching = sum(
-            judge(Sketch(b["parameters"]["norm"], tuple(b["parameters"]["projection"])), self._fingerprints[epoch],
-                  tolerance).verdict == PASS
-            for b in (json.loads(row["body"]) for row in reports))
-        return matching * 2 >= len(reports)
+    # --- which parameters a report started from ----------------------------------------------
+    def _fingerprint(self, label: int, seed_label: int) -> Sketch:
+        """The snapshot ``label``'s fingerprint as a peer labelling its epoch ``seed_label`` computes it."""
+        key = (label, seed_label)
+        if key not in self._fingerprints:
+            state = self.snapshots[label]
+            self._fingerprints[key] = count_sketch([state[name] for name in self._names],
+                                                   parameter_seed(self.config.seed, seed_label),
+                                                   self.config.verification.sketch_dims)
+        return self._fingerprints[key]
+
+    def _claim(self, row) -> Sketch:
+        if row["report_id"] not in self._claimed:
+            parameters = json.loads(row["body"])["parameters"]
+            self._claimed[row["report_id"]] = Sketch(parameters["norm"], tuple(parameters["projection"]))
+        return self._claimed[row["report_id"]]
+
+    def _equal(self, row, label: int) -> bool:
+        verdict = judge(self._claim(row), self._fingerprint(label, row["epoch"]), PARAMETER_MATCH)
+        return verdict.verdict == PASS
+
+    def _near(self, epoch: int) -> list[int]:
+        """Snapshot labels a report labelled ``epoch`` may have started from (labels drift by up to the slack)."""
+        slack = self.config.verification.epoch_slack
+        return sorted((label for label in self.snapshots if abs(label - epoch) <= slack),
+                      key=lambda label: (abs(label - epoch), label))
+
+    def match(self, row) -> int | None:
+        """The label of a snapshot whose parameters are the report's (by fingerprint), or None."""
+        report_id = row["report_id"]
+        if report_id in self._matched and self._matched[report_id] in self.snapshots:
+            return self._matched[report_id]
+        for label in self._near(row["epoch"]):
+            if self._equal(row, label):
+                self._matched[report_id] = label
+                return label
+        return None
+
+    def _trusted(self, label: int, row) -> bool:
+        """A snapshot came from one peer: trust it for a report if at least half the peers reporting the
+        report's label started from its parameters (in the lockstep case, the peer one label behind is
+        half of its label's reporters, so one fingerprint per label and snapshot suffices)."""
+        reports = self.credit.reports_of_epoch(row["epoch"])
+        holders = {r["peer_id"] for r in reports if self._equal(r, label)}
+        return len(holders) * 2 >= len({r["peer_id"] for r in reports})
 
     def ready(self, row, now: float | None = None) -> bool:
-        """Whether a report can be judged now (its epoch's snapshot can be cross-checked)."""
+        """Whether a report can be judged now: a snapshot holds its parameters and other peers' reports of
+        its label are in (to cross-check that snapshot), or it waited long enough for either."""
         now = time.time() if now is None else now
-        return row["epoch"] not in self.snapshots or len(self.credit.reports_of_epoch(row["epoch"])) >= 2 or \
-            now - row["received"] > REPORT_QUORUM_WAIT
+        if now - row["received"] > REPORT_QUORUM_WAIT:
+            return True
+        return self.match(row) is not None and len(self.credit.reports_of_epoch(row["epoch"])) >= 2
 
+    # --- judging ------------------------------------------------------------------------------
     def audit_report(self, row, extra: int = 0) -> list[str]:
-        """Judge one report: its parameter fingerprint, then a random sample of its micro-batches."""
-        epoch, peer_id, claim = row["epoch"], row["peer_id"], json.loads(row["body"])
-        if epoch not in self.snapshots:
+        """Judge one report: find the snapshot holding its parameters, then replay its share of the window's audits."""
+        peer_id, claim = row["peer_id"], json.loads(row["body"])
+        if not self._near(row["epoch"]):
             self.credit.mark_report(row["report_id"], "unaudited")
             return []
-        self._load(epoch)
-        fingerprint = self.replayer.check_parameters(claim, self.config.verification.fp32_tolerance)
-        if fingerprint.verdict != PASS:
-            if not self._snapshot_trusted(epoch):
-                self.credit.mark_report(row["report_id"], "unaudited")
-                return []
-            # an honest peer can miss an averaging round (or land in another group) and start an epoch
-            # elsewhere: not punishable, but its work there cannot be verified (see Credit._settle_one)
-            self.credit.record_audit(row["report_id"], peer_id, epoch, -1, INCONCLUSIVE, fingerprint.relative_error,
-                                     fingerprint.norm_ratio, f"parameters differ from the swarm's: {fingerprint.reason}")
-            # its micro-batches cannot be replayed at our snapshot: keep it out of later top-ups too
+        label = self.match(row)
+        if label is None or not self._trusted(label, row):
+            # an honest peer can miss an averaging round and start an epoch elsewhere, or the snapshot
+            # holding its parameters was not kept: nothing to judge against, so never a failure; its
+            # micro-batches cannot be replayed, so they are not paid either (see Credit._settle_one)
+            why = "match no snapshot the auditor holds" if label is None else "match only an untrusted snapshot"
+            self.credit.record_audit(row["report_id"], peer_id, row["epoch"], -1, INCONCLUSIVE, None, None,
+                                     f"parameters {why}: not auditable")
             self.credit.mark_report(row["report_id"], "other-parameters")
-            return [fingerprint.verdict]
+            return [INCONCLUSIVE]
         flags = json.loads(row["flags"])
-        established = self.credit.passed_audits(peer_id) >= self.config.verification.established_after
         count = len(claim["sketches"])
-        chosen = self.policy.choose(count, self.policy.rate(established, bool(flags["report"])),
+        chosen = self.policy.choose(count, self.arrival_share(count, peer_id, bool(flags["report"])),
                                     flags["micro_batches"])
         if extra:
             rest = [i for i in range(count) if i not in chosen]
             chosen += self.policy.rng.sample(rest, min(extra, len(rest)))
-        verdicts = self._replay(row, claim, chosen)
+        verdicts = self._replay(row, claim, chosen, label)
         if INCONCLUSIVE in verdicts:
             rest = [i for i in range(count) if i not in chosen]
-            verdicts += self._replay(row, claim, self.policy.rng.sample(rest, min(RECHECKS, len(rest))))
-        self.credit.mark_report(row["report_id"], "done")
+            verdicts += self._replay(row, claim, self.policy.rng.sample(rest, min(RECHECKS, len(rest))), label)
+        self.credit.mark_report(row["report_id"], AUDITABLE)
         return verdicts
 
-    def _replay(self, row, claim: dict, micro_batches: list[int]) -> list[str]:
+    def arrival_share(self, micro_batches: int, peer_id: str, suspicious: bool) -> float:
+        v = self.config.verification
+        return arrival_share(v, micro_batches, self.credit.passed_audits(peer_id) >= v.established_after,
+                             suspicious)
+
+    def _replay(self, row, claim: dict, micro_batches: list[int], label: int) -> list[str]:
         tolerance = tolerance_for(self.config, claim["compute_dtype"])
+        self._load(label)
         verdicts = []
         for index in micro_batches:
             verdict = self.replayer.audit(claim, index, tolerance)
             self.credit.record_audit(row["report_id"], row["peer_id"], row["epoch"], index, verdict.verdict,
-                                     verdict.relative_error, verdict.norm_ratio, verdict.reason)
+                                     verdict.relative_error, verdict.norm_ratio,
+                                     verdict.reason + (f" (parameters of snapshot {label})" if label != row["epoch"]
+                                                       else ""))
             verdicts.append(verdict.verdict)
             if self.credit.banned_reason(row["peer_id"]):
                 break
         return verdicts
 
     def top_up(self, window: int) -> None:
-        """Audit peers below the floor in a closed window, from the epochs whose snapshots we kept."""
-        v = self.config.verification
-        lo, hi = window * v.window_epochs, (window + 1) * v.window_epochs
-        reports = [row for epoch in range(lo, hi) if epoch in self.snapshots
-                   for row in self.credit.reports_of_epoch(epoch) if row["audit_state"] == "done"]
-        for peer_id in {row["peer_id"] for row in reports}:
-            deficit = v.audit_floor - self.credit.audits_in_window(peer_id, window)
+        """Audit each peer's closed window until it reaches the detection confidence, drawing where the
+        window is least covered (the lowest audited share of a report), from reports with a matched snapshot."""
+        reports = self.credit.window_reports(window)
+        for peer_id in sorted({row["peer_id"] for row in reports}):
             own = [row for row in reports if row["peer_id"] == peer_id]
-            for _ in range(max(0, deficit)):
-                if self.credit.banned_reason(peer_id):
-                    break
-                row = self.policy.rng.choice(own)
-                claim = json.loads(row["body"])
-                self._load(row["epoch"])
-                self._replay(row, claim, [self.policy.rng.randrange(len(claim["sketches"]))])
+            if (peer_id, window) in self._exhausted or self.credit.banned_reason(peer_id) or \
+                    any(row["audit_state"] == "new" for row in own):
+                continue
+            verified = [row for row in own if row["audit_state"] == AUDITABLE and row["micro_batches"]]
+            audited = {row["report_id"]: self.credit.audited_micro_batches(row["report_id"]) for row in verified}
+            tried = {row["report_id"]: set(audited[row["report_id"]]) for row in verified}
+            stuck = False
+            while verified and not self.credit.confident([(row["micro_batches"], len(audited[row["report_id"]]))
+                                                          for row in verified]):
+                open_ = [row for row in verified if len(tried[row["report_id"]]) < row["micro_batches"]
+                         and self.match(row) is not None]
+                if not open_ or self.credit.banned_reason(peer_id):
+                    stuck = not open_
+                    break  # the window stays provisional (snapshots gone, or every micro-batch tried)
+                row = min(open_, key=lambda r: (len(audited[r["report_id"]]) / r["micro_batches"], r["epoch"]))
+                index = self.policy.rng.choice([i for i in range(row["micro_batches"])
+                                                if i not in tried[row["report_id"]]])
+                tried[row["report_id"]].add(index)
+                verdict = self._replay(row, json.loads(row["body"]), [index], self.match(row))[0]
+                if verdict in (PASS, FAIL):
+                    audited[row["report_id"]].add(index)
+            if stuck:
+                self._exhausted.add((peer_id, window))
 
     def settle(self, run_epoch: int, final: bool) -> None:
-        v = self.config.verification
-        closable = run_epoch + (v.window_epochs if final else 0)
-        for window in range(max(0, closable // v.window_epochs - 2), closable // v.window_epochs):
-            if (window + 1) * v.window_epochs < closable:
-                self.top_up(window)
+        """Top up the closed windows still short of the confidence, then settle what reached it."""
+        closable = run_epoch + (self.config.verification.window_epochs if final else 0)
+        for window in self.credit.provisional_windows(closable):
+            self.top_up(window)
         self.credit.settle(closable)
 
 
@@ -202,12 +284,16 @@ def run_auditor(run_path: Path, data_dir: Path, initial_peers: list[str], stop=N
                                  identity_path=swarm_pass.identity_path)
         dht = observer.dht
         auditor = Auditor(config, task, credit)
+        # a run starts from the task's initial parameters: the auditor holds them before any download
+        # (the first epochs pass before its swarm observer is ready); a report is still matched by fingerprint
+        auditor.add_snapshot(0, {name: tensor.detach().clone()
+                                 for name, tensor in auditor.replayer.model.state_dict().items()})
         credit.flops_per_sample = 6.0 * auditor.replayer.parameter_count
     else:
         dht = start_watch_dht(initial_peers, swarm_pass)
     watch_progress(dht, config.run_id)
     suspects: dict[str, int] = {}
-    attempted: set[int] = set()
+    attempted: dict[int, int] = {}  # swarm epoch -> snapshot downloads tried
     print("auditor ready", flush=True)
     while not stop.is_set():
         swarm_pass.refresh()
@@ -224,15 +310,20 @@ def run_auditor(run_path: Path, data_dir: Path, initial_peers: list[str], stop=N
         honest = [e.epoch for e in entries if e.epoch <= limit]
         if auditor is not None:
             swarm_epoch = max(honest, default=None)
-            if swarm_epoch is not None and swarm_epoch not in attempted and auditor.policy.snapshot_epoch(swarm_epoch):
-                attempted.add(swarm_epoch)
+            # every epoch's parameters are needed (a report from parameters never kept cannot be paid):
+            # a failed download is tried again, a few times
+            if swarm_epoch is not None and attempted.get(swarm_epoch, 0) < SNAPSHOT_TRIES and \
+                    auditor.policy.snapshot_epoch(swarm_epoch):
+                attempted[swarm_epoch] = attempted.get(swarm_epoch, 0) + 1
                 try:
                     got = observer.download(timeout=SNAPSHOT_TIMEOUT)
                 except SnapshotError as error:  # a peer served malformed state: no audit at this epoch
                     log.warning("snapshot at epoch %d refused: %s", swarm_epoch, error)
                     got = None
-                if got is not None and got.epoch not in auditor.snapshots:
-                    auditor.add_snapshot(got.epoch, got.state_dict)
+                if got is not None:
+                    attempted[swarm_epoch] = SNAPSHOT_TRIES
+                    if got.epoch not in auditor.snapshots:
+                        auditor.add_snapshot(got.epoch, got.state_dict)
             for row in credit.reports_to_audit():
                 if not credit.banned_reason(row["peer_id"]) and auditor.ready(row):
                     auditor.audit_report(row)

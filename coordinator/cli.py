@@ -165,13 +165,17 @@ def org_list(
     data_dir: DataDir = DEFAULT_DATA_DIR,
     format: Annotated[TableOrJson, typer.Option("--format")] = TableOrJson.table,
 ):
-    """List organizations with their quota, peers and active tokens."""
+    """List organizations with their quota, peers, active tokens and strikes (one per banned peer)."""
+    from coordinator.credit import org_strikes
+
+    ledger = Ledger.open_existing(data_dir)
+    strikes = org_strikes(ledger.query)
     rows = [
         {"name": o["name"], "created": _when(o["created"]), "max_peers": o["max_peers"], "peers": o["peers"],
-         "active_tokens": o["active_tokens"], "removed": o["removed"]}
-        for o in Ledger.open_existing(data_dir).orgs()
+         "active_tokens": o["active_tokens"], "strikes": strikes.get(o["name"], 0), "removed": o["removed"]}
+        for o in ledger.orgs()
     ]
-    _print_rows(format, "orgs", rows, ["name", "max_peers", "peers", "active_tokens", "removed"])
+    _print_rows(format, "orgs", rows, ["name", "max_peers", "peers", "active_tokens", "strikes", "removed"])
 
 
 @org_app.command("remove")
@@ -238,7 +242,8 @@ def ledger_command(
     by: Annotated[By, typer.Option("--by", help="One row per peer or per organization.")] = By.peer,
     format: Annotated[TableJsonCsv, typer.Option("--format")] = TableJsonCsv.table,
 ):
-    """Credit per peer or org: provisional and settled samples, audits, strikes, bans."""
+    """Credit per peer or org: provisional and settled samples, audits, strikes, bans; per peer, each
+    window's state and detection confidence (all of them in --format json)."""
     if ctx.invoked_subcommand is not None:
         return
     from coordinator.credit_view import print_credit

@@ -1,9 +1,13 @@
 """Credit: the cheap checks on every report, audit verdicts, strikes, bans and settlement per window.
 
 Its tables live in the ledger's sqlite file next to the ledger's own (which keeps admission and the
-raw reports). A report's samples are *provisional* until its window of epochs closes; then they are
-*settled* if the peer had no failed audit in that window and is not banned, else *forfeited*.
-Everything that changes credit is also appended to the hash-chained contribution log.
+raw reports). A report's samples are *provisional* until its window of epochs closes *and* its
+audits reach the detection confidence of ``[verification]`` (a peer faking ``cheat_fraction`` of the
+window would have been caught with probability ``detection_confidence``; coordinator/confidence.py).
+Then the window is *settled*, or *forfeited* after a failed audit or a ban. Only reports whose
+parameters matched a trusted snapshot can be audited; the others' samples are never paid
+("unverified"), so a peer gains nothing by making its work unauditable. A window that never reaches
+the confidence stays provisional. Everything that changes credit goes into the hash-chained log.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 from coordinator import contribution_log
 from coordinator import run_epoch as checked_epoch
 from coordinator.binding import BINDING
+from coordinator.confidence import required_audits, window_confidence
 from coordinator.store import SqliteStore
 from peer.report import canonical_body, canonical_bytes, signature_valid
 from peer.runconfig import VerificationConfig
@@ -55,6 +60,8 @@ CREATE TABLE IF NOT EXISTS audits (
     reason TEXT NOT NULL,
     at REAL NOT NULL
 ) STRICT;
+CREATE INDEX IF NOT EXISTS audits_report ON audits (report_id);
+CREATE INDEX IF NOT EXISTS audits_verdict ON audits (verdict);
 CREATE TABLE IF NOT EXISTS standing (
     peer_id TEXT PRIMARY KEY, strikes INTEGER NOT NULL DEFAULT 0, banned INTEGER NOT NULL DEFAULT 0,
     reason TEXT, at REAL
@@ -63,13 +70,22 @@ CREATE TABLE IF NOT EXISTS settlements (
     peer_id TEXT NOT NULL, window INTEGER NOT NULL, samples INTEGER NOT NULL, flops REAL NOT NULL,
     status TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (peer_id, window)
 ) STRICT;
+CREATE TABLE IF NOT EXISTS org_strikes (
+    peer_id TEXT PRIMARY KEY, org TEXT NOT NULL, token_ids TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL
+) STRICT;
 """
+AUDITABLE = "done"  # audit_state of a report whose parameters matched a trusted snapshot
 
 NORM_OUTLIER = 10.0  # a norm this many times off the epoch's median gets audited for sure
 THROUGHPUT_OUTLIER = 20.0  # samples/s this many times the swarm's median gets audited more
 MAX_MICRO_BATCHES = 100_000
 
 PASS, INCONCLUSIVE, FAIL = "pass", "inconclusive", "fail"
+# a report's distinct micro-batches with a verdict that counts as drawn (pass or fail), in SQL on `r`
+_AUDITED = ("SELECT COUNT(DISTINCT a.micro_batch) FROM audits a WHERE a.report_id = r.report_id "
+            "AND a.micro_batch >= 0 AND a.verdict IN ('pass', 'fail')")
+WINDOW_FIELDS = ("window", "state", "micro_batches", "verifiable", "audited", "audits_needed", "confidence",
+                 "samples", "samples_unverified")
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,14 @@ class Admitted:
 
 def _digest(projection) -> str:
     return hashlib.sha256(json.dumps(list(projection)).encode()).hexdigest()
+
+
+def org_strikes(query) -> dict[str, int]:
+    """org -> strikes on its standing (one per banned peer of the org); ``query`` is Ledger.query, so
+    read-only commands need not open the credit store (none before the first ban's table exists)."""
+    if not query("SELECT 1 FROM sqlite_master WHERE type='table' AND name='org_strikes'"):
+        return {}
+    return {row["org"]: row["n"] for row in query("SELECT org, COUNT(*) AS n FROM org_strikes GROUP BY org")}
 
 
 class Credit(SqliteStore):
@@ -95,6 +119,10 @@ class Credit(SqliteStore):
             for statement in (SCHEMA + contribution_log.SCHEMA).split(";\n"):
                 if statement.strip():
                     db.execute(statement + (";" if "BEGIN" in statement else ""))
+        with self._write() as db:  # older ledgers: the micro-batch count of each report, for the windows
+            if "micro_batches" not in {row["name"] for row in db.execute("PRAGMA table_info(credit_reports)")}:
+                db.execute("ALTER TABLE credit_reports ADD COLUMN micro_batches INTEGER NOT NULL DEFAULT 0")
+                db.execute("UPDATE credit_reports SET micro_batches = json_array_length(body, '$.sketches')")
         with self._write() as db:  # so `coordinator ledger` (which has no run.toml) windows credit the same way
             db.execute("INSERT OR REPLACE INTO meta VALUES ('verification', ?)",
                        (json.dumps(dataclasses.asdict(verification)),))
@@ -130,17 +158,21 @@ class Credit(SqliteStore):
         return rows[0]["peer_id"] if rows else None
 
     def ban(self, peer_id: str, reason: str) -> bool:
-        """Ban a peer: refuse its reports and heartbeats, forfeit its unsettled credit, log it.
+        """Ban a peer: refuse its reports and heartbeats, forfeit every window not yet settled, log it.
 
-        The one entry point for bans; ``on_ban`` (the admission layer's revocation of the token and
-        swarm access) is called after the ban is recorded. Returns False if it was already banned.
+        A ban reaches what admitted the peer: the tokens bound to it are revoked (a new identity on
+        the same token is refused; peers it admitted before stay admitted) and its org gets a strike
+        (``coordinator org list``). The one entry point for bans; ``on_ban`` (the admission layer's
+        eviction and swarm access) is called after the ban is recorded. False if already banned.
         """
+        now = time.time()
         with self._write() as db:
             if db.execute("SELECT 1 FROM standing WHERE peer_id=? AND banned=1", (peer_id,)).fetchone():
                 return False
             db.execute("INSERT INTO standing (peer_id) VALUES (?) ON CONFLICT DO NOTHING", (peer_id,))
-            db.execute("UPDATE standing SET banned=1, reason=?, at=? WHERE peer_id=?", (reason, time.time(), peer_id))
-            contribution_log.append(db, "ban", peer_id, {"reason": reason})
+            db.execute("UPDATE standing SET banned=1, reason=?, at=? WHERE peer_id=?", (reason, now, peer_id))
+            org, token_ids = self._revoke_admission(db, peer_id, reason, now)
+            contribution_log.append(db, "ban", peer_id, {"reason": reason, "org": org, "tokens_revoked": token_ids})
             windows = {row["epoch"] // self.v.window_epochs for row in db.execute(
                 "SELECT epoch FROM credit_reports WHERE peer_id=?", (peer_id,))}
             for window in sorted(windows):
@@ -148,6 +180,26 @@ class Credit(SqliteStore):
         if self.on_ban is not None:
             self.on_ban(peer_id, reason)
         return True
+
+    @staticmethod
+    def _revoke_admission(db, peer_id: str, reason: str, now: float) -> tuple[str | None, list[str]]:
+        """Revoke the peer's tokens and strike its org, in the ban's transaction (the ledger's tables
+        share this file; without them, as in a bare credit store, there is nothing to revoke)."""
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not {"peers", "tokens", "token_bindings"} <= tables:
+            return None, []
+        row = db.execute("SELECT org FROM peers WHERE peer_id=?", (peer_id,)).fetchone()
+        token_ids = sorted(r[0] for r in db.execute("SELECT token_id FROM token_bindings WHERE peer_id=?", (peer_id,)))
+        for token_id in token_ids:
+            db.execute("UPDATE tokens SET revoked=? WHERE id=? AND revoked IS NULL", (now, token_id))
+        if row is None:
+            return None, token_ids
+        db.execute("INSERT INTO org_strikes VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                   (peer_id, row["org"], json.dumps(token_ids), reason[:200], now))
+        return row["org"], token_ids
+
+    def org_strikes(self) -> dict[str, int]:
+        return org_strikes(self._read)
 
     # --- reports ------------------------------------------------------------------------------
     def signature_ok(self, request, public_key: bytes) -> bool:
@@ -208,11 +260,12 @@ class Credit(SqliteStore):
             credited = 0 if problems else request.samples
             db.execute(
                 "INSERT INTO credit_reports (report_id, peer_id, epoch, samples, credited_samples, body, flags, "
-                "median_norm, samples_per_second, received, audit_state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "median_norm, samples_per_second, received, audit_state, micro_batches) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (request.report_id, request.peer_id, request.epoch, request.samples, credited,
                  json.dumps(entry["report"]), json.dumps(flags), median_norm,
                  min(samples_per_second, 1e12), time.time(),
-                 "done" if problems else "unproven" if unproven else "new"),
+                 "done" if problems else "unproven" if unproven else "new", len(sketches)),
             )
             contribution_log.append(db, "report", request.peer_id, entry)
             for problem in problems:
@@ -249,11 +302,6 @@ class Credit(SqliteStore):
     def passed_audits(self, peer_id: str) -> int:
         return self._read("SELECT COUNT(*) AS n FROM audits WHERE peer_id=? AND verdict='pass'", (peer_id,))[0]["n"]
 
-    def audits_in_window(self, peer_id: str, window: int) -> int:
-        lo, hi = window * self.v.window_epochs, (window + 1) * self.v.window_epochs
-        return self._read("SELECT COUNT(*) AS n FROM audits WHERE peer_id=? AND epoch>=? AND epoch<? AND "
-                          "micro_batch>=0", (peer_id, lo, hi))[0]["n"]
-
     def record_audit(self, report_id: str, peer_id: str, epoch: int, micro_batch: int, verdict: str,
                      relative_error: float | None, ratio: float | None, reason: str) -> None:
         with self._write() as db:
@@ -288,21 +336,99 @@ class Credit(SqliteStore):
         return None
 
     # --- settlement ---------------------------------------------------------------------------
+    def window_of(self, epoch: int) -> int:
+        return epoch // self.v.window_epochs
+
+    def window_reports(self, window: int) -> list[sqlite3.Row]:
+        """The reports of a window, each with its audited micro-batches (pass or fail verdicts)."""
+        lo, hi = window * self.v.window_epochs, (window + 1) * self.v.window_epochs
+        return self._read(f"SELECT r.*, ({_AUDITED}) AS audited FROM credit_reports r WHERE epoch>=? AND epoch<?",
+                          (lo, hi))
+
+    def audited_micro_batches(self, report_id: str) -> set[int]:
+        return {row["micro_batch"] for row in self._read(
+            "SELECT DISTINCT micro_batch FROM audits WHERE report_id=? AND micro_batch>=0 AND verdict IN (?, ?)",
+            (report_id, PASS, FAIL))}
+
+    def audits_needed(self, micro_batches: int) -> int:
+        """Audits a window of this many verifiable micro-batches needs (the confidence rule, and the floor)."""
+        return required_audits(self.v, micro_batches)
+
+    def confident(self, strata: list[tuple[int, int]]) -> bool:
+        """Whether audits (micro-batches, audited) per report reach the window's detection confidence."""
+        total = sum(m for m, _ in strata)
+        return total > 0 and sum(k for _, k in strata) >= min(self.v.audit_floor, total) and \
+            window_confidence(strata, self.v.cheat_fraction) >= self.v.detection_confidence
+
     def settle(self, run_epoch: int) -> int:
-        """Settle every window that has closed (run_epoch past its end) and whose reports are audited."""
+        """Settle every closed window (run_epoch past its end) whose reports are all judged and whose audits
+        reach the detection confidence; a window with a failed audit is forfeited. Others stay provisional."""
         settled = 0
         with self._write() as db:
-            rows = db.execute(
-                "SELECT peer_id, epoch / ? AS window, SUM(audit_state='new') AS open FROM credit_reports "
-                "GROUP BY peer_id, window", (self.v.window_epochs,)).fetchall()
-            for row in rows:
-                closed = (row["window"] + 1) * self.v.window_epochs < run_epoch
-                done = db.execute("SELECT 1 FROM settlements WHERE peer_id=? AND window=?",
-                                  (row["peer_id"], row["window"])).fetchone()
-                if closed and not done and not row["open"]:
-                    self._settle_one(db, row["peer_id"], row["window"], forfeit=False)
+            # the auditor closes the last windows early at the run's end: the views must agree
+            row = db.execute("SELECT value FROM meta WHERE key='closed_through'").fetchone()
+            if row is None or int(row["value"]) < run_epoch:  # written only when it moves (this runs every poll)
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('closed_through', ?)", (str(run_epoch),))
+            for (peer_id, window), summary in self._summaries(db, run_epoch, undecided=True).items():
+                if summary["state"] == "forfeit-due":
+                    self._settle_one(db, peer_id, window, forfeit=True)
+                    settled += 1
+                elif summary["state"] == "settle-due":
+                    self._settle_one(db, peer_id, window, forfeit=False)
                     settled += 1
         return settled
+
+    def _summaries(self, db, run_epoch: int, peer_id: str | None = None,
+                   undecided: bool = False) -> dict[tuple[str, int], dict]:
+        """(peer, window) -> what the ledger shows of a window: state, micro-batches, audited, confidence.
+
+        state: settled / forfeited (decided); open (not closed, or reports still to judge); provisional
+        (closed, confidence not reached); settle-due / forfeit-due (closed, to be decided now).
+        """
+        w = self.v.window_epochs
+        where, args = ("WHERE r.peer_id=?", (peer_id,)) if peer_id else ("WHERE 1", ())
+        if undecided:  # what settlement and top-ups look at, every few hundred ms: skip decided windows
+            where += (f" AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.peer_id = r.peer_id "
+                      f"AND s.window = r.epoch / {w})")
+        reports = db.execute(f"SELECT r.peer_id, r.epoch, r.micro_batches, r.credited_samples, r.audit_state, "
+                             f"({_AUDITED}) AS audited FROM credit_reports r {where}", args).fetchall()
+        decided = {(row["peer_id"], row["window"]): dict(row) for row in db.execute(
+            "SELECT * FROM settlements" + (" WHERE peer_id=?" if peer_id else ""), args)}
+        failed = {(row["peer_id"], row["window"]) for row in db.execute(
+            f"SELECT DISTINCT peer_id, epoch / {w} AS window FROM audits WHERE verdict=?" +
+            (" AND peer_id=?" if peer_id else ""), (FAIL, *args))}
+        summaries: dict[tuple[str, int], dict] = {}
+        for row in reports:
+            key = (row["peer_id"], row["epoch"] // w)
+            s = summaries.setdefault(key, {"window": key[1], "micro_batches": 0, "verifiable": 0, "audited": 0,
+                                           "samples": 0, "samples_unverified": 0, "open_reports": 0, "strata": []})
+            s["micro_batches"] += row["micro_batches"]
+            s["open_reports"] += row["audit_state"] == "new"
+            if row["audit_state"] == AUDITABLE:
+                s["verifiable"] += row["micro_batches"]
+                s["audited"] += row["audited"]
+                s["samples"] += row["credited_samples"]
+                s["strata"].append((row["micro_batches"], row["audited"]))
+            else:
+                s["samples_unverified"] += row["credited_samples"]
+        for key, s in summaries.items():
+            strata = s.pop("strata")
+            s["audits_needed"] = self.audits_needed(s["verifiable"]) if s["verifiable"] else 0
+            s["confidence"] = round(window_confidence(strata, self.v.cheat_fraction), 4) if strata else 0.0
+            closed = (key[1] + 1) * w < run_epoch
+            if key in decided:
+                s["state"] = decided[key]["status"]
+                s["confidence"] = s["confidence"] if s["state"] == "settled" else 0.0
+            elif not closed or s["open_reports"]:
+                s["state"] = "open"
+            elif key in failed:
+                s["state"] = "forfeit-due"
+            elif self.confident(strata):
+                s["state"] = "settle-due"
+            else:
+                s["state"] = "provisional"
+            del s["open_reports"]
+        return summaries
 
     def _settle_one(self, db, peer_id: str, window: int, forfeit: bool) -> None:
         if db.execute("SELECT 1 FROM settlements WHERE peer_id=? AND window=?", (peer_id, window)).fetchone():
@@ -310,22 +436,50 @@ class Credit(SqliteStore):
         lo, hi = window * self.v.window_epochs, (window + 1) * self.v.window_epochs
         failed = db.execute("SELECT COUNT(*) FROM audits WHERE peer_id=? AND verdict=? AND epoch>=? AND epoch<?",
                             (peer_id, FAIL, lo, hi)).fetchone()[0]
-        samples = db.execute("SELECT COALESCE(SUM(credited_samples), 0) FROM credit_reports WHERE peer_id=? AND "
-                             "epoch>=? AND epoch<?", (peer_id, lo, hi)).fetchone()[0]
-        judged, passed = db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(verdict=?), 0) FROM audits WHERE peer_id=? AND epoch>=? AND epoch<?",
-            (PASS, peer_id, lo, hi)).fetchone()
-        # audited, yet nothing could be confirmed (e.g. every report started from other parameters):
-        # not punished, not credited
-        status = "forfeited" if forfeit or failed else "unverified" if judged and not passed else "settled"
-        credited = samples if status == "settled" else 0
+        rows = db.execute(f"SELECT r.micro_batches, r.credited_samples, r.audit_state, ({_AUDITED}) AS audited "
+                          f"FROM credit_reports r WHERE peer_id=? AND epoch>=? AND epoch<?",
+                          (peer_id, lo, hi)).fetchall()
+        verified = [row for row in rows if row["audit_state"] == AUDITABLE]
+        samples = sum(row["credited_samples"] for row in rows)
+        strata = [(row["micro_batches"], row["audited"]) for row in verified]
+        confidence = window_confidence(strata, self.v.cheat_fraction) if strata else 0.0
+        status = "forfeited" if forfeit or failed else "settled"
+        # only micro-batches the audit could have drawn are paid; the rest is "unverified" (never paid)
+        credited = sum(row["credited_samples"] for row in verified) if status == "settled" else 0
         flops = credited * self.flops_per_sample
         db.execute("INSERT INTO settlements VALUES (?, ?, ?, ?, ?, ?)", (peer_id, window, credited, flops, status,
                                                                           time.time()))
-        contribution_log.append(db, "settle", peer_id, {"window": window, "samples": credited, "flops": flops,
-                                                        "status": status, "reported_samples": samples})
+        contribution_log.append(db, "settle", peer_id, {
+            "window": window, "samples": credited, "flops": flops, "status": status, "reported_samples": samples,
+            "micro_batches": sum(row["micro_batches"] for row in rows),
+            "verifiable": sum(row["micro_batches"] for row in verified),
+            "audited": sum(row["audited"] for row in verified), "confidence": round(confidence, 6)})
+
+    def _closed_through(self) -> int:
+        """The run epoch windows are closed against: the run's, or further where the auditor closed the
+        last windows at the run's end."""
+        rows = self._read("SELECT value FROM meta WHERE key='closed_through'")
+        return max(self.run_epoch(), int(rows[0]["value"]) if rows else 0)
+
+    def provisional_windows(self, run_epoch: int) -> list[int]:
+        """Closed windows some peer still waits on (confidence not reached): where top-up audits go."""
+        run_epoch = max(run_epoch, self._closed_through())
+        with self._lock:
+            summaries = self._summaries(self._db, run_epoch, undecided=True)
+        return sorted({window for (_, window), s in summaries.items() if s["state"] == "provisional"})
 
     # --- views --------------------------------------------------------------------------------
+    def windows(self, peer_id: str | None = None) -> dict[str, list[dict]]:
+        """peer -> its windows, oldest first (see ``_summaries``; *-due shows as provisional until decided)."""
+        run_epoch = self._closed_through()
+        with self._lock:
+            summaries = self._summaries(self._db, run_epoch, peer_id)
+        result: dict[str, list[dict]] = {}
+        for (peer, window), s in sorted(summaries.items()):
+            state = "provisional" if s["state"].endswith("-due") else s["state"]
+            result.setdefault(peer, []).append({**s, "state": state})
+        return result
+
     def peer_rows(self) -> list[dict]:
         """One row per peer that reported or was judged (org from the ledger's peers table)."""
         rows = self._read("""
@@ -342,14 +496,21 @@ class Credit(SqliteStore):
                 COALESCE(st.strikes, 0) AS strikes, COALESCE(st.banned, 0) AS banned, st.reason AS reason
             FROM peers p LEFT JOIN standing st ON st.peer_id = p.peer_id ORDER BY p.joined""",
                           (self.v.window_epochs,))
-        return [{
-            "peer": row["peer_id"], "org": row["org"],
-            "samples_provisional": 0 if row["banned"] else row["provisional"],
-            "samples_settled": row["settled"], "flops_settled": row["flops"],
-            "windows_forfeited": row["forfeited"], "audits_passed": row["passed"], "audits_failed": row["failed"],
-            "audits_inconclusive": row["unsure"], "strikes": row["strikes"], "banned": bool(row["banned"]),
-            "ban_reason": row["reason"] if row["banned"] else None,
-        } for row in rows]
+        windows = self.windows()
+        result = []
+        for row in rows:
+            own = windows.get(row["peer_id"], [])
+            unverified = sum(w["samples_unverified"] for w in own if w["state"] in ("settled", "forfeited"))
+            result.append({
+                "peer": row["peer_id"], "org": row["org"],
+                "samples_provisional": 0 if row["banned"] else row["provisional"],
+                "samples_settled": row["settled"], "samples_unverified": unverified, "flops_settled": row["flops"],
+                "windows_forfeited": row["forfeited"], "audits_passed": row["passed"], "audits_failed": row["failed"],
+                "audits_inconclusive": row["unsure"], "strikes": row["strikes"], "banned": bool(row["banned"]),
+                "ban_reason": row["reason"] if row["banned"] else None,
+                "windows": [{key: w[key] for key in WINDOW_FIELDS} for w in own],
+            })
+        return result
 
     def org_rows(self) -> list[dict]:
         orgs: dict[str, dict] = {}

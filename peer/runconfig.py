@@ -87,11 +87,14 @@ class VerificationConfig:
     sketch_dims: int = 64               # length of every gradient / parameter sketch
     fp32_tolerance: float = 1e-3        # relative L2 error (and norm ratio - 1) a fp32 replay may show
     bf16_tolerance: float = 0.15        # the same under bf16 autocast (CPU bf16 vs fp32 replay: up to 7.4e-2 seen)
-    audit_rate_new: float = 0.1         # fraction of micro-batches replayed for new peers
-    audit_rate: float = 0.025           # ... and for established peers (x snapshot_rate = replayed share)
-    audit_floor: int = 4                # audits per peer per window at least, whatever the rate
+    cheat_fraction: float = 0.1         # a window settles once a peer faking this share of it would be caught
+    detection_confidence: float = 0.99  # ... with at least this probability (coordinator/confidence.py)
+    audit_rate_new: float = 0.1         # new peers: at least this share replayed as reports arrive (early catch)
+    audit_rate: float = 0.025           # established peers: at least this share replayed as reports arrive
+    audit_floor: int = 4                # audits per peer per window at least, whatever the confidence rule asks
     established_after: int = 20         # passed audits before a peer counts as established
-    snapshot_rate: float = 1.0          # fraction of epochs (secretly chosen) whose parameters the auditor keeps
+    snapshot_rate: float = 1.0          # fraction of epochs whose parameters the auditor keeps (< 1: the others'
+                                        # reports cannot be verified, so they never settle)
     window_epochs: int = 10             # credit settles per window of this many epochs
     ban_after_strikes: int = 1          # strikes (two independent failed audits each) before a ban
     epoch_slack: int = 3                # epochs a peer may be ahead of the run before its progress is a lie
@@ -200,6 +203,9 @@ def _check_ranges(config: RunConfig, where: str) -> None:
     for name in ("audit_rate_new", "audit_rate", "snapshot_rate"):
         if not 0 < getattr(v, name) <= 1:
             raise UserError(f"{where}: [verification] {name} must be in (0, 1], got {getattr(v, name)}")
+    for name in ("cheat_fraction", "detection_confidence"):
+        if not 0 < getattr(v, name) < 1:
+            raise UserError(f"{where}: [verification] {name} must be in (0, 1), got {getattr(v, name)}")
     for name in ("fp32_tolerance", "bf16_tolerance", "window_epochs", "ban_after_strikes", "epoch_slack"):
         if getattr(v, name) <= 0:
             raise UserError(f"{where}: [verification] {name} must be > 0, got {getattr(v, name)}")

@@ -63,12 +63,22 @@ def test_cheaters_are_caught_in_a_real_swarm(procs, tmp_path):
     print(json.dumps(rows, indent=1))
     for name in ("h1", "h2"):
         row = rows[ids[name]]
+        print(name, {k: row[k] for k in ("samples_provisional", "samples_settled", "samples_unverified",
+                                         "audits_passed", "audits_inconclusive")},
+              [(w["window"], w["state"], w["audited"], w["micro_batches"], w["confidence"]) for w in row["windows"]])
         assert row["audits_failed"] == 0 and row["strikes"] == 0 and not row["banned"], row
         assert row["audits_passed"] > 0
+        # settled windows reached the confidence rule
+        assert all(w["confidence"] >= 0.99 for w in row["windows"] if w["state"] == "settled"), row["windows"]
     for cheat in cheats:
         row = rows[ids[cheat]]
         assert row["banned"] and row["samples_settled"] == 0 and row["samples_provisional"] == 0, (cheat, row)
     assert "epoch lie" in rows[ids["epoch_lie"]]["ban_reason"]
+    # a ban reaches the token that admitted the cheater (here the default org's, which everyone used:
+    # the honest peers stay admitted, new identities need a new token) and strikes its org
+    orgs = json.loads(cli("coordinator", "org", "list", "--data-dir", str(coordinator.data_dir), "--format",
+                          "json").stdout)
+    assert {o["name"]: o["strikes"] for o in orgs}["default"] == len(cheats)
     # the swarm recovered from the lie: honest peers finished every epoch, with the same parameters
     assert load_model(tmp_path / "h1")["epoch"] == 5 == load_model(tmp_path / "h2")["epoch"]
     assert cli("coordinator", "ledger", "verify", "--data-dir", str(coordinator.data_dir)).returncode == 0
