@@ -293,28 +293,23 @@ def held_out(state: dict) -> dict:
 
 def test_one_poisoner_of_four_cannot_wreck_the_robust_average(procs, tmp_path):
     """The poisoner is the real peer sending sign-flipped x10 gradients (honest reports). With the
-    robust default the honest peers keep learning; with aggregator = "mean" they end at chance. The
-    comparison with an all-honest swarm (within 1.05x of its loss) is benchmarks/robust.py's: 8
-    short epochs here (many without a gradient round, HIVEMIND_NOTES 7) are too few to resolve it."""
+    robust default the honest peers keep learning, and their reducers clipped the poisoner's parts in
+    every round. (With aggregator = "mean" the same swarm ended at chance, accuracy 0.09, until the
+    coordinator's binding check banned the poisoner: see tests/test_adversarial_swarm.py. The
+    comparison with an all-honest swarm, within 1.05x of its loss, is benchmarks/robust.py's.)"""
     from peer.attestations import read_records
 
     robust = run_poisoned_swarm(procs, tmp_path / "robust", "centered_clip")
-    for proc in procs:
-        proc.kill()
-    procs.clear()
-    mean = run_poisoned_swarm(procs, tmp_path / "mean", "mean")
     robust_scores = {name: held_out(state) for name, state in robust.items()}
-    mean_scores = {name: held_out(state) for name, state in mean.items()}
-    print("robust", robust_scores, "mean", mean_scores)
+    print("robust", robust_scores)
     # averaging happened: honest peers trained on different samples, yet (at least) two of them end
     # with the same parameters (one may miss the run's last round when the others have left)
     def same(first, second):
         return all(torch.allclose(t, second["state_dict"][k], atol=1e-4, rtol=0) for k, t in first["state_dict"].items())
     assert any(same(robust[x], robust[y]) for x, y in (("h1", "h2"), ("h1", "h3"), ("h2", "h3")))
-    # the robust rule keeps the honest peers learning; the mean is wrecked (chance is 0.1)
+    # the robust rule keeps the honest peers learning (chance is 0.1)
     assert all(score["accuracy"] > ACCURACY_FLOOR and score["loss"] < 2.0 for score in robust_scores.values()), \
         robust_scores
-    assert all(score["accuracy"] < 0.3 and score["loss"] > 5.0 for score in mean_scores.values()), mean_scores
     # the honest reducers recorded the poisoner as clipped, and nobody honest
     bad_id = next(r["sender"] for r in read_records(tmp_path / "robust" / "bad") if r["role"] == "sent")
     received = [r for name in ("h1", "h2", "h3") for r in read_records(tmp_path / "robust" / name)
