@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from peer import __version__
+from peer import __version__, timeouts
 from peer.cli_support import new_app, run_app
 from peer.errors import EVICTED_PREFIX, UserError
 from peer.identity import load_or_create_identity
@@ -25,8 +25,8 @@ DataDir = Annotated[
     Path, typer.Option("--data-dir", envvar="POTLUCK_PEER_DIR", help="Where this peer's identity and state live.")
 ]
 
-CHECKPOINT_FETCH_TIMEOUT = 300.0  # seconds for the whole checkpoint download at join
-SHUTDOWN_GRACE = 20.0  # seconds hivemind may take to stop before the process exits anyway
+CHECKPOINT_FETCH_TIMEOUT = timeouts.CHECKPOINT_FETCH  # seconds for the whole checkpoint download at join
+SHUTDOWN_GRACE = timeouts.SHUTDOWN_GRACE  # seconds hivemind may take to stop before the process exits anyway
 
 
 class Device(str, Enum):
@@ -75,7 +75,7 @@ def join_command(
         "--insecure",
         help="Talk plaintext gRPC to a coordinator started with --insecure. RISK: your token and reports can be "
              "read and altered by anyone on the network path.")] = False,
-    connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.")] = 10.0,
+    connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.")] = timeouts.CONNECT,
     progress: Annotated[ProgressMode, typer.Option(help="live panel, plain lines, json event lines, or quiet.")]
     = ProgressMode.auto,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show hivemind's own logs.")] = False,
@@ -169,8 +169,13 @@ def join_command(
                 print(fix_it_message(result), file=sys.stderr, flush=True)
                 client_mode = True
 
-        dht = start_dht(data_dir, list(reply.initial_peers), host, port, client_mode=client_mode,
-                        authorizer=authorizer, public_ip=public_ip)
+        try:
+            dht = start_dht(data_dir, list(reply.initial_peers), host, port, client_mode=client_mode,
+                            authorizer=authorizer, public_ip=public_ip,
+                            say=lambda text: print(text, file=sys.stderr, flush=True))
+        except UserError as error:  # the bootstrap bound passed: tell the coordinator, then one error line
+            leave(endpoint, identity, config.run_id, reply.peer_id, reply.session, f"cannot join the swarm: {error}")
+            raise
         outbox = Outbox(data_dir)
         admission = Admission(identity, reply.peer_id, reply.session, config.run_id, access, config.access_token_ttl)
 
