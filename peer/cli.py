@@ -49,6 +49,18 @@ class TextOrJson(str, Enum):
 
 
 
+class _HandledByUs(logging.Filter):
+    """Drops hivemind's traceback for a donor that failed during a state download: the next donor
+    is tried, and peer/state_download.py says in one line when no donor delivered."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.funcName != "_load_state_from_peers"
+
+
+def quiet_handled_retries() -> None:
+    logging.getLogger("hivemind.averaging.averager").addFilter(_HandledByUs())
+
+
 @app.command("id")
 def id_command(data_dir: DataDir = DEFAULT_DATA_DIR):
     """Print this peer's id (created on first use, then reused)."""
@@ -102,6 +114,7 @@ def join_command(
     if not verbose:
         os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
         logging.getLogger("hivemind").setLevel(logging.ERROR)
+        quiet_handled_retries()
     if ":" not in address:
         raise UserError(f"coordinator address {address!r} must be HOST:PORT, e.g. 127.0.0.1:7450")
     if insecure and fingerprint:
@@ -191,7 +204,10 @@ def join_command(
             + (f", held-out accuracy {accuracy:.3f}" if accuracy is not None else ""))
         events.emit("left", reason=summary["reason"])
         events.close()
-        if summary["reason"].startswith(EVICTED_PREFIX):
+        if summary.get("error"):
+            print(f"error: {summary['error']}", file=sys.stderr, flush=True)
+            exit_code = 2
+        elif summary["reason"].startswith(EVICTED_PREFIX):
             print(f"error: {summary['reason']}; contact the run's operator", file=sys.stderr, flush=True)
             exit_code = 3
         else:

@@ -19,7 +19,7 @@ from peer import timeouts
 from peer.runconfig import RunConfig
 
 SWARM_IDENTITY_FILE = "swarm_identity.key"
-LOAD_STATE_TIMEOUT = timeouts.STATE_CHUNK  # hivemind's per-donor bound (peer/timeouts.py)
+LOAD_STATE_TIMEOUT = timeouts.STATE_TRY  # one try over the donors (peer/timeouts.py)
 REQUEST_TIMEOUT = timeouts.REQUEST  # below matchmaking_time, as hivemind requires
 PROGRESS_EXPIRATION = 15.0  # a dead peer stops counting toward the swarm after this many seconds
 FIRST_FETCH_TIMEOUT = timeouts.FIRST_FETCH  # how long a new peer waits to learn the swarm's epoch before its first step
@@ -113,9 +113,12 @@ def needs_state_from_peers(opt) -> bool:
     return opt._should_load_state_from_peers()
 
 
-def load_state(opt, model: torch.nn.Module) -> None:
-    """Download the swarm's state and check what arrived (hivemind checks shapes, not values)."""
-    opt.load_state_from_peers()
+def load_state(opt, model: torch.nn.Module, say=lambda text: None) -> None:
+    """Download the swarm's state, bounded and checked before use (peer/state_download.py); raises
+    StateUnavailable (a UserError) when no donor delivered within ``timeouts.STATE_DOWNLOAD``."""
+    from peer.state_download import load_state as download
+
+    download(opt, say)
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise RuntimeError(f"state downloaded from peers has non-finite values in {name}")

@@ -60,15 +60,16 @@ REQUEST = 1.0
 """hivemind's averager ``request_timeout`` (one matchmaking request); capped at half of
 ``matchmaking_time`` because hivemind warns of deadlocks otherwise (HIVEMIND_NOTES trap 9)."""
 
-STATE_CHUNK = 60.0
-"""Silence allowed between two chunks of a state download from one donor (hivemind's per-donor
-bound, ``load_state_timeout``). Passed -> that donor is dropped and the next one is tried."""
+STATE_TRY = 60.0
+"""One try of a state download over all donors announced in the DHT (hivemind's
+``load_state_timeout``). Within a try, a donor silent for ``matchmaking_time`` between two chunks
+(hivemind's ``next_chunk_timeout``), or gone, is dropped for the next one. Passed -> RETRY."""
 
 STATE_DOWNLOAD = 180.0
-"""The whole state download, all donors and tries together (hivemind's own loop retries forever,
+"""The whole state download, all tries together (hivemind's own loop retries forever,
 HIVEMIND_NOTES trap 8). Tries RETRY with jitter; each arrival is checked (count, shapes,
-finiteness, epoch) before it touches the model. Passed -> LEAVE: a peer that cannot get the
-swarm's state would only compute gradients the swarm throws away."""
+finiteness, epoch) before it touches the model (peer/state_download.py). Passed -> LEAVE: a peer
+that cannot get the swarm's state would only compute gradients the swarm throws away."""
 
 SHUTDOWN_GRACE = 20.0
 """hivemind may take this long to stop (HIVEMIND_NOTES trap 10); then the process exits anyway."""

@@ -63,3 +63,73 @@ def test_unreachable_bootstrap_ends_with_one_error_line_and_leaves(procs, tmp_pa
     assert len(errors) == 1 and "could not join the swarm" in errors[0], log
     status = coordinator.status()
     assert [peer["alive"] for peer in status["peers"]] == [False], "the peer that gave up still shows alive"
+
+
+def slow_donor(procs, coordinator, data_dir, *extra):
+    data_dir.mkdir(parents=True, exist_ok=True)
+    proc = Proc([sys.executable, "-m", "tests.variants.slow_donor", "join", coordinator.address, "--token",
+                 coordinator.token, *pin(coordinator.address), "--data-dir", str(data_dir), "--threads", "1",
+                 "--progress", "plain", *extra], data_dir.parent / f"{data_dir.name}.log")
+    procs.append(proc)
+    return proc
+
+
+def serving_since(data_dir, since: float) -> bool:
+    try:
+        return any(float(line) > since for line in (data_dir / "serving_state").read_text().split())
+    except FileNotFoundError:
+        return False
+
+
+def test_state_donor_killed_mid_transfer(procs, tmp_path):
+    """The late peer's donor dies (kill -9) while sending state: the late peer loads from the other
+    donor, or ends with one clear error line; it never hangs."""
+    from conftest import epochs_reported, events, start_peer
+
+    coordinator = start_coordinator(procs, tmp_path / "c", write_run(tmp_path / "run.toml", epochs=60))
+    donors = {name: slow_donor(procs, coordinator, tmp_path / name) for name in ("d1", "d2")}
+    wait_until(lambda: len(epochs_reported(tmp_path / "d1")) >= 2, 120, "the donors to finish 2 epochs")
+    asked = time.time()
+    late = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "late", "--max-epochs", "1")
+    victim = wait_until(lambda: next((name for name in donors if serving_since(tmp_path / name, asked)), None), 120,
+                        "a donor to start sending its state to the late peer")
+    donors[victim].kill()
+    code = late.wait(timeouts_bound())
+    log = late.log()
+    loaded = [event for event in events(tmp_path / "late") if event["event"] == "state_loaded"]
+    if code == 0:
+        assert loaded and loaded[0]["epoch"] >= 2, log[-3000:]
+        survivor = next(name for name in donors if name != victim)
+        assert serving_since(tmp_path / survivor, asked), "the state came from nowhere"
+    else:
+        assert code == 2, log[-3000:]
+        errors = [line for line in log.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "state" in errors[0], log[-3000:]
+    print(f"victim {victim}; late peer exit {code}; loaded {loaded}")
+
+
+def timeouts_bound() -> float:
+    """The longest the late peer may take: the state download's bound plus start-up and one epoch."""
+    from peer import timeouts
+
+    return timeouts.STATE_DOWNLOAD + 120
+
+
+def test_a_downloaded_state_is_checked_before_use():
+    """What a donor sends is refused when its epoch, count, shapes or values are wrong."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from peer.state_download import check_state
+
+    weight, bias = torch.zeros(3, 2), torch.zeros(3)
+    averager = SimpleNamespace(local_epoch=4, extra_tensors=(),
+                               optimizer=SimpleNamespace(param_groups=[{"params": [weight, bias]}]))
+    good = {"epoch": 5, "optimizer_metadata": []}
+    assert check_state(averager, (good, [torch.ones(3, 2), torch.ones(3), torch.ones(1)])) is None
+    assert "behind" in check_state(averager, ({**good, "epoch": 3}, [torch.ones(3, 2), torch.ones(3)]))
+    assert "no epoch" in check_state(averager, ({"optimizer_metadata": []}, [torch.ones(3, 2), torch.ones(3)]))
+    assert "tensors" in check_state(averager, (good, [torch.ones(3, 2)]))
+    assert "shape" in check_state(averager, (good, [torch.ones(1), torch.ones(3)]))  # would broadcast on copy_
+    assert "non-finite" in check_state(averager, (good, [torch.ones(3, 2), torch.tensor([1.0, float("nan"), 0.0])]))
