@@ -8,6 +8,9 @@ a named deadline here, and each caller does one of three defined things when it 
 - SKIP (the round or step is abandoned; training goes on from local state),
 - LEAVE (one ``error:`` line, exit 2, the coordinator told when it can be).
 
+One wait is open on purpose: a peer holds training until ``min_peers`` are in the swarm
+(peer/loop.py ``wait_for_peers``), saying so on screen, until peers come or the volunteer stops it.
+
 Run-specific waits (``matchmaking_time``, ``averaging_timeout``) come from the run config: they
 must be the same for the whole swarm. The values here are per peer and may differ between peers.
 """
