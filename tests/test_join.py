@@ -10,6 +10,8 @@ from conftest import Proc, pin, start_coordinator, wait_until, write_run
 
 JOINS = 20
 JOIN_EXIT = 120  # seconds one join (with its bounded bootstrap retries) may take
+HEARTBEAT_INTERVAL = 2.0  # examples/digits/run.toml
+LOAD_SLACK = 5.0  # seconds of scheduling delay allowed on a loaded 2-core box
 CONCURRENT = 4  # joins in flight at once: admissions overlap, as when volunteers arrive together
 
 
@@ -91,6 +93,20 @@ def test_state_donor_killed_mid_transfer(procs, tmp_path):
     wait_until(lambda: len(epochs_reported(tmp_path / "d1")) >= 2, 120, "the donors to finish 2 epochs")
     asked = time.time()
     late = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "late", "--max-epochs", "1")
+    # the current peers' averaging gates accept the newcomer within one heartbeat (+ one call) of its Join
+    from peer import timeouts
+    from peer.swarm import swarm_peer_id
+
+    identity_file = tmp_path / "late" / "swarm_identity.key"
+    newcomer = wait_until(lambda: identity_file.exists() and swarm_peer_id(tmp_path / "late"), 60, "the late peer's id")
+    joined_at = wait_until(lambda: next((e["time"] for e in events(tmp_path / "late") if e["event"] == "joined"), None),
+                           60, "the late peer's Join")
+    accepted_at = wait_until(lambda: all(newcomer in json.loads((tmp_path / name / "swarm_access.json").read_text())
+                                         ["allow"] for name in donors) and time.time(), 60,
+                             "the donors to admit the newcomer")
+    bound = HEARTBEAT_INTERVAL + timeouts.CALL
+    assert accepted_at - joined_at < bound + LOAD_SLACK, f"gates took {accepted_at - joined_at:.1f}s, bound {bound}s"
+    print(f"donors' gates accepted the newcomer {accepted_at - joined_at:.1f}s after its Join (bound {bound:.0f}s)")
     victim = wait_until(lambda: next((name for name in donors if serving_since(tmp_path / name, asked)), None), 120,
                         "a donor to start sending its state to the late peer")
     donors[victim].kill()
