@@ -200,7 +200,8 @@ def join_command(
                         TrainOptions(data_dir, chosen_device, max_epochs, progress.value,
                                      initial_state=initial_state, client_mode=client_mode))
         accuracy = summary["metrics"].get("accuracy")
-        say(f"left at epoch {summary['epoch']} ({summary['reason']}): {summary['samples']:,} samples contributed"
+        said = "gave up, see the error below" if summary.get("error") else summary["reason"]
+        say(f"left at epoch {summary['epoch']} ({said}): {summary['samples']:,} samples contributed"
             + (f", held-out accuracy {accuracy:.3f}" if accuracy is not None else ""))
         events.emit("left", reason=summary["reason"])
         events.close()

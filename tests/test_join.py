@@ -149,3 +149,34 @@ def test_a_downloaded_state_is_checked_before_use():
     assert "tensors" in check_state(averager, (good, [torch.ones(3, 2)]))
     assert "shape" in check_state(averager, (good, [torch.ones(1), torch.ones(3)]))  # would broadcast on copy_
     assert "non-finite" in check_state(averager, (good, [torch.ones(3, 2), torch.tensor([1.0, float("nan"), 0.0])]))
+
+
+def test_no_donor_left_ends_with_one_error_line(procs, tmp_path):
+    """The only donor dies mid-transfer: after the (shortened) bound the late peer says so and leaves."""
+    from conftest import epochs_reported
+
+    coordinator = start_coordinator(procs, tmp_path / "c", write_run(tmp_path / "run.toml", epochs=60, min_peers=1))
+    donor = slow_donor(procs, coordinator, tmp_path / "d1")
+    wait_until(lambda: len(epochs_reported(tmp_path / "d1")) >= 2, 120, "the donor to finish 2 epochs")
+    asked = time.time()
+    data_dir = tmp_path / "late"
+    data_dir.mkdir()
+    late = Proc([sys.executable, "-m", "tests.variants.impatient_peer", "join", coordinator.address, "--token",
+                 coordinator.token, *pin(coordinator.address), "--data-dir", str(data_dir), "--threads", "1",
+                 "--progress", "plain"], tmp_path / "late.log")
+    procs.append(late)
+    wait_until(lambda: serving_since(tmp_path / "d1", asked), 120, "the donor to start sending its state")
+    donor.kill()
+    assert late.wait(20 + 120) == 2, late.log()[-3000:]
+    log = late.log()
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "could not load the swarm's state within 20s" in errors[0], log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    late_peer = next(p for p in coordinator.status()["peers"] if p["id"] != donor_id(tmp_path / "d1"))
+    assert not late_peer["alive"], "the peer that gave up still shows alive"
+
+
+def donor_id(data_dir) -> str:
+    from conftest import events
+
+    return next(event["peer_id"] for event in events(data_dir) if event["event"] == "joined")
