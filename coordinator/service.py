@@ -92,7 +92,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             _abort(context, error)
         log.info("admitted peer %s (org %s, %s)", peer_id, admission.org, request.device)
         if self.on_admitted is not None:
-            self.on_admitted()  # admission is in effect at the bootstrap node before the peer hears of it
+            try:
+                self.on_admitted()  # admission is in effect at the bootstrap node before the peer hears of it
+            except Exception:  # a busy ledger: the keeper's 1 s tick carries it, the peer's bootstrap retries
+                log.exception("could not push the access lists to the DHT node at join")
         state = self.ledger.snapshot(self.config.peer_timeout)
         reply = pb.JoinReply(
             peer_id=peer_id,

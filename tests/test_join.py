@@ -180,3 +180,36 @@ def donor_id(data_dir) -> str:
     from conftest import events
 
     return next(event["peer_id"] for event in events(data_dir) if event["event"] == "joined")
+
+
+def test_backoff_is_jittered_doubling_and_capped():
+    from peer import timeouts
+
+    for attempt in range(8):
+        waits = {timeouts.backoff(attempt, 0.5, 10.0) for _ in range(50)}
+        most = min(0.5 * 2 ** attempt, 10.0)
+        assert all(most / 2 <= wait <= most for wait in waits) and len(waits) > 1
+
+
+def test_bootstrap_retries_then_starts_or_gives_up_with_one_error():
+    import pytest
+
+    from peer.bootstrap import start_with_retry
+    from peer.errors import UserError
+
+    said, tries = [], []
+
+    def flaky():
+        tries.append(1)
+        if len(tries) < 3:
+            raise RuntimeError("DHTNode bootstrap failed: none of the initial_peers responded to a ping.")
+        return "dht"
+
+    assert start_with_retry(flaky, "/ip4/x", said.append, bound=30) == "dht"
+    assert len(said) == 2 and all("waiting for the swarm's bootstrap node /ip4/x" in line for line in said)
+
+    def never():
+        raise RuntimeError("ControlFailure: Connect failed ... dial backoff")
+
+    with pytest.raises(UserError, match="did not accept this peer within 1s"):
+        start_with_retry(never, "/ip4/x", said.append, bound=1)
