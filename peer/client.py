@@ -27,6 +27,9 @@ log = logging.getLogger("potluck.peer")
 
 CALL_TIMEOUT = timeouts.CALL  # seconds; every RPC has a deadline (peer/timeouts.py)
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# a report beyond the run's checked epoch + slack (coordinator/run_epoch.py) is "not yet", not "never":
+# after an outage one peer's backlog can arrive before the others' have moved the run; keep it, retry later
+RETRY_REPORT_LATER = {grpc.StatusCode.OUT_OF_RANGE}
 SERVICE = "/potluck.v1.Coordinator/"
 
 
@@ -225,7 +228,7 @@ class CoordinatorLink:
                 self._stub.call("Report", pb.ReportRequest.FromString(payload), pb.ReportReply, CALL_TIMEOUT)
                 self.outbox.mark_acked(report_id)
             except grpc.RpcError as error:
-                if error.code() in RETRYABLE:
+                if error.code() in RETRYABLE or error.code() in RETRY_REPORT_LATER:
                     return False
                 if self._note_eviction(error):
                     return False
