@@ -49,7 +49,7 @@ DEFAULT_TOKEN_FILE = "default-org.token"
 DEFAULT_ORG = "default"
 GRPC_WORKERS = 16
 DEFAULT_TOKEN_TTL = 7 * 86400.0  # the default org's printed token; renewed on a start after it expired
-ACCESS_REFRESH_SECONDS = 1.0  # how often the DHT node's deny list is re-read from the ledger
+ACCESS_REFRESH_SECONDS = 1.0  # how often the DHT node's lists are re-read from the ledger (Join also pushes them)
 
 
 @dataclass
@@ -97,10 +97,13 @@ def _default_token(ledger: Ledger, data_dir: Path, identity: Identity, config: R
 
 class SwarmAccessKeeper:
     """Keeps the coordinator's own DHT node admitted: renews its access token and mirrors the ledger's
-    deny list into the files its forked DHT process reads (so an evicted peer is refused there too)."""
+    lists into the files its forked DHT process reads (so an evicted peer is refused there too).
+    Join calls refresh() before it replies, so a new admission is in effect at the bootstrap node
+    by the time the peer dials it; the 1 s tick carries evictions and expiries."""
 
     def __init__(self, data_dir: Path, ledger: Ledger, identity: Identity, config: RunConfig):
         self.files = AccessFiles(data_dir)
+        self._lock = threading.Lock()  # refresh() runs in the keeper's thread and in Join handlers
         self.ledger, self.identity, self.ttl = ledger, identity, config.access_token_ttl
         self.authorizer = make_authorizer(data_dir, identity.public_bytes)
         self.peer_id = swarm_peer_id(data_dir, DHT_IDENTITY_FILE)
@@ -109,6 +112,10 @@ class SwarmAccessKeeper:
         self.refresh()
 
     def refresh(self) -> None:
+        with self._lock:
+            self._refresh()
+
+    def _refresh(self) -> None:
         if time.time() - self._renewed > self.ttl / 2:
             token = issue_access_token(self.identity.private_key, self.peer_id, rsa_public_key(self.authorizer), self.ttl)
             self.files.write_token(token.SerializeToString())
@@ -247,7 +254,8 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, t
         ],
     )
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(ledger, config, dht_maddrs, identity,
-                                                                      data_dir=data_dir), server)
+                                                                      data_dir=data_dir, on_admitted=keeper.refresh),
+                                              server)
     try:
         if material is None:
             bound = server.add_insecure_port(f"{host}:{port}")

@@ -45,8 +45,11 @@ def access_lists(ledger: Ledger) -> pb.AccessLists:
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, ledger: Ledger, config: RunConfig, initial_peers: list[str], identity: Identity,
-                 data_dir: Path | None = None, credit: Credit | None = None, binding: Binding | None = None):
+                 data_dir: Path | None = None, credit: Credit | None = None, binding: Binding | None = None,
+                 on_admitted=None):
         self.data_dir = data_dir  # where checkpoints live; None: no checkpoints
+        # on_admitted(): brings the bootstrap DHT node's access lists up to date before Join replies
+        self.on_admitted = on_admitted
         self.ledger = ledger
         self.config = config
         ledger.epoch_rule = EpochRule.of(config)  # reports and heartbeats advance the checked run epoch
@@ -93,6 +96,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             log.info("refused join of %s: %s", peer_id, error)
             _abort(context, error)
         log.info("admitted peer %s (org %s, %s)", peer_id, admission.org, request.device)
+        if self.on_admitted is not None:
+            try:
+                self.on_admitted()  # admission is in effect at the bootstrap node before the peer hears of it
+            except Exception:  # a busy ledger: the keeper's 1 s tick carries it, the peer's bootstrap retries
+                log.exception("could not push the access lists to the DHT node at join")
         state = self.ledger.snapshot(self.config.peer_timeout)
         reply = pb.JoinReply(
             peer_id=peer_id,

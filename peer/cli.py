@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from peer import __version__
+from peer import __version__, timeouts
 from peer.cli_support import new_app, run_app
 from peer.errors import EVICTED_PREFIX, UserError
 from peer.identity import load_or_create_identity
@@ -25,8 +25,8 @@ DataDir = Annotated[
     Path, typer.Option("--data-dir", envvar="POTLUCK_PEER_DIR", help="Where this peer's identity and state live.")
 ]
 
-CHECKPOINT_FETCH_TIMEOUT = 300.0  # seconds for the whole checkpoint download at join
-SHUTDOWN_GRACE = 20.0  # seconds hivemind may take to stop before the process exits anyway
+CHECKPOINT_FETCH_TIMEOUT = timeouts.CHECKPOINT_FETCH  # seconds for the whole checkpoint download at join
+SHUTDOWN_GRACE = timeouts.SHUTDOWN_GRACE  # seconds hivemind may take to stop before the process exits anyway
 
 
 class Device(str, Enum):
@@ -47,6 +47,18 @@ class TextOrJson(str, Enum):
     text = "text"
     json = "json"
 
+
+
+class _HandledByUs(logging.Filter):
+    """Drops hivemind's traceback for a donor that failed during a state download: the next donor
+    is tried, and peer/state_download.py says in one line when no donor delivered."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.funcName != "_load_state_from_peers"
+
+
+def quiet_handled_retries() -> None:
+    logging.getLogger("hivemind.averaging.averager").addFilter(_HandledByUs())
 
 
 @app.command("id")
@@ -75,7 +87,7 @@ def join_command(
         "--insecure",
         help="Talk plaintext gRPC to a coordinator started with --insecure. RISK: your token and reports can be "
              "read and altered by anyone on the network path.")] = False,
-    connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.")] = 10.0,
+    connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.")] = timeouts.CONNECT,
     progress: Annotated[ProgressMode, typer.Option(help="live panel, plain lines, json event lines, or quiet.")]
     = ProgressMode.auto,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show hivemind's own logs.")] = False,
@@ -102,6 +114,7 @@ def join_command(
     if not verbose:
         os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
         logging.getLogger("hivemind").setLevel(logging.ERROR)
+        quiet_handled_retries()
     if ":" not in address:
         raise UserError(f"coordinator address {address!r} must be HOST:PORT, e.g. 127.0.0.1:7450")
     if insecure and fingerprint:
@@ -169,8 +182,13 @@ def join_command(
                 print(fix_it_message(result), file=sys.stderr, flush=True)
                 client_mode = True
 
-        dht = start_dht(data_dir, list(reply.initial_peers), host, port, client_mode=client_mode,
-                        authorizer=authorizer, public_ip=public_ip)
+        try:
+            dht = start_dht(data_dir, list(reply.initial_peers), host, port, client_mode=client_mode,
+                            authorizer=authorizer, public_ip=public_ip,
+                            say=lambda text: print(text, file=sys.stderr, flush=True))
+        except UserError as error:  # the bootstrap bound passed: tell the coordinator, then one error line
+            leave(endpoint, identity, config.run_id, reply.peer_id, reply.session, f"cannot join the swarm: {error}")
+            raise
         outbox = Outbox(data_dir)
         admission = Admission(identity, reply.peer_id, reply.session, config.run_id, access, config.access_token_ttl)
 
@@ -182,11 +200,15 @@ def join_command(
                         TrainOptions(data_dir, chosen_device, max_epochs, progress.value,
                                      initial_state=initial_state, client_mode=client_mode))
         accuracy = summary["metrics"].get("accuracy")
-        say(f"left at epoch {summary['epoch']} ({summary['reason']}): {summary['samples']:,} samples contributed"
+        said = "gave up, see the error below" if summary.get("error") else summary["reason"]
+        say(f"left at epoch {summary['epoch']} ({said}): {summary['samples']:,} samples contributed"
             + (f", held-out accuracy {accuracy:.3f}" if accuracy is not None else ""))
         events.emit("left", reason=summary["reason"])
         events.close()
-        if summary["reason"].startswith(EVICTED_PREFIX):
+        if summary.get("error"):
+            print(f"error: {summary['error']}", file=sys.stderr, flush=True)
+            exit_code = 2
+        elif summary["reason"].startswith(EVICTED_PREFIX):
             print(f"error: {summary['reason']}; contact the run's operator", file=sys.stderr, flush=True)
             exit_code = 3
         else:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from peer import timeouts
 from peer.attestation_reader import ATTESTATIONS_FILE, attach_attestations
 from peer.errors import EVICTED_PREFIX, UserError
 from peer.outbox import Outbox
@@ -25,8 +26,13 @@ from protos import coordinator_pb2 as pb
 
 log = logging.getLogger("potluck.peer")
 
-CALL_TIMEOUT = 5.0  # seconds; every RPC has a deadline
+CALL_TIMEOUT = timeouts.CALL  # seconds; every RPC has a deadline (peer/timeouts.py)
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# a report beyond the run's checked epoch + slack (coordinator/run_epoch.py) is "not yet", not "never":
+# after an outage one peer's backlog can arrive before the others' have moved the run. The coordinator
+# answers it UNAVAILABLE (retryable: kept in the outbox, sent again later); OUT_OF_RANGE is kept for an
+# impossible jump, which retrying would only count again as evidence
+RETRY_REPORT_LATER: set = set()
 SERVICE = "/potluck.v1.Coordinator/"
 
 
@@ -148,7 +154,8 @@ class Admission:
 
 
 class CoordinatorLink:
-    """Background thread: flush the outbox, heartbeat every interval, reconnect forever.
+    """Background thread: flush the outbox, heartbeat every interval, reconnect forever (jittered
+    backoff, peer/timeouts.py, so a swarm that lost its coordinator does not retry in lockstep).
 
     Heartbeats also keep this peer's swarm access current: the access token is renewed at half its
     lifetime and the admitted/evicted lists are refreshed when they change. An eviction (revoked
@@ -227,7 +234,7 @@ class CoordinatorLink:
                 self._stub.call("Report", pb.ReportRequest.FromString(payload), pb.ReportReply, CALL_TIMEOUT)
                 self.outbox.mark_acked(report_id)
             except grpc.RpcError as error:
-                if error.code() in RETRYABLE:
+                if error.code() in RETRYABLE or error.code() in RETRY_REPORT_LATER:
                     return False
                 if self._note_eviction(error):
                     return False
@@ -269,15 +276,17 @@ class CoordinatorLink:
         return True
 
     def _run(self) -> None:
-        backoff = 0.5
+        failures = 0  # calls failed in a row: the backoff doubles, jittered (timeouts.RECONNECT_*)
         while not self._stop.is_set() and self.evicted is None:
             ok = self._flush()
             if ok and time.monotonic() >= self._next_heartbeat:
                 ok = self._heartbeat()
                 self._next_heartbeat = time.monotonic() + self.heartbeat_interval
             self.view.reachable = ok
-            backoff = 0.5 if ok else min(backoff * 2, 5.0)
-            self._wake.wait(self.heartbeat_interval if ok else backoff)
+            failures = 0 if ok else failures + 1
+            wait = self.heartbeat_interval if ok else timeouts.backoff(
+                failures - 1, timeouts.RECONNECT_FIRST, min(timeouts.RECONNECT_MAX, self.heartbeat_interval * 2))
+            self._wake.wait(wait)
             self._wake.clear()
 
     def close(self, reason: str, flush_timeout: float = 5.0) -> None:

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
+from peer import timeouts
 from peer.compression import make_compression, round_trip
 from peer.runconfig import RunConfig
 
@@ -64,8 +65,8 @@ SKETCH_SEED = 20261128
 ANCHOR_TOLERANCE = 1e-4
 MOMENTUM_TOLERANCE = 1e-3
 SKETCH_SIGMAS = 6.0  # a projection of independent codec errors stays within this many standard deviations
-REQUEST_TIMEOUT = 1.0
-STATE_DOWNLOAD_TIMEOUT = 60.0
+REQUEST_TIMEOUT = timeouts.REQUEST  # named deadlines: peer/timeouts.py
+STATE_DOWNLOAD_TIMEOUT = timeouts.STATE_TRY  # one try; passed -> go on from own state, a round resyncs it
 
 
 class Sketch:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from peer.errors import UserError
 from peer.events import EventLog
 from peer.progress import Progress, ProgressDisplay
 from peer.runconfig import RunConfig
@@ -152,6 +153,7 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
     progress = Progress(client_mode=options.client_mode)
     book, speed = WorkBook(), EpochMeter()
     epochs_done, total_samples, reason = 0, 0, "stopped"
+    failure = None  # a UserError that ended the loop: the CLI prints it as its error line
 
     def evaluate() -> dict:
         model.eval()
@@ -211,7 +213,11 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
             if options.max_epochs and epochs_done >= options.max_epochs:
                 reason = f"{options.max_epochs} epochs done"
                 break
-            caught_up = strategy.catch_up(display)
+            try:
+                caught_up = strategy.catch_up(display)
+            except UserError as error:  # a bounded wait passed (e.g. no donor's state): leave, said once
+                reason, failure = str(error), str(error)
+                break
             if caught_up:
                 handle(caught_up)
                 continue
@@ -229,7 +235,11 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
             chain.proof.micro_batches.append(done)
             chain.meter.add(done.samples, done.loss, compute)
             speed.add(done.samples, done.loss, compute)
-            outcomes = strategy.after_micro_batch(done, link)
+            try:
+                outcomes = strategy.after_micro_batch(done, link)
+            except UserError as error:  # a bounded wait inside the strategy's step passed: leave
+                reason, failure = str(error), str(error)
+                break
             if not gated:  # after one step, so hivemind announces this peer (sync)
                 wait_for_peers(lambda: strategy.peers(link), config.min_peers, stop, display)
                 gated = True
@@ -245,7 +255,7 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
             display.update(progress)
             handle(outcomes)
 
-    if reason != "stopped" and not link.evicted:
+    if reason != "stopped" and not link.evicted and failure is None:
         link.wait_for_peers_to_catch_up(timeout=config.averaging_timeout)
     torch.save({"epoch": strategy.epoch, "state_dict": model.state_dict()}, Path(options.data_dir) / MODEL_FILE)
     model.eval()
@@ -255,4 +265,4 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
                 audits_passed=link.view.audits_passed, audits_failed=link.view.audits_failed)
     link.close(reason)
     strategy.shutdown()
-    return {"epoch": strategy.epoch, "reason": reason, "samples": total_samples, "metrics": final}
+    return {"epoch": strategy.epoch, "reason": reason, "samples": total_samples, "metrics": final, "error": failure}

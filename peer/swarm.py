@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
+from peer import timeouts
 from peer.runconfig import RunConfig
 
 SWARM_IDENTITY_FILE = "swarm_identity.key"
-LOAD_STATE_TIMEOUT = 60.0
-REQUEST_TIMEOUT = 1.0  # below matchmaking_time, as hivemind requires
+LOAD_STATE_TIMEOUT = timeouts.STATE_TRY  # one try over the donors (peer/timeouts.py)
+REQUEST_TIMEOUT = timeouts.REQUEST  # below matchmaking_time, as hivemind requires
 PROGRESS_EXPIRATION = 15.0  # a dead peer stops counting toward the swarm after this many seconds
-FIRST_FETCH_TIMEOUT = 15.0  # how long a new peer waits to learn the swarm's epoch before its first step
+FIRST_FETCH_TIMEOUT = timeouts.FIRST_FETCH  # how long a new peer waits to learn the swarm's epoch before its first step
 
 
 def use_fork_start_method() -> None:
@@ -46,9 +47,19 @@ def swarm_peer_id(data_dir: Path, file_name: str = SWARM_IDENTITY_FILE) -> str:
 
 
 def start_dht(data_dir: Path, initial_peers: list[str], host: str, port: int, client_mode: bool, authorizer,
-              public_ip: str | None = None):
+              public_ip: str | None = None, say=print):
     """This peer's DHT node; `authorizer` (peer/swarm_access.py) proves its admission to the others.
-    With ``public_ip``, the node announces that address (the one other peers must dial) instead of --host."""
+    With ``public_ip``, the node announces that address (the one other peers must dial) instead of --host.
+    A failed bootstrap is retried within ``timeouts.BOOTSTRAP`` (peer/bootstrap.py), then a UserError."""
+    from peer.bootstrap import start_with_retry
+
+    what = ", ".join(initial_peers) if initial_peers else "(none)"
+    return start_with_retry(lambda: _start_dht_once(data_dir, initial_peers, host, port, client_mode, authorizer,
+                                                    public_ip), what, say)
+
+
+def _start_dht_once(data_dir: Path, initial_peers: list[str], host: str, port: int, client_mode: bool, authorizer,
+                    public_ip: str | None):
     import hivemind
 
     use_fork_start_method()
@@ -59,6 +70,7 @@ def start_dht(data_dir: Path, initial_peers: list[str], host: str, port: int, cl
         identity_path=str(Path(data_dir) / SWARM_IDENTITY_FILE),
         client_mode=client_mode,
         authorizer=authorizer,
+        wait_timeout=timeouts.DHT_RPC,
         start=True,
     )
 
@@ -110,9 +122,12 @@ def needs_state_from_peers(opt) -> bool:
     return opt._should_load_state_from_peers()
 
 
-def load_state(opt, model: torch.nn.Module) -> None:
-    """Download the swarm's state and check what arrived (hivemind checks shapes, not values)."""
-    opt.load_state_from_peers()
+def load_state(opt, model: torch.nn.Module, say=lambda text: None) -> None:
+    """Download the swarm's state, bounded and checked before use (peer/state_download.py); raises
+    StateUnavailable (a UserError) when no donor delivered within ``timeouts.STATE_DOWNLOAD``."""
+    from peer.state_download import load_state as download
+
+    download(opt, say)
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise RuntimeError(f"state downloaded from peers has non-finite values in {name}")

@@ -11,6 +11,14 @@ Two gates, both fed by the coordinator through the peer's heartbeats:
    served only to peers on the allow list, and a peer only follows leaders on it. libp2p
    authenticates the remote peer id of every connection, so the list cannot be spoofed.
 
+When admission takes effect. The coordinator's Join handler writes the new lists for its own
+(bootstrap) DHT node before it replies, and the Join reply carries them to the newcomer, so both
+ends of the newcomer's first contact already agree. Current peers learn of a newcomer from their
+next heartbeat reply (the lists ride along whenever their version changed): their averaging
+gates accept it within one ``heartbeat_interval`` plus one call (``peer.timeouts.CALL``) of its
+Join, 7 s with the defaults. Until then a round the newcomer tries to join with them is refused
+and it tries the next one; its DHT requests are never refused (that gate checks tokens only).
+
 hivemind runs the DHT and averagers in forked processes, so the tokens and lists travel from the
 main process to them through two small files in the peer's data dir, replaced atomically.
 """

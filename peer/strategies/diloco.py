@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import time
 
+from peer import timeouts
 from peer.diloco import STATE_DOWNLOAD_TIMEOUT, DiLoCo
 from peer.loop import Outcome
 
-FIRST_HEARTBEAT_TIMEOUT = 15.0  # seconds to learn the swarm's epoch from the coordinator before starting
+FIRST_HEARTBEAT_TIMEOUT = timeouts.FIRST_HEARTBEAT  # learning the swarm's epoch from the coordinator
 
 
 class DiLoCoStrategy:

@@ -21,6 +21,8 @@ class SyncStrategy:
         self.config, self.model = config, model
         # data_dir: where the averagers write their attestation records (peer/attestations.py)
         self.opt = make_optimizer(dht, config, model, task, client_mode=client_mode, data_dir=data_dir)
+        # opt.step() loads state by itself when it finds the peer behind: bounded and checked there too
+        self.opt.load_state_from_peers = lambda **_: load_state(self.opt, self.model)
 
     @property
     def epoch(self) -> int:
@@ -46,7 +48,7 @@ class SyncStrategy:
             return []
         display.message(f"behind the swarm (epoch {self.opt.local_epoch} < {self.opt.tracker.global_epoch}): "
                         f"loading state from peers")
-        load_state(self.opt, self.model)
+        load_state(self.opt, self.model, display.message)  # StateUnavailable after its bound: the loop ends
         return [Outcome(discard=True, epoch=self.opt.local_epoch)]
 
     def label(self) -> int:
