@@ -120,6 +120,7 @@ def run(epochs: int, workdir: Path, target_batch_size: int, log=print) -> dict:
             processes.signal_group(peers["b"], signal.SIGTERM)
             b_exit = f"hung, then {peers['b'].wait(60)}"
         log(f"epoch ~{epochs // 2}: peer b left ({b_exit}); rejoining")
+        processes.sleep(12)  # a peer killed without a Leave may rejoin once peer_timeout (10 s) has passed
         peers["b"] = join("b", default_token)
         a_exit = peers["a"].wait(60 * epochs)
         b2_exit = peers["b"].wait(300)

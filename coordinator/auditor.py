@@ -40,10 +40,11 @@ POLL = 0.3  # seconds between looks at the swarm and the ledger
 REPORT_QUORUM_WAIT = 20.0  # seconds a lone report waits for peers' reports of its epoch (snapshot check)
 QUIET_BEFORE_FINAL_SETTLEMENT = 5.0
 MAX_SNAPSHOTS = 64
-# epochs a peer's published progress may run ahead of its own reports before it is an epoch lie: peers
-# ignore records beyond the coordinator's epoch + 1 anyway (peer/progress_guard.py), so a small lie is
-# harmless, and banning one would ban the honest peer whose reports queue behind a loaded coordinator
-LIE_MARGIN = 20
+# epochs a peer's published progress may run ahead of its own reports before it is an epoch lie (an
+# epoch past the run's last is one at once): peers ignore records beyond the coordinator's epoch + 1
+# anyway (peer/progress_guard.py), so a small lie is harmless, while banning one banned an honest lone
+# peer whose reports waited for a stalled quorum (measured: 40 epochs ahead in a 200-epoch run)
+LIE_MARGIN = 100
 SNAPSHOT_TRIES = 3  # downloads of one epoch's parameters before the auditor gives up on it
 RECHECKS = 2  # extra micro-batches replayed after an inconclusive one
 SNAPSHOT_TIMEOUT = 20.0  # seconds for one download of the swarm's state (the loop waits meanwhile)
@@ -308,7 +309,9 @@ def run_auditor(run_path: Path, data_dir: Path, initial_peers: list[str], stop=N
             peer_id = credit.peer_of_swarm_id(swarm_id)
             # an honest peer alone and fast can run ahead of its own reports (they queue in its outbox
             # while a loaded coordinator takes them in); a lie is what no backlog explains
-            if peer_id and epoch <= credit.next_epoch_of(peer_id) + config.verification.epoch_slack + LIE_MARGIN:
+            beyond_the_run = bool(config.epochs) and epoch > config.epochs
+            if peer_id and not beyond_the_run and \
+                    epoch <= credit.next_epoch_of(peer_id) + config.verification.epoch_slack + LIE_MARGIN:
                 continue
             suspects[swarm_id] = suspects.get(swarm_id, 0) + 1
             if peer_id and suspects[swarm_id] >= 2 and credit.ban(

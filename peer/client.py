@@ -180,6 +180,8 @@ class CoordinatorLink:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="coordinator-link", daemon=True)
 
+    leaving = threading.Event()  # replaced by the run loop's stop event (peer/loop.py)
+
     def start(self) -> "CoordinatorLink":
         self._thread.start()
         return self
@@ -279,7 +281,7 @@ class CoordinatorLink:
         failures = 0  # calls failed in a row: the backoff doubles, jittered (timeouts.RECONNECT_*)
         while not self._stop.is_set() and self.evicted is None:
             ok = self._flush()
-            if ok and time.monotonic() >= self._next_heartbeat:
+            if ok and time.monotonic() >= self._next_heartbeat and not self.leaving.is_set():
                 ok = self._heartbeat()
                 self._next_heartbeat = time.monotonic() + self.heartbeat_interval
             self.view.reachable = ok

@@ -146,6 +146,9 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
     device = options.device
     stop = install_stop_handlers()
     link = make_link().start()
+    # a peer asked to stop no longer heartbeats: should its leaving hang (in hivemind's shutdown, say),
+    # the coordinator stops counting it as a live peer after peer_timeout instead of waiting on it
+    link.leaving = stop
     inputs, targets = task.train_data()
     eval_inputs, eval_targets = (t.to(device) for t in task.eval_data())
     autocast = autocast_context(device)
