@@ -111,3 +111,21 @@ def test_diloco_report_from_another_anchor_is_not_judged(world):
     world.audit_epoch()
     row = world.rows()["honest"]
     assert row["audits_failed"] == 0 and row["strikes"] == 0 and row["samples_settled"] == 0, row
+
+
+def test_diloco_state_is_checked_like_the_sync_state():
+    """The anchor half of a DiLoCo state download (anchor then momentum, model.parameters() order) is
+    checked for count, shapes, dtypes and finiteness; the momentum half is ignored."""
+    from coordinator.swarm_snapshot import SnapshotError, anchor_order, check_state
+
+    order, reference = anchor_order(TASK, 1)
+    anchor = [reference[name] + 0.5 for name in order]
+    momentum = [torch.zeros_like(t) for t in anchor]
+    snapshot = check_state({"epoch": 4}, [*anchor, *momentum], order, reference)
+    assert snapshot.epoch == 4 and all(torch.equal(snapshot.state_dict[n], a) for n, a in zip(order, anchor))
+    with pytest.raises(SnapshotError, match="non-finite"):
+        check_state({"epoch": 4}, [anchor[0] * float("nan"), *anchor[1:]], order, reference)
+    with pytest.raises(SnapshotError, match="expected"):
+        check_state({"epoch": 4}, [anchor[0].double(), *anchor[1:]], order, reference)
+    with pytest.raises(SnapshotError, match="at least"):
+        check_state({"epoch": 4}, anchor[:-1], order, reference)
