@@ -12,10 +12,12 @@ when the window closes it tops the audits up until the window reaches the detect
 peer trains with. It also watches the swarm's progress records and bans a peer that publishes an
 epoch the run cannot have reached (HIVEMIND_NOTES trap 4), and settles credit window by window.
 
-The unit of work is one micro-batch in the synchronous mode. In DiLoCo mode the unit would be a
-whole inner phase (many local steps from one snapshot): the same Replayer runs the phase from the
-parameters at its start and compares the sketch of the resulting delta, at a lower rate; this
-module only implements the synchronous mode so far.
+The unit of work is one micro-batch in the synchronous mode. In DiLoCo mode it is one inner step:
+the snapshots are the swarm's anchors (the DiLoCo state averager's, labelled by the run's epoch, as
+no DiLoCo peer publishes hivemind progress), a report's fingerprint names the anchor its phase
+started from, and step j is judged by re-running steps 0..j from that anchor
+(coordinator/phase_replay.py; only the ``replayable_steps`` can be drawn). Matching, the confidence
+rule, verdicts, strikes and settlement are the same as in the synchronous mode.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from pathlib import Path
 
 from coordinator.confidence import required_audits
 from coordinator.credit import AUDITABLE, FAIL, INCONCLUSIVE, PASS, Credit
-from coordinator.replay import Replayer, judge, tolerance_for
+from coordinator.phase_replay import replay_phase, replayable_steps
+from coordinator.replay import Replayer, Verdict, judge, tolerance_for
 from peer.runconfig import RunConfig, VerificationConfig
 from peer.sketch import Sketch, count_sketch, parameter_seed
 
@@ -45,6 +48,7 @@ MAX_SNAPSHOTS = 64
 # anyway (peer/progress_guard.py), so a small lie is harmless, while banning one banned an honest lone
 # peer whose reports waited for a stalled quorum (measured: 40 epochs ahead in a 200-epoch run)
 LIE_MARGIN = 100
+MAX_PHASES = 64  # replayed DiLoCo phases kept (a top-up draws one step at a time from the same report)
 SNAPSHOT_TRIES = 3  # downloads of one epoch's parameters before the auditor gives up on it
 RECHECKS = 2  # extra micro-batches replayed after an inconclusive one
 SNAPSHOT_TIMEOUT = 20.0  # seconds for one download of the swarm's state (the loop waits meanwhile)
@@ -99,6 +103,8 @@ class Auditor:
         self._matched: dict[str, int] = {}  # report id -> label of the snapshot holding its parameters
         self._exhausted: set[tuple[str, int]] = set()  # (peer, window)s whose top-up ran out of replayable micro-batches
         self._names = [name for name, _ in self.replayer.model.named_parameters()]
+        self.diloco = config.averaging.strategy == "diloco"
+        self._phases: dict[tuple[str, int], list] = {}  # (report id, snapshot label) -> replayed steps 0..j
 
     def add_snapshot(self, epoch: int, state_dict: dict) -> None:
         self.snapshots[epoch] = state_dict
@@ -185,7 +191,10 @@ class Auditor:
             self.credit.mark_report(row["report_id"], "other-parameters")
             return [INCONCLUSIVE]
         flags = json.loads(row["flags"])
-        count = len(claim["sketches"])
+        count = self.replayable(claim)
+        if count == 0:  # an overlapped DiLoCo phase starts where no one else has been: nothing to replay
+            self.credit.mark_report(row["report_id"], "unaudited")
+            return []
         chosen = self.policy.choose(count, self.arrival_share(count, peer_id, bool(flags["report"])),
                                     flags["micro_batches"])
         if extra:
@@ -198,17 +207,41 @@ class Auditor:
         self.credit.mark_report(row["report_id"], AUDITABLE)
         return verdicts
 
+    def replayable(self, claim: dict) -> int:
+        """How many leading micro-batches (DiLoCo: inner steps) of a report can be drawn for a replay."""
+        return replayable_steps(self.config, claim) if self.diloco else len(claim["sketches"])
+
     def arrival_share(self, micro_batches: int, peer_id: str, suspicious: bool) -> float:
         v = self.config.verification
         return arrival_share(v, micro_batches, self.credit.passed_audits(peer_id) >= v.established_after,
                              suspicious)
 
+    def _phase(self, row, claim: dict, label: int, upto: int) -> list:
+        """DiLoCo: steps 0..upto (at least) of the report's phase replayed from the anchor ``label``."""
+        key = (row["report_id"], label)
+        if len(self._phases.get(key, [])) <= upto:
+            self._phases.pop(key, None)
+            self._phases[key] = replay_phase(self.replayer.task, self.config, self.snapshots[label], claim, upto)
+            for old in list(self._phases)[:-MAX_PHASES]:
+                del self._phases[old]
+        return self._phases[key]
+
+    def _judge_step(self, claim: dict, index: int, done, tolerance: float) -> Verdict:
+        entry = claim["sketches"][index]
+        if entry["samples"] != done.samples:
+            return Verdict(FAIL, math.inf, math.inf, f"claims {entry['samples']} samples, assigned {done.samples}")
+        return judge(Sketch(entry["norm"], tuple(entry["projection"])), done.sketch, tolerance)
+
     def _replay(self, row, claim: dict, micro_batches: list[int], label: int) -> list[str]:
         tolerance = tolerance_for(self.config, claim["compute_dtype"])
-        self._load(label)
+        if self.diloco:  # one replay of the phase up to the last chosen step (step j costs j + 1 micro-batches)
+            phase = self._phase(row, claim, label, max(micro_batches)) if micro_batches else []
+        else:
+            self._load(label)
         verdicts = []
         for index in micro_batches:
-            verdict = self.replayer.audit(claim, index, tolerance)
+            verdict = (self._judge_step(claim, index, phase[index], tolerance) if self.diloco
+                       else self.replayer.audit(claim, index, tolerance))
             self.credit.record_audit(row["report_id"], row["peer_id"], row["epoch"], index, verdict.verdict,
                                      verdict.relative_error, verdict.norm_ratio,
                                      verdict.reason + (f" (parameters of snapshot {label})" if label != row["epoch"]
@@ -217,6 +250,9 @@ class Auditor:
             if self.credit.banned_reason(row["peer_id"]):
                 break
         return verdicts
+
+    def _drawable(self, row) -> int:
+        return self.replayable(json.loads(row["body"])) if self.diloco else row["micro_batches"]
 
     def top_up(self, window: int) -> None:
         """Audit each peer's closed window until it reaches the detection confidence, drawing where the
@@ -233,13 +269,13 @@ class Auditor:
             stuck = False
             while verified and not self.credit.confident([(row["micro_batches"], len(audited[row["report_id"]]))
                                                           for row in verified]):
-                open_ = [row for row in verified if len(tried[row["report_id"]]) < row["micro_batches"]
+                open_ = [row for row in verified if len(tried[row["report_id"]]) < self._drawable(row)
                          and self.match(row) is not None]
                 if not open_ or self.credit.banned_reason(peer_id):
                     stuck = not open_
                     break  # the window stays provisional (snapshots gone, or every micro-batch tried)
                 row = min(open_, key=lambda r: (len(audited[r["report_id"]]) / r["micro_batches"], r["epoch"]))
-                index = self.policy.rng.choice([i for i in range(row["micro_batches"])
+                index = self.policy.rng.choice([i for i in range(self._drawable(row))
                                                 if i not in tried[row["report_id"]]])
                 tried[row["report_id"]].add(index)
                 verdict = self._replay(row, json.loads(row["body"]), [index], self.match(row))[0]
@@ -286,7 +322,8 @@ def run_auditor(run_path: Path, data_dir: Path, initial_peers: list[str], stop=N
     auditor = observer = None
     if task is not None:
         observer = SwarmObserver(config, task, initial_peers, authorizer=swarm_pass.authorizer,
-                                 identity_path=swarm_pass.identity_path)
+                                 identity_path=swarm_pass.identity_path,
+                                 diloco=config.averaging.strategy == "diloco")
         dht = observer.dht
         auditor = Auditor(config, task, credit)
         # a run starts from the task's initial parameters: the auditor holds them before any download
@@ -321,6 +358,8 @@ def run_auditor(run_path: Path, data_dir: Path, initial_peers: list[str], stop=N
         honest = [e.epoch for e in entries if e.epoch <= limit]
         if auditor is not None:
             swarm_epoch = max(honest, default=None)
+            if auditor.diloco:  # DiLoCo peers publish no hivemind progress: the run's checked epoch
+                swarm_epoch = credit.run_epoch()
             # every epoch's parameters are needed (a report from parameters never kept cannot be paid):
             # a failed download is tried again, a few times
             if swarm_epoch is not None and attempted.get(swarm_epoch, 0) < SNAPSHOT_TRIES and \

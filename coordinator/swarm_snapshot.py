@@ -21,6 +21,11 @@ DHT authorizer (trap 3), which is a concern for peers that share state, not for 
 
 hivemind forks its own processes: create an observer in the main thread of a process that has no
 gRPC machinery yet (see coordinator/server.py), e.g. the ``coordinator.observer`` process.
+
+A DiLoCo run has no hivemind.Optimizer: its peers share the anchor and the outer momentum through
+their DiLoCo state averager (peer/diloco.py, prefix ``f"{run_id}_diloco_state"``, tensors: anchor
+then momentum, both in ``model.parameters()`` order, metadata ``{"epoch"}``). ``SwarmObserver(...,
+diloco=True)`` downloads that anchor instead, with the same checks.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from peer.swarm import use_fork_start_method
 log = logging.getLogger("potluck.snapshot")
 
 STATE_PREFIX_SUFFIX = "_state_averager"  # hivemind.Optimizer's state averager prefix is run_id + this
+DILOCO_PREFIX_SUFFIX = "_diloco_state"  # a DiLoCo peer's state averager (peer/diloco.py)
 DOWNLOAD_TIMEOUT = 60.0  # seconds for one whole download attempt
 CHUNK_TIMEOUT = 10.0  # seconds between two parts of the stream before a peer is given up on
 
@@ -63,6 +69,13 @@ def parameter_order(task, seed: int) -> tuple[list[str], dict[str, torch.Tensor]
     return order, {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
+def anchor_order(task, seed: int) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Like :func:`parameter_order` for a DiLoCo state: the anchor is in ``model.parameters()`` order."""
+    model = task.build_model(seed)
+    return ([name for name, _ in model.named_parameters()],
+            {name: tensor.detach().clone() for name, tensor in model.state_dict().items()})
+
+
 def check_state(metadata, tensors, order: list[str], reference: dict[str, torch.Tensor]) -> SwarmSnapshot:
     """Turn a raw hivemind download into a checked snapshot, or raise SnapshotError."""
     if not isinstance(metadata, dict):
@@ -84,20 +97,26 @@ def check_state(metadata, tensors, order: list[str], reference: dict[str, torch.
     return SwarmSnapshot(epoch=epoch, state_dict=state)
 
 
-def _download_only_averager_class():
-    """A DecentralizedAverager that dials peers' TrainingStateAverager handlers.
+def _download_only_averager_class(diloco: bool = False):
+    """A DecentralizedAverager that dials peers' TrainingStateAverager handlers (DiLoCo: StateAverager's).
 
     hivemind names a handler after the class that serves it (``PREFIX::TrainingStateAverager.
     rpc_download_state`` in an Optimizer), and a stub after the class that calls it; a bare
     DecentralizedAverager would ask for ``DecentralizedAverager.rpc_download_state`` and be refused.
     """
     from hivemind.averaging import DecentralizedAverager
-    from hivemind.optim.state_averager import TrainingStateAverager
+
+    if diloco:
+        from peer.diloco import _make_averager_class
+
+        served_by = _make_averager_class()[1]
+    else:
+        from hivemind.optim.state_averager import TrainingStateAverager as served_by
 
     class DownloadOnlyAverager(DecentralizedAverager):
         @classmethod
         def get_stub(cls, p2p, peer, *, namespace=None):
-            return TrainingStateAverager.get_stub(p2p, peer, namespace=namespace)
+            return served_by.get_stub(p2p, peer, namespace=namespace)
 
     return DownloadOnlyAverager
 
@@ -106,22 +125,23 @@ class SwarmObserver:
     """A read-only member of the run's swarm: DHT node in client mode plus a download-only averager."""
 
     def __init__(self, config: RunConfig, task, initial_peers: list[str], host: str = "127.0.0.1",
-                 authorizer=None, identity_path: str | None = None):
+                 authorizer=None, identity_path: str | None = None, diloco: bool = False):
         """``authorizer`` and ``identity_path``: the swarm access of this process (a SwarmPass in
-        coordinator/swarm_watch.py); without them, only a swarm without access control can be joined."""
+        coordinator/swarm_watch.py); without them, only a swarm without access control can be joined.
+        ``diloco``: download the DiLoCo anchor instead of the sync Optimizer's parameters."""
         import hivemind
 
-        self.order, self.reference = parameter_order(task, config.seed)
+        self.order, self.reference = (anchor_order if diloco else parameter_order)(task, config.seed)
         use_fork_start_method()
         # client mode for both (trap 2): nobody dials us, we are never part of a group
         self.dht = hivemind.DHT(
             initial_peers=initial_peers, host_maddrs=[f"/ip4/{host}/tcp/0"], client_mode=True, start=True,
             authorizer=authorizer, identity_path=identity_path,
         )
-        self.averager = _download_only_averager_class()(
+        self.averager = _download_only_averager_class(diloco)(
             averaged_tensors=[torch.zeros(1)],  # never averaged: we only download
             dht=self.dht,
-            prefix=config.run_id + STATE_PREFIX_SUFFIX,
+            prefix=config.run_id + (DILOCO_PREFIX_SUFFIX if diloco else STATE_PREFIX_SUFFIX),
             target_group_size=1,
             client_mode=True,
             allow_state_sharing=False,
