@@ -8,15 +8,18 @@ hivemind 1.1.12's progress tracker believes every record a peer publishes (HIVEM
   claiming the whole target, a huge rate or an old timestamp makes every peer step after one
   micro-batch (measured: the run trained a third of its samples).
 
-So before hivemind reads them, records are cleaned: epochs beyond the run's epoch as the coordinator
-last said it, plus one (a peer that has just stepped), are dropped (with two peers, nothing else
-could tell a liar from a peer that is really ahead), and so are epochs that fewer than half of the peers have
-reached (one peer inside the slack cannot move the swarm's epoch either); each peer's samples count for at most its fair share of the
-target (target / peers at that epoch), its rate for at most twice the swarm's median rate, and its
-timestamp is kept recent enough that hivemind's extrapolation stays within that share. An honest swarm is unchanged by this (peers of
-equal speed; a fast peer's surplus samples still train, they just do not end the epoch for the
-others); a liar can at most claim the share of the work it would have done honestly. The
-coordinator bans epoch liars separately.
+So before hivemind reads them, records are cleaned:
+- epochs beyond the run's epoch as the coordinator last said it, plus ``epoch_slack``, are dropped
+  (the coordinator's epoch is a quorum of reports and lags a busy swarm: a bound of one epoch dropped
+  honest records and left a peer averaging alone);
+- so are epochs that fewer than half of the peers have reached: one peer inside the slack cannot move
+  the swarm's epoch either (with two peers a liar and a peer really ahead look alike: the max stands);
+- each peer's samples count for at most its fair share of the target (target / peers at that epoch),
+  its rate for at most twice the swarm's median rate, and its timestamp is kept recent enough that
+  hivemind's extrapolation stays within that share.
+An honest swarm of equal peers is unchanged by this (a fast peer's surplus samples still train, they
+just do not end the epoch for the others); a liar can at most claim the share of the work it would
+have done honestly. The coordinator bans egregious epoch liars separately (coordinator/auditor.py).
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import math
 import time
 from typing import Callable
 
-AHEAD_OF_COORDINATOR = 1  # a peer that has just stepped is one epoch past the run's epoch, never more
 RATE_FACTOR = 2.0  # a peer's rate counts for at most this multiple of the median rate
 RECORD_LIFETIME = 15.0  # seconds; matches peer.swarm.PROGRESS_EXPIRATION
 

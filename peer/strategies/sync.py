@@ -9,7 +9,7 @@ true sample count (the averaging weight).
 from __future__ import annotations
 
 from peer.loop import Outcome
-from peer.progress_guard import AHEAD_OF_COORDINATOR, guard_swarm_epoch
+from peer.progress_guard import guard_swarm_epoch
 from peer.swarm import FIRST_FETCH_TIMEOUT, load_state, make_optimizer, needs_state_from_peers, start_at_epoch
 
 
@@ -32,7 +32,7 @@ class SyncStrategy:
         start_at_epoch(self.opt, epoch)
 
     def start(self, link, stop, display, events) -> dict:
-        guard_swarm_epoch(self.opt.tracker, lambda: link.epoch_limit(AHEAD_OF_COORDINATOR))
+        guard_swarm_epoch(self.opt.tracker, lambda: link.epoch_limit(self.config.verification.epoch_slack))
         # learn the swarm's epoch first, so a late joiner loads state before computing anything
         self.opt.tracker.fetched_global_progress_this_epoch.wait(FIRST_FETCH_TIMEOUT)
         return {}
