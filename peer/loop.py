@@ -128,10 +128,11 @@ class WorkBook:
         return samples
 
 
-def wait_for_peers(count, min_peers: int, stop: threading.Event, display: ProgressDisplay) -> None:
-    """Hold training until ``count()`` (the strategy's view of the swarm) reaches min_peers."""
+def wait_for_peers(count, min_peers: int, stop: threading.Event, display: ProgressDisplay, over=lambda: False) -> None:
+    """Hold training until ``count()`` (the strategy's view of the swarm) reaches min_peers, or until
+    ``over()`` (the run finished or this peer was evicted meanwhile: a peer joining a finished run leaves)."""
     display.message(f"waiting for {min_peers} peers in the swarm before training starts")
-    while not stop.is_set() and count() < min_peers:
+    while not stop.is_set() and count() < min_peers and not over():
         stop.wait(0.2)
     display.message(f"{count()} peers in the swarm: training")
 
@@ -202,7 +203,8 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
         events.emit("started", epoch=strategy.epoch, device=str(device), strategy=strategy.name, **started)
         gated = config.min_peers <= 1 or not strategy.needs_gate()
         if not gated and not strategy.gate_after_first_step:
-            wait_for_peers(lambda: strategy.peers(link), config.min_peers, stop, display)
+            wait_for_peers(lambda: strategy.peers(link), config.min_peers, stop, display,
+                           over=lambda: link.view.run_finished or bool(link.evicted))
             gated = True
         while True:
             if stop.is_set():
@@ -244,7 +246,8 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
                 reason, failure = str(error), str(error)
                 break
             if not gated:  # after one step, so hivemind announces this peer (sync)
-                wait_for_peers(lambda: strategy.peers(link), config.min_peers, stop, display)
+                wait_for_peers(lambda: strategy.peers(link), config.min_peers, stop, display,
+                           over=lambda: link.view.run_finished or bool(link.evicted))
                 gated = True
 
             link.samples_per_second = progress.local_samples_per_second = (
