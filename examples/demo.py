@@ -108,7 +108,7 @@ def main() -> None:
                              str(coordinator_dir), "--port", "0", "--dashboard-port", "0"], log)
         processes.append(coordinator)
         info = wait_for_coordinator(coordinator, coordinator_dir, log)
-        console.print(f"coordinator up at {info['address']} (log: {log.relative_to(ROOT)})")
+        console.print(f"coordinator up at {info['address']} (log: {log.relative_to(ROOT) if log.is_relative_to(ROOT) else log})")
         if info.get("dashboard"):
             console.print(f"dashboard: {info['dashboard']} (open it in a browser while the demo runs)")
         tokens = [(coordinator_dir / "default-org.token").read_text().strip()] + [

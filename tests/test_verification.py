@@ -186,6 +186,23 @@ def test_identical_payload_copied_from_another_peer_is_caught(world):
     assert any("repeats the sketch" in a["reason"] for a in world.credit.audit_rows())
 
 
+def test_zero_gradients_are_no_copy(world):
+    """Late in a run a micro-batch can be fitted exactly: its gradient, and so its sketch, is zero.
+    Every zero sketch is alike; that is no copy (a faked zero fails its replay instead). Found in a
+    real DiLoCo swarm, where an honest peer was failed twice for it."""
+    world.join("honest")
+    for _ in range(2):
+        request = world.report("honest")
+        for sketch in request.sketches:
+            sketch.norm = 0.0
+            del sketch.projection[:]
+            sketch.projection.extend([0.0] * world.config.verification.sketch_dims)
+        sign_report(request, world.config.run_id, world.peers["honest"].private_key)
+        world.submit("honest", request)
+        world.next_epoch()
+    assert not any("repeats the sketch" in a["reason"] for a in world.credit.audit_rows())
+
+
 def test_replayed_old_report_is_caught(world):
     """Catalogue row 2 (replay): each epoch the cheater resends its first epoch's sketches."""
     first = []
