@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -69,10 +71,13 @@ def run_arm(workdir: Path, settings: dict, samples: int) -> dict:
         for peer in peers:
             peer.wait(timeout=900)
         wall = time.monotonic() - started
-    finally:
+    finally:  # each process leads its own session: end the group, so serve's auditor and p2pd go too
         for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
     from examples.digits import TASK
 
     model = TASK.build_model(0)
