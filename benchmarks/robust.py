@@ -75,8 +75,6 @@ def peer_main(index: int, workdir: Path, aggregator: str, poison: bool, epochs: 
     import torch
 
     torch.set_num_threads(1)
-    import hivemind
-
     from examples.digits import TASK
     from peer.runconfig import parse_run_config
     from peer.swarm import make_optimizer, use_fork_start_method
@@ -90,16 +88,7 @@ def peer_main(index: int, workdir: Path, aggregator: str, poison: bool, epochs: 
     text = (ROOT / "examples" / "digits" / "run.toml").read_text()
     text = text.replace('aggregator = "centered_clip"', f'aggregator = "{aggregator}"')
     config = parse_run_config(text)
-    maddrs = workdir / "maddrs.json"
-    if index == 0:
-        dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
-        (workdir / "maddrs.tmp").write_text(json.dumps([str(m) for m in dht.get_visible_maddrs()]))
-        (workdir / "maddrs.tmp").rename(maddrs)
-    else:
-        while not maddrs.exists():
-            time.sleep(0.1)
-        dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=json.loads(maddrs.read_text()),
-                           start=True)
+    dht = _join_dht(index, workdir)
     model = TASK.build_model(config.seed)
     opt = make_optimizer(dht, config, model, TASK, client_mode=False, data_dir=me if records else None)
     inputs, targets = TASK.train_data()
@@ -125,6 +114,21 @@ def peer_main(index: int, workdir: Path, aggregator: str, poison: bool, epochs: 
     dht.shutdown()
 
 
+
+def _join_dht(index: int, workdir: Path):
+    """Member 0 starts the DHT and publishes its addresses in ``workdir``; the others bootstrap from them."""
+    import hivemind
+
+    maddrs = workdir / "maddrs.json"
+    if index == 0:
+        dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+        (workdir / "maddrs.tmp").write_text(json.dumps([str(m) for m in dht.get_visible_maddrs()]))
+        (workdir / "maddrs.tmp").rename(maddrs)
+        return dht
+    while not maddrs.exists():
+        time.sleep(0.1)
+    return hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=json.loads(maddrs.read_text()), start=True)
+
 ROUND_RULES = (("mean", "mean", True), ("centered_clip", "centered_clip", True),
                ("centered_clip-no-records", "centered_clip", False))
 
@@ -134,7 +138,6 @@ def rounds_main(index: int, workdir: Path, peers: int, size: int, rounds: int) -
     import torch
 
     torch.set_num_threads(1)
-    import hivemind
     from hivemind.averaging import DecentralizedAverager
 
     from peer.attestations import Attestations
@@ -149,16 +152,7 @@ def rounds_main(index: int, workdir: Path, peers: int, size: int, rounds: int) -
     me = workdir / f"r{index}"
     me.mkdir(exist_ok=True)
     _time_allreduce(me / "rounds.jsonl", kind_of=lambda averager: averager.prefix.split("_", 1)[1])
-    maddrs = workdir / "maddrs.json"
-    if index == 0:
-        dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
-        (workdir / "maddrs.tmp").write_text(json.dumps([str(m) for m in dht.get_visible_maddrs()]))
-        (workdir / "maddrs.tmp").rename(maddrs)
-    else:
-        while not maddrs.exists():
-            time.sleep(0.1)
-        dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=json.loads(maddrs.read_text()),
-                           start=True)
+    dht = _join_dht(index, workdir)
     signal = torch.randn(size, generator=torch.Generator().manual_seed(1))
     vector = signal + torch.randn(size, generator=torch.Generator().manual_seed(100 + index))
     averagers = []
