@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from strategy_worker import join_swarm, wait_for_done  # noqa: E402  (tests/ is this script's folder)
 
 SHAPES = [(40, 30), (30,), (7, 5)]  # 1,465 coordinates in three tensors
 EPOCH = 5
@@ -51,7 +52,6 @@ def main(role: str, workdir: Path, group: int, aggregator: str, codec: str, scal
     torch.set_num_threads(1)
     if lie:
         lie_as_reducer()
-    import hivemind
     from hivemind.averaging import DecentralizedAverager
 
     from peer.attestations import Attestations
@@ -64,15 +64,7 @@ def main(role: str, workdir: Path, group: int, aggregator: str, codec: str, scal
         pass
 
     use_fork_start_method()
-    if role == "a":
-        dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
-        (workdir / "a.maddrs.tmp").write_text(json.dumps([str(m) for m in dht.get_visible_maddrs()]))
-        (workdir / "a.maddrs.tmp").rename(workdir / "a.maddrs")
-    else:
-        while not (workdir / "a.maddrs").exists():
-            time.sleep(0.1)
-        dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True,
-                           initial_peers=json.loads((workdir / "a.maddrs").read_text()))
+    dht = join_swarm(role, workdir)
     data_dir = workdir / role
     data_dir.mkdir(exist_ok=True)
     tensors = [t * scale for t in known_vector(role)]
@@ -89,9 +81,7 @@ def main(role: str, workdir: Path, group: int, aggregator: str, codec: str, scal
                "sent": [t.reshape(-1).tolist() for t in tensors],
                "result": [t.reshape(-1).tolist() for t in result]}
     (workdir / f"{role}.json").write_text(json.dumps(out))
-    deadline = time.monotonic() + 60
-    while not (workdir / "done").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for_done(workdir)
     averager.shutdown()
     dht.shutdown()
 

@@ -23,6 +23,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 DIGITS_RUN = Path(__file__).resolve().parents[1] / "examples" / "digits" / "run.toml"
 
 
+def join_swarm(role: str, workdir: Path):
+    """Member "a" starts the DHT and writes its addresses to WORKDIR/a.maddrs; the others join it."""
+    import hivemind
+
+    if role == "a":
+        dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+        (workdir / "a.maddrs.tmp").write_text(json.dumps([str(m) for m in dht.get_visible_maddrs()]))
+        (workdir / "a.maddrs.tmp").rename(workdir / "a.maddrs")
+        return dht
+    while not (workdir / "a.maddrs").exists():
+        time.sleep(0.1)
+    peers = json.loads((workdir / "a.maddrs").read_text())
+    return hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=peers, start=True)
+
+
+def wait_for_done(workdir: Path, timeout: float = 60.0) -> None:
+    """Keep serving (state, parts) until the test writes WORKDIR/done, at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (workdir / "done").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def known_delta(role: str, round_index: int, shapes) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(ord(role) * 100 + round_index)
     return [torch.randn(shape, generator=generator) * 0.01 for shape in shapes]
@@ -39,22 +61,12 @@ def main(role: str, workdir: Path, codec: str, rounds: int, width: int) -> None:
     from peer.runconfig import parse_run_config
     from peer.swarm import use_fork_start_method
 
-    import hivemind
-
     use_fork_start_method()
     text = DIGITS_RUN.read_text().split("[averaging]")[0]
     text += f'[averaging]\nstrategy = "diloco"\ncompression = "{codec}"\n'
     text = text.replace("matchmaking_time = 2.0", "matchmaking_time = 1.0")
     config = parse_run_config(text)
-    if role == "a":
-        dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
-        (workdir / "a.maddrs.tmp").write_text(json.dumps([str(m) for m in dht.get_visible_maddrs()]))
-        (workdir / "a.maddrs.tmp").rename(workdir / "a.maddrs")
-    else:
-        while not (workdir / "a.maddrs").exists():
-            time.sleep(0.1)
-        peers = json.loads((workdir / "a.maddrs").read_text())
-        dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=peers, start=True)
+    dht = join_swarm(role, workdir)
     model = tiny_model(width)
     diloco = DiLoCo(dht, config, model, prefix="strategytest")
     if role == "late":
@@ -83,9 +95,7 @@ def main(role: str, workdir: Path, codec: str, rounds: int, width: int) -> None:
     result["momentum"] = [m.tolist() for m in diloco.momentum]
     result["model"] = [p.tolist() for p in model.parameters()]
     (workdir / f"{role}.json").write_text(json.dumps(result))
-    deadline = time.monotonic() + 60
-    while not (workdir / "done").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for_done(workdir)
     diloco.shutdown()
     dht.shutdown()
 

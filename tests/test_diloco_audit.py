@@ -7,7 +7,6 @@ snapshots are the anchors, which it judges step by step through coordinator/phas
 
 from __future__ import annotations
 
-import random
 import sys
 from pathlib import Path
 
@@ -18,20 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import DIGITS_RUN  # noqa: E402
 from test_verification import World  # noqa: E402
-from coordinator.auditor import AuditPolicy, Auditor  # noqa: E402
-from coordinator.credit import Credit  # noqa: E402
 from examples.digits import TASK  # noqa: E402
 from peer.report import attach_proof, sign_report  # noqa: E402
-from peer.runconfig import parse_run_config  # noqa: E402
 from peer.work import EpochProof, do_micro_batch  # noqa: E402
 from protos import coordinator_pb2 as pb  # noqa: E402
 
-VERIFY = """
-[verification]
-audit_rate_new = 0.5
-audit_floor = 2
-window_epochs = 2
-"""
 STEPS = 6
 
 
@@ -39,14 +29,9 @@ class DilocoWorld(World):
     """The World of test_verification with a DiLoCo run: ``model`` is the swarm's anchor."""
 
     def __init__(self, tmp_path: Path):
-        super().__init__(tmp_path)
-        self.config = parse_run_config(DIGITS_RUN.read_text().replace('strategy = "sync"', 'strategy = "diloco"')
-                                       + VERIFY)
+        super().__init__(tmp_path, run_text=DIGITS_RUN.read_text().replace('strategy = "sync"', 'strategy = "diloco"'),
+                         proof_required=False)
         assert self.config.averaging.strategy == "diloco" and self.config.averaging.inner_state == "reset"
-        self.credit.close()
-        self.credit = Credit(self.ledger.path, self.config.verification, self.config.run_id, proof_required=False)
-        self.auditor = Auditor(self.config, TASK, self.credit, AuditPolicy(self.config.verification, random.Random(7)))
-        self.credit.flops_per_sample = 6.0 * self.auditor.replayer.parameter_count
 
     def report(self, name: str, lazy_from: int | None = None) -> pb.ReportRequest:
         """One inner phase from the anchor; ``lazy_from``: a peer that stops applying inner steps from

@@ -45,13 +45,14 @@ MICRO_BATCHES = 8
 
 
 class World:
-    def __init__(self, tmp_path: Path, extra: str = VERIFY):
-        self.config = parse_run_config(DIGITS_RUN.read_text() + extra)
+    def __init__(self, tmp_path: Path, extra: str = VERIFY, run_text: str | None = None, **credit_options):
+        """``run_text``: another run.toml than the digits run's; ``credit_options``: passed to Credit."""
+        self.config = parse_run_config((DIGITS_RUN.read_text() if run_text is None else run_text) + extra)
         self.data_dir = tmp_path / "c"
         self.ledger = Ledger(self.data_dir / LEDGER_FILE)
         self.ledger.bind_run(self.config.run_id, self.config.config_hash)
         self.token, self.partner_token = self._claims("default"), self._claims("acme")
-        self.credit = Credit(self.ledger.path, self.config.verification, self.config.run_id)
+        self.credit = Credit(self.ledger.path, self.config.verification, self.config.run_id, **credit_options)
         self.auditor = Auditor(self.config, TASK, self.credit, AuditPolicy(self.config.verification, random.Random(7)))
         self.credit.flops_per_sample = 6.0 * self.auditor.replayer.parameter_count  # as run_auditor sets it
         self.model = TASK.build_model(self.config.seed)
