@@ -222,18 +222,12 @@ def _check_ranges(config: RunConfig, where: str) -> None:
 
 
 def _check_averaging(averaging: AveragingConfig, where: str) -> None:
-    if averaging.strategy not in STRATEGIES:
-        raise UserError(f"{where}: [averaging] strategy must be one of {', '.join(STRATEGIES)}, "
-                        f"got {averaging.strategy!r}")
-    if averaging.compression not in COMPRESSIONS:
-        raise UserError(f"{where}: [averaging] compression must be one of {', '.join(COMPRESSIONS)}, "
-                        f"got {averaging.compression!r}")
-    if averaging.inner_state not in INNER_STATES:
-        raise UserError(f"{where}: [averaging] inner_state must be one of {', '.join(INNER_STATES)}, "
-                        f"got {averaging.inner_state!r}")
-    if averaging.aggregator not in AGGREGATORS:
-        raise UserError(f"{where}: [averaging] aggregator must be one of {', '.join(AGGREGATORS)}, "
-                        f"got {averaging.aggregator!r} (centered_clip is the robust default)")
+    for key, choices, hint in (("strategy", STRATEGIES, ""), ("compression", COMPRESSIONS, ""),
+                               ("inner_state", INNER_STATES, ""),
+                               ("aggregator", AGGREGATORS, " (centered_clip is the robust default)")):
+        value = getattr(averaging, key)
+        if value not in choices:
+            raise UserError(f"{where}: [averaging] {key} must be one of {', '.join(choices)}, got {value!r}{hint}")
     if not (0 < averaging.tau <= 100):
         raise UserError(f"{where}: [averaging] tau must be in (0, 100] (the clip radius in units of the "
                         f"group's median distance), got {averaging.tau}")
