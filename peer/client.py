@@ -27,12 +27,9 @@ from protos import coordinator_pb2 as pb
 log = logging.getLogger("potluck.peer")
 
 CALL_TIMEOUT = timeouts.CALL  # seconds; every RPC has a deadline (peer/timeouts.py)
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 # a report beyond the run's checked epoch + slack (coordinator/run_epoch.py) is "not yet", not "never":
-# after an outage one peer's backlog can arrive before the others' have moved the run. The coordinator
-# answers it UNAVAILABLE (retryable: kept in the outbox, sent again later); OUT_OF_RANGE is kept for an
-# impossible jump, which retrying would only count again as evidence
-RETRY_REPORT_LATER: set = set()
+# the coordinator answers it UNAVAILABLE, so it stays in the outbox and is sent again later
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 SERVICE = "/potluck.v1.Coordinator/"
 
 
@@ -236,7 +233,7 @@ class CoordinatorLink:
                 self._stub.call("Report", pb.ReportRequest.FromString(payload), pb.ReportReply, CALL_TIMEOUT)
                 self.outbox.mark_acked(report_id)
             except grpc.RpcError as error:
-                if error.code() in RETRYABLE or error.code() in RETRY_REPORT_LATER:
+                if error.code() in RETRYABLE:
                     return False
                 if self._note_eviction(error):
                     return False

@@ -29,8 +29,9 @@ import math
 import time
 from typing import Callable
 
+from peer.swarm import PROGRESS_EXPIRATION  # a record's lifetime
+
 RATE_FACTOR = 2.0  # a peer's rate counts for at most this multiple of the median rate
-RECORD_LIFETIME = 15.0  # seconds; matches peer.swarm.PROGRESS_EXPIRATION
 
 
 def guard_swarm_epoch(tracker, epoch_limit: Callable[[], int | None]) -> None:
@@ -47,25 +48,25 @@ def guard_swarm_epoch(tracker, epoch_limit: Callable[[], int | None]) -> None:
 
 def plausible_records(metadata: dict, limit: int | None, target_batch_size: int, now: float) -> dict:
     """The records of ``metadata`` (subkey -> ValueWithExpiration of a progress dict), cleaned."""
-    records = {key: item for key, item in metadata.items()
-               if _progress(item) is not None and (limit is None or _progress(item)["epoch"] <= limit)}
-    top_epoch = _majority_epoch([_progress(item) for item in records.values()])
-    records = {key: item for key, item in records.items() if _progress(item)["epoch"] <= top_epoch}
+    parsed = ((key, item, _progress(item)) for key, item in metadata.items())
+    records = [(key, item, value) for key, item, value in parsed
+               if value is not None and (limit is None or value["epoch"] <= limit)]
+    top_epoch = _majority_epoch([value for _, _, value in records])
+    records = [record for record in records if record[2]["epoch"] <= top_epoch]
     if not records:
         return {}
-    values = [_progress(item) for item in records.values()]
-    rates = sorted(v["samples_per_second"] for v in values)
+    rates = sorted(value["samples_per_second"] for _, _, value in records)
     rate_cap = RATE_FACTOR * rates[(len(rates) - 1) // 2]  # the lower median: one liar of two cannot raise it
-    at_top = sum(1 for v in values if v["epoch"] == top_epoch)
+    at_top = sum(1 for _, _, value in records if value["epoch"] == top_epoch)
     share = math.ceil(target_batch_size / max(at_top, 1))
     cleaned = {}
-    for key, item in records.items():
-        value = dict(_progress(item))
+    for key, item, original in records:
+        value = dict(original)
         value["samples_per_second"] = min(float(value["samples_per_second"]), rate_cap)
         value["samples_accumulated"] = min(value["samples_accumulated"], share)
         # hivemind extrapolates samples + (now - time) * rate: keep that within the share too
         headroom = max(share - value["samples_accumulated"], 0) / max(value["samples_per_second"], 1e-9)
-        value["time"] = float(min(max(value["time"], now - RECORD_LIFETIME, now - headroom), now))
+        value["time"] = float(min(max(value["time"], now - PROGRESS_EXPIRATION, now - headroom), now))
         cleaned[key] = dataclasses.replace(item, value=value)
     return cleaned
 
