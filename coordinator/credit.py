@@ -145,9 +145,9 @@ class Credit(SqliteStore):
         return self.run_epoch() + self.v.epoch_slack
 
     def next_epoch_of(self, peer_id: str) -> int:
-        """The epoch after the last one ``peer_id`` reported (0 before any)."""
-        row = self._read("SELECT MAX(epoch) AS e FROM credit_reports WHERE peer_id=?", (peer_id,))[0]
-        return row["e"] + 1 if row["e"] is not None else 0
+        """The epoch after the last one ``peer_id`` reported (0 before any; coordinator/run_epoch.py)."""
+        with self._lock:
+            return checked_epoch.next_epoch_of(self._db, peer_id)
 
     def run_epoch(self) -> int:
         """The epoch the run has reached as a quorum of peers reported it (coordinator/run_epoch.py)."""

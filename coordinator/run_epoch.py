@@ -83,6 +83,12 @@ def advance(db: sqlite3.Connection, rule: EpochRule, now: float | None = None) -
     return epoch
 
 
+def next_epoch_of(db: sqlite3.Connection, peer_id: str, default: int = 0) -> int:
+    """The epoch after the last one ``peer_id`` reported (``default`` before any)."""
+    row = db.execute("SELECT MAX(epoch) FROM reports WHERE peer_id=?", (peer_id,)).fetchone()
+    return row[0] + 1 if row and row[0] is not None else default
+
+
 def judge_report(db: sqlite3.Connection, rule: EpochRule, peer_id: str, epoch: int) -> Verdict:
     """Whether a report of ``epoch`` by ``peer_id`` is possible, and whether refusing it is evidence."""
     run = current(db)
@@ -90,7 +96,6 @@ def judge_report(db: sqlite3.Connection, rule: EpochRule, peer_id: str, epoch: i
         return Verdict(True, True, f"epoch {epoch} is negative")
     if epoch <= run + rule.slack:
         return Verdict(False, False)
-    row = db.execute("SELECT MAX(epoch) FROM reports WHERE peer_id=?", (peer_id,)).fetchone()
-    own_next = row[0] + 1 if row and row[0] is not None else run
+    own_next = next_epoch_of(db, peer_id, run)
     return Verdict(True, epoch > max(run, own_next) + rule.slack,
                    f"epoch {epoch} is beyond what the run has reached (epoch {run}, at most {rule.slack} ahead)")
