@@ -16,7 +16,8 @@ So before hivemind reads them, records are cleaned:
   the swarm's epoch either (with two peers a liar and a peer really ahead look alike: the max stands);
 - each peer's samples count for at most its fair share of the target (target / peers at that epoch),
   its rate for at most twice the swarm's median rate, and its timestamp is kept recent enough that
-  hivemind's extrapolation stays within that share.
+  hivemind's extrapolation stays within that share;
+- a record of this peer's own that is ahead of its local epoch (left by its previous life) is dropped.
 An honest swarm of equal peers is unchanged by this (a fast peer's surplus samples still train, they
 just do not end the epoch for the others); a liar can at most claim the share of the work it would
 have done honestly. The coordinator bans egregious epoch liars separately (coordinator/auditor.py).
@@ -37,13 +38,34 @@ RATE_FACTOR = 2.0  # a peer's rate counts for at most this multiple of the media
 def guard_swarm_epoch(tracker, epoch_limit: Callable[[], int | None]) -> None:
     """Clean the progress records ``tracker`` parses (a pinned private method of hivemind 1.1.12)."""
     parse = tracker._parse_swarm_progress_data
+    own_id = tracker.dht.peer_id.to_bytes()
 
     def parse_plausible(metadata):
         if isinstance(metadata, dict):
+            metadata = without_own_past(metadata, own_id, tracker.local_progress.epoch)
             metadata = plausible_records(metadata, epoch_limit(), tracker.target_batch_size, time.time())
         return parse(metadata)
 
     tracker._parse_swarm_progress_data = parse_plausible
+    # the tracker read the records once when it was made, unguarded (a restarted peer read the ghost of
+    # its previous life there and went looking for a donor that was itself): read them again, guarded
+    found = tracker.dht.get(tracker.training_progress_key, latest=True)
+    with tracker.lock_global_progress:
+        tracker.global_progress = parse_plausible(getattr(found, "value", None))
+        tracker.fetched_global_progress_this_epoch.set()
+
+
+def without_own_past(metadata: dict, own_id: bytes, local_epoch: int) -> dict:
+    """``metadata`` without a record of this peer's own that is ahead of its local epoch.
+
+    A live peer publishes its record after updating its local progress, so such a record is the
+    ghost of this peer's previous life (killed at epoch 38, restarted from the run's checkpoint at
+    30): hivemind would read it as "the swarm is at 38" and the restarted peer, alone, would wait for
+    a donor that is itself. A record only claiming our id changes nothing we do not know better.
+    """
+    return {key: item for key, item in metadata.items()
+            if not (isinstance(value := getattr(item, "value", None), dict) and value.get("peer_id") == own_id
+                    and isinstance(value.get("epoch"), int) and value["epoch"] > local_epoch)}
 
 
 def plausible_records(metadata: dict, limit: int | None, target_batch_size: int, now: float) -> dict:

@@ -5,9 +5,12 @@ codec every member ends up with the average plus *its own* codec error. For DiLo
 the long run: the anchors of the peers, moved by slightly different averages, drift apart by a random
 walk (with uint8 on digits, ~10% of a pseudo-gradient per round). Here the reducer sends
 ``compress(average)`` (the same bytes to every sender, and decodes the same bytes for its own part),
-and each receiver turns it into the delta hivemind expects (``decoded average - own part``). The wire
-bytes are unchanged; every member's result is the identical decoded average (up to one float
-rounding of ``x + (a - x)``).
+and each member *copies* the decoded average into its tensors. The wire bytes are unchanged; every
+member's result is the identical decoded average, bit for bit. (hivemind adds a delta, ``x + (a - x)``,
+which rounds differently on each member wherever ``a`` and ``x`` are far apart: DiLoCo anchors then
+differed by an ulp between peers, and an auditor replaying one peer's phase from another's anchor saw
+Adam amplify that to a 1.6% gradient error and failed an honest peer. A part whose reducer failed
+keeps the member's own value, as in hivemind.)
 
 Each reducer aggregates its part with the run's robust rule (peer.robust_reducer), and, on averagers
 that attest (sync gradients, DiLoCo deltas), every member writes what it sent and received as
@@ -43,6 +46,8 @@ class SameResultAllReduceRunner(AllReduceRunner):
     def __init__(self, *args, rule: AveragingRule, attestations: Attestations | None = None,
                  sender_epochs: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        # outputs are results, not deltas: a failed reducer's parts come back as our own values
+        self.tensor_part_container.return_deltas = False
         # the raw (uncompressed) local parts each reducer averages, to turn received averages into deltas
         self._raw_parts_by_peer = [
             tuple(part for part, _ in parts) for parts in self.tensor_part_container._input_parts_by_peer
@@ -67,8 +72,8 @@ class SameResultAllReduceRunner(AllReduceRunner):
             hivemind_reducer.part_shapes, hivemind_reducer.num_senders, rule, keep_parts=attestations is not None)
 
     async def run(self):
-        async for delta in super().run():
-            yield delta
+        async for result in super().run():
+            yield result
         if self.attestations is not None:  # a completed round: write what this member sent and received
             try:
                 await asyncio.get_event_loop().run_in_executor(None, self._write_records)
@@ -124,7 +129,7 @@ class SameResultAllReduceRunner(AllReduceRunner):
                 # decode the very bytes the other senders receive for this part
                 decoded = await loop.run_in_executor(None, lambda: deserialize_torch_tensor(
                     serialize_torch_tensor(averaged_part, self._compression_type)))
-                self.tensor_part_container.register_processed_part(peer_index, part_index, decoded - tensor_part)
+                self.tensor_part_container.register_processed_part(peer_index, part_index, decoded)
             return
         try:
             done_sending = asyncio.Event()
@@ -146,8 +151,7 @@ class SameResultAllReduceRunner(AllReduceRunner):
                 if part_index >= len(raw_parts) or averaged.shape != raw_parts[part_index].shape:
                     raise AllreduceException(f"{peer_id} sent an unexpected part #{part_index}")
                 self._check_returned(peer_id, part_index, averaged, raw_parts[part_index])
-                self.tensor_part_container.register_processed_part(
-                    peer_index, part_index, averaged - raw_parts[part_index])
+                self.tensor_part_container.register_processed_part(peer_index, part_index, averaged)
                 part_index += 1
             if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
                 raise AllreduceException(f"peer {peer_id} sent {part_index} parts, but we expected "
@@ -202,8 +206,11 @@ async def run_allreduce_inplace(averager, tensors, group_info, group_id=None, *,
     assert group_id in averager._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
     averager._running_groups[group_id].set_result(runner)
     if runner.modes[group_info.peer_ids.index(averager.peer_id)] != AveragingMode.AUX:
-        async for tensor, update in azip(as_aiter(*tensors), runner):
-            tensor.add_(update, alpha=averager._averaging_alpha)
+        async for tensor, result in azip(as_aiter(*tensors), runner):
+            if averager._averaging_alpha == 1.0:
+                tensor.copy_(result)  # the decoded average itself: the same bits on every member
+            else:
+                tensor.lerp_(result.to(tensor.dtype), averager._averaging_alpha)
             averager.last_updated = get_dht_time()
             averager._state_updated.set()
     else:

@@ -165,7 +165,10 @@ def test_no_donor_left_ends_with_one_error_line(procs, tmp_path):
                  coordinator.token, *pin(coordinator.address), "--data-dir", str(data_dir), "--threads", "1",
                  "--progress", "plain"], tmp_path / "late.log")
     procs.append(late)
-    wait_until(lambda: serving_since(tmp_path / "d1", asked), 120, "the donor to start sending its state")
+    # the late peer must ask the donor; if it ends or trains instead, its log says why
+    wait_until(lambda: serving_since(tmp_path / "d1", asked) or late.popen.poll() is not None
+               or epochs_reported(data_dir), 120, "the donor to start sending its state")
+    assert serving_since(tmp_path / "d1", asked), f"the late peer never asked the donor:\n{late.log()[-3000:]}"
     donor.kill()
     assert late.wait(20 + 120) == 2, late.log()[-3000:]
     log = late.log()

@@ -81,3 +81,14 @@ def test_malformed_records_are_dropped():
     nan = record("nan", 3, 64, rate=float("nan"))
     view = tracker_view({**honest(2), "bad": bad, "nan": nan})
     assert view.num_peers == 2
+
+
+def test_a_record_of_our_own_previous_life_does_not_put_us_behind():
+    from peer.progress_guard import without_own_past
+
+    ghost = {"ghost": record("me", 38, 0)}  # this peer, killed at 38, restarted from a checkpoint at 30
+    assert without_own_past(ghost, b"me", local_epoch=30) == {}
+    assert tracker_view(without_own_past(ghost, b"me", local_epoch=30), local_epoch=30).epoch == 30
+    # another peer's record ahead, and our own record at our epoch, stay
+    kept = {**ghost, "other": record("other", 38, 0), "now": record("me", 30, 64)}
+    assert set(without_own_past(kept, b"me", local_epoch=30)) == {"other", "now"}
