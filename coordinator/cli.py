@@ -196,16 +196,23 @@ def _print_rows(format: TableOrJson, title: str, rows: list[dict], columns: list
         _table(title, rows, columns)
 
 
+PASTED_COLUMNS = {"id", "peer", "org", "name"}
+
+
 def _table(title: str, rows: list[dict], columns: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
     for column in columns:
-        table.add_column(column)
+        # what a person pastes into another command (an id, a name) is never cut or wrapped
+        whole = column in PASTED_COLUMNS
+        width = max([len(str(row[column])) for row in rows if row[column] is not None], default=0)
+        table.add_column(column, no_wrap=whole, min_width=width if whole else None)
     for row in rows:
         table.add_row(*("" if row[c] is None else str(row[c]) for c in columns))
-    Console().print(table)
+    console = Console()
+    Console(width=max(console.width, 200) if not console.is_terminal else None).print(table)
 
 
 @app.command("status")

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import shlex
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -195,7 +196,7 @@ class Ledger(SqliteStore):
         with self._write() as db:
             row = db.execute("SELECT removed FROM orgs WHERE name=?", (org,)).fetchone()
             if row is None or row["removed"] is not None:
-                raise UserError(f"unknown org {org!r}; add it first with 'coordinator org add {org}'")
+                raise UserError(f"unknown org {org!r}; add it first with: coordinator org add {shlex.quote(org)}")
             db.execute(
                 "INSERT INTO tokens (id, org, created, expires, max_peers) VALUES (?, ?, ?, ?, ?)",
                 (token_id, org, time.time(), expires, max_peers),
@@ -300,7 +301,7 @@ class Ledger(SqliteStore):
                     raise LedgerError(
                         "RESOURCE_EXHAUSTED",
                         f"org '{org['name']}' already has {active} active peers, its quota; stop one of them or "
-                        f"ask the operator to raise it (coordinator org add '{org['name']}' --max-peers N)",
+                        f"ask the operator to raise it (coordinator org add {shlex.quote(org['name'])} --max-peers N)",
                     )
             if live_within > 0:
                 self._refuse_live_copy(db, peer_id, hivemind_peer_id, now, live_within)

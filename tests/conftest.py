@@ -72,6 +72,18 @@ class Proc:
             raise AssertionError(f"{self.args[:2]} did not exit within {timeout:.0f}s; log:\n{self.log()[-3000:]}")
 
 
+# Two tiers. The full tier (what `.ci/run` and the README's test command run) is everything. The fast
+# tier, for the inner loop, leaves out every test that starts a swarm or a server: run it with
+# `bash tests/run.sh -m "not swarm"` (a few minutes on 2 cores).
+PROCESS_FIXTURES = {"procs", "coordinator", "swarm"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("swarm"):
+            item.add_marker(pytest.mark.swarm)
+
+
 @pytest.fixture
 def procs():
     started: list[Proc] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import stat
@@ -10,7 +11,7 @@ import subprocess
 
 import pytest
 
-from conftest import DIGITS_RUN, cli, pin, start_coordinator, write_run
+from conftest import BIN, DIGITS_RUN, cli, pin, start_coordinator, write_run
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -150,9 +151,10 @@ def test_org_add_bad_name(coordinator):
 
 @pytest.mark.parametrize("args, fragments", [
     (("--org", "nobody"), ("unknown org", "org add nobody")),
+    (("--org", "Zeta Lab"), ("unknown org", "coordinator org add 'Zeta Lab'")),  # pasteable as printed
     (("--org", "default", "--expires", "soon"), ("--expires", "'soon'")),
     (("--org", "default", "--max-peers", "-1"), ("--max-peers",)),
-], ids=["unknown-org", "bad-expiry", "negative-max-peers"])
+], ids=["unknown-org", "unknown-org-with-space", "bad-expiry", "negative-max-peers"])
 def test_token_issue_refused(coordinator, args, fragments):
     before = cli("coordinator", "token", "list", "--data-dir", str(coordinator.data_dir), "--format", "json").stdout
     result = cli("coordinator", "token", "issue", *args, "--data-dir", str(coordinator.data_dir))
@@ -195,3 +197,17 @@ def test_peer_id_is_stable_and_key_private(tmp_path):
     assert mode == 0o600, oct(mode)
     other = cli("peer", "id", "--data-dir", str(tmp_path / "other"))
     assert other.stdout != first.stdout, "two data dirs got the same identity"
+
+
+def test_token_list_shows_whole_ids_at_80_columns(coordinator):
+    """`token revoke` needs the whole id: the table never cuts it, whatever the width."""
+    org = "The Northern Universities Consortium for Volunteer Computing"
+    assert cli("coordinator", "org", "add", org, "--data-dir", str(coordinator.data_dir)).returncode == 0
+    assert cli("coordinator", "token", "issue", "--org", org, "--data-dir", str(coordinator.data_dir)).returncode == 0
+    tokens = json.loads(cli("coordinator", "token", "list", "--data-dir", str(coordinator.data_dir),
+                            "--format", "json").stdout)
+    table = subprocess.run([str(BIN / "coordinator"), "token", "list", "--data-dir", str(coordinator.data_dir)],
+                           capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "80"})
+    assert table.returncode == 0, table.stderr
+    for token in tokens:
+        assert token["id"] in table.stdout, table.stdout
