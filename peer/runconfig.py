@@ -124,7 +124,9 @@ _SCHEMA: dict[str, dict[str, tuple[type, object]]] = {
         "aggregator": (str, AveragingConfig.aggregator),
         "tau": (float, AveragingConfig.tau),
     },
-    "security": {"access_token_ttl": (float, 300.0)},
+    # 2 h: the swarm keeps averaging through a coordinator outage of at least half of it (tokens are
+    # renewed at half-life); evictions do not wait for expiry, they go through the deny list
+    "security": {"access_token_ttl": (float, 7200.0)},
     "verification": {f.name: (type(f.default), f.default) for f in fields(VerificationConfig)},
 }
 

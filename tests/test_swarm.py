@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import time
 
 import torch
 
 from conftest import (
-    epochs_reported, events, load_model, start_coordinator, start_peer, wait_until, write_run,
+    cli, epochs_reported, events, load_model, start_coordinator, start_peer, wait_until, write_run,
 )
 from coordinator.ledger import Ledger
 from examples.digits import TASK
@@ -153,3 +155,55 @@ def test_max_epochs_leaves_after_that_many_epochs(procs, tmp_path):
         assert len(epochs_reported(tmp_path / name)) == 3
         assert [e["reason"] for e in events(tmp_path / name) if e["event"] == "left"] == ["3 epochs done"]
     assert_same_parameters(load_model(tmp_path / "a"), load_model(tmp_path / "b"))
+
+
+def averaged_since(data_dir, since: float) -> int:
+    """All-reduce rounds this peer completed with a partner after `since` (its attestation records)."""
+    path = data_dir / "attestations.jsonl"
+    if not path.exists():
+        return 0
+    groups = set()
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line being written
+        if record.get("time", 0) > since:
+            groups.add(record.get("group"))
+    return len(groups)
+
+
+OUTAGE = 45.0  # seconds the coordinator stays down (the default access token lives 2 hours)
+
+
+def test_a_coordinator_outage_does_not_stop_averaging_and_evictions_work_after_it(procs, tmp_path):
+    run = write_run(tmp_path / "run.toml", epochs=0)  # default [security]: the token outlives the outage
+    coordinator = start_coordinator(procs, tmp_path / "c", run)
+    partner_token = coordinator.issue_token("acme")
+    stayer = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "a")
+    partner = start_peer(procs, coordinator.address, partner_token, tmp_path / "b")
+    peer_dirs = [tmp_path / "a", tmp_path / "b"]
+    wait_until(lambda: all(len(epochs_reported(d)) >= 2 for d in peer_dirs), 120, "both peers to train 2 epochs")
+
+    coordinator.proc.signal_group(signal.SIGKILL)
+    coordinator.proc.wait(10)
+    down = time.time()
+    # well into the outage, both peers still complete all-reduce rounds together
+    wait_until(lambda: time.time() > down + OUTAGE - 15 and all(averaged_since(d, down + OUTAGE - 15) for d in peer_dirs),
+               OUTAGE + 60, "both peers to average together late in the coordinator's outage")
+    assert stayer.popen.poll() is None and partner.popen.poll() is None
+    time.sleep(max(0.0, down + OUTAGE - time.time()))  # the fault's length, not a synchronisation
+
+    port = int(coordinator.address.rsplit(":", 1)[1])
+    restarted = start_coordinator(procs, tmp_path / "c", run, port=port, name="coordinator-restarted")
+    wait_until(lambda: sum(p["alive"] for p in restarted.status()["peers"]) == 2, 60, "both peers seen again")
+    # an eviction once the coordinator is back takes effect as before the outage
+    tokens = json.loads(cli("coordinator", "token", "list", "--data-dir", str(restarted.data_dir),
+                            "--format", "json").stdout)
+    partner_token_id = next(t["id"] for t in tokens if t["org"] == "acme")
+    assert cli("coordinator", "token", "revoke", partner_token_id, "--data-dir", str(restarted.data_dir)).returncode == 0
+    revoked = time.time()
+    assert partner.wait(60) == 3, partner.log()
+    wait_until(lambda: any(e["event"] == "epoch" and e["time"] > revoked for e in events(tmp_path / "a")), 120,
+               "the stayer to train on after the eviction")
+    assert stayer.popen.poll() is None
