@@ -10,7 +10,7 @@ member's result is the identical decoded average, bit for bit. (hivemind adds a 
 which rounds differently on each member wherever ``a`` and ``x`` are far apart: DiLoCo anchors then
 differed by an ulp between peers, and an auditor replaying one peer's phase from another's anchor saw
 Adam amplify that to a 1.6% gradient error and failed an honest peer. A part whose reducer failed
-keeps the member's own value, as in hivemind.)
+fails the round: hivemind would silently apply a partial average.)
 
 Each reducer aggregates its part with the run's robust rule (peer.robust_reducer), and, on averagers
 that attest (sync gradients, DiLoCo deltas), every member writes what it sent and received as
@@ -206,13 +206,21 @@ async def run_allreduce_inplace(averager, tensors, group_info, group_id=None, *,
     assert group_id in averager._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
     averager._running_groups[group_id].set_result(runner)
     if runner.modes[group_info.peer_ids.index(averager.peer_id)] != AveragingMode.AUX:
-        async for tensor, result in azip(as_aiter(*tensors), runner):
+        results = [(tensor, result) async for tensor, result in azip(as_aiter(*tensors), runner)]
+        failed = runner.tensor_part_container.failed_size
+        if failed:
+            # hivemind would apply the average with our own values in the parts a failed reducer
+            # dropped: a silent partial result, different on every member. The round fails instead
+            # (a sync peer then steps on its own gradients; DiLoCo keeps its local progress).
+            raise AllreduceException(f"{failed} of {runner.tensor_part_container.total_size} values came back "
+                                     f"from no reducer: the partial average is not applied")
+        for tensor, result in results:
             if averager._averaging_alpha == 1.0:
                 tensor.copy_(result)  # the decoded average itself: the same bits on every member
             else:
                 tensor.lerp_(result.to(tensor.dtype), averager._averaging_alpha)
-            averager.last_updated = get_dht_time()
-            averager._state_updated.set()
+        averager.last_updated = get_dht_time()
+        averager._state_updated.set()
     else:
         async for _ in runner:
             raise ValueError("aux peers should not receive averaged tensors")

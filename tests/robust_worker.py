@@ -1,13 +1,15 @@
 """One member of a real all-reduce for tests/test_robust.py, run as its own OS process.
 
-    python tests/robust_worker.py ROLE WORKDIR GROUP AGGREGATOR CODEC SCALE [LYING_REDUCER]
+    python tests/robust_worker.py ROLE WORKDIR GROUP AGGREGATOR CODEC SCALE [REDUCER]
 
 Member "a" starts the DHT and writes its address to WORKDIR/a.maddrs; the others join it. Each holds
 the known vector ``known_vector(ROLE)`` times SCALE (a poisoner is an honest member with SCALE -10),
 averages it once in a group of GROUP through potluck's averager (peer.averagers.PotluckAveraging:
 robust rule, attestation records in WORKDIR/ROLE/), and writes the result to WORKDIR/ROLE.json.
-With LYING_REDUCER = 1, the member's reducer returns -10 x its robust result to everyone (the
-product's ``peer.robust_reducer.aggregate`` wrapped in this process only).
+With REDUCER = 1, the member's reducer returns -10 x its robust result to everyone (the
+product's ``peer.robust_reducer.aggregate`` wrapped in this process only); with REDUCER = drop, it
+returns the first averaged part to each sender and then closes the stream (the runner's own
+``_accumulate_parts_streaming`` wrapped), and the member records the round's error if it fails.
 """
 
 from __future__ import annotations
@@ -48,10 +50,25 @@ def lie_as_reducer() -> None:
     peer.robust_reducer.aggregate = lying
 
 
-def main(role: str, workdir: Path, group: int, aggregator: str, codec: str, scale: float, lie: bool = False) -> None:
+def drop_as_reducer() -> None:
+    from peer.same_result_allreduce import SameResultAllReduceRunner
+
+    real = SameResultAllReduceRunner._accumulate_parts_streaming
+
+    async def dropping(self, stream, sender_index):
+        async for message in real(self, stream, sender_index):
+            yield message
+            return  # one averaged part, then this reducer goes silent
+
+    SameResultAllReduceRunner._accumulate_parts_streaming = dropping
+
+
+def main(role: str, workdir: Path, group: int, aggregator: str, codec: str, scale: float, reducer: str = "") -> None:
     torch.set_num_threads(1)
-    if lie:
+    if reducer == "1":
         lie_as_reducer()
+    if reducer == "drop":
+        drop_as_reducer()
     from hivemind.averaging import DecentralizedAverager
 
     from peer.attestations import Attestations
@@ -75,9 +92,13 @@ def main(role: str, workdir: Path, group: int, aggregator: str, codec: str, scal
         target_group_size=group, min_group_size=group, min_matchmaking_time=3.0, request_timeout=1.0,
         allreduce_timeout=30, next_chunk_timeout=10,
     )
-    gathered = averager.step(gather={"epoch": EPOCH}, timeout=60)
+    error = ""
+    try:
+        gathered = averager.step(gather={"epoch": EPOCH}, timeout=60, allow_retries=False)
+    except Exception as failure:  # a round that failed (e.g. a dropped part): the values must be unchanged
+        gathered, error = None, f"{type(failure).__name__}: {failure}"
     with averager.get_tensors() as result:
-        out = {"group": len(gathered or {}), "peer_id": dht.peer_id.to_base58(),
+        out = {"group": len(gathered or {}), "peer_id": dht.peer_id.to_base58(), "error": error,
                "sent": [t.reshape(-1).tolist() for t in tensors],
                "result": [t.reshape(-1).tolist() for t in result]}
     (workdir / f"{role}.json").write_text(json.dumps(out))
@@ -88,4 +109,4 @@ def main(role: str, workdir: Path, group: int, aggregator: str, codec: str, scal
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], float(sys.argv[6]),
-         len(sys.argv) > 7 and sys.argv[7] == "1")
+         sys.argv[7] if len(sys.argv) > 7 else "")

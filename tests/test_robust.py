@@ -158,12 +158,13 @@ def test_reducer_waits_for_every_sender_and_handles_a_failed_one():
 # -- a real all-reduce: values and attestation records ------------------------------------------------
 
 def run_group(procs, workdir: Path, roles: str, aggregator: str, codec: str = "none", poisoner: str = "",
-              liar: str = ""):
+              liar: str = "", dropper: str = ""):
     workdir.mkdir(parents=True)
     for role in roles:
         scale = -10.0 if role == poisoner else 1.0
         procs.append(Proc([sys.executable, str(ROOT / "tests" / "robust_worker.py"), role, str(workdir),
-                           str(len(roles)), aggregator, codec, str(scale), str(int(role == liar))],
+                           str(len(roles)), aggregator, codec, str(scale),
+                           "drop" if role == dropper else str(int(role == liar))],
                           workdir / f"{role}.log"))
     results = {}
     for role in roles:
@@ -181,11 +182,10 @@ def test_three_members_records_agree_and_sum_to_each_senders_sketch(procs, tmp_p
 
     results = run_group(procs, tmp_path / "w", "abc", "centered_clip")
     assert all(r["group"] == 3 for r in results.values())
-    # averaging happened: every member holds the same values (up to the rounding of x + (a - x)),
-    # different from what it sent
+    # averaging happened: every member holds the same values, bit for bit, different from what it sent
     first = torch.tensor(results["a"]["result"][0])
     for r in results.values():
-        torch.testing.assert_close(torch.tensor(r["result"][0]), first, rtol=0, atol=1e-6)
+        assert r["result"] == results["a"]["result"]
     assert not torch.allclose(first, torch.tensor(results["a"]["sent"][0]))
     records = {role: read_records(tmp_path / "w" / role) for role in "abc"}
     ids = {role: results[role]["peer_id"] for role in "abc"}
@@ -248,6 +248,15 @@ def test_a_lying_reducer_is_recorded_by_the_members_it_lied_to(procs, tmp_path):
         assert evidence and {e["reducer"] for e in evidence} == {liar}, evidence
         assert all(e["distance"] > 5 * e["own_norm"] and e["kind"] == "grad" for e in evidence)
     assert not (tmp_path / "w" / "c" / REDUCER_EVIDENCE_FILE).exists()  # honest reducers a and b: no evidence
+
+
+def test_a_round_with_a_dropped_part_fails_and_changes_nothing(procs, tmp_path):
+    """A reducer that goes silent after one part: hivemind would apply the average with the members' own
+    values in the missing parts; potluck's runner fails the round and leaves every tensor as it was."""
+    results = run_group(procs, tmp_path / "w", "abc", "centered_clip", dropper="c")
+    for role in "ab":
+        assert "partial average is not applied" in results[role]["error"], results[role]
+        assert results[role]["result"] == results[role]["sent"], "a partial average was applied"
 
 
 def read_records_of(data_dir: Path) -> list[dict]:
