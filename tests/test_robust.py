@@ -324,9 +324,20 @@ def test_one_poisoner_of_four_cannot_wreck_the_robust_average(procs, tmp_path):
     received = [r for name in ("h1", "h2", "h3") for r in read_records(tmp_path / "robust" / name)
                 if r["role"] == "received" and r["kind"] == "grad"]
     assert received, "no attestation records"
-    from_bad = [r for r in received if r["sender"] == bad_id]
-    assert from_bad and sum(r["clipped"] for r in from_bad) >= 0.9 * len(from_bad)
-    assert max(r["score"] for r in received if r["sender"] != bad_id) < min(r["score"] for r in from_bad)
+    # judged where a rule can tell: parts reduced over 3+ senders, the poisoner among them (it may also
+    # land in a group of 2, and it is banned by the binding check within a few epochs)
+    senders = {}
+    for r in received:
+        senders.setdefault((r["group"], r["reducer"]), set()).add(r["sender"])
+    judged = [r for r in received if bad_id in senders[(r["group"], r["reducer"])]
+              and len(senders[(r["group"], r["reducer"])]) >= 3]
+    from_bad = [r for r in judged if r["sender"] == bad_id]
+    assert from_bad, "the poisoner was never in a part reduced over 3 or more senders"
+    assert all(r["clipped"] for r in from_bad), from_bad
+    for bad in from_bad:
+        honest = [r["score"] for r in judged if (r["group"], r["reducer"]) == (bad["group"], bad["reducer"])
+                  and r["sender"] != bad_id]
+        assert max(honest) < bad["score"], (honest, bad)
 
 
 def test_benchmark_summary_names_each_goal():
