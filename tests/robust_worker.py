@@ -8,8 +8,8 @@ averages it once in a group of GROUP through potluck's averager (peer.averagers.
 robust rule, attestation records in WORKDIR/ROLE/), and writes the result to WORKDIR/ROLE.json.
 With REDUCER = 1, the member's reducer returns -10 x its robust result to everyone (the
 product's ``peer.robust_reducer.aggregate`` wrapped in this process only); with REDUCER = drop, it
-returns the first averaged part to each sender and then closes the stream (the runner's own
-``_accumulate_parts_streaming`` wrapped), and the member records the round's error if it fails.
+returns no averaged part to the other senders (the runner's own ``_accumulate_parts_streaming``
+wrapped), the round is tried once, and each member records the round's error if it fails.
 """
 
 from __future__ import annotations
@@ -53,12 +53,9 @@ def lie_as_reducer() -> None:
 def drop_as_reducer() -> None:
     from peer.same_result_allreduce import SameResultAllReduceRunner
 
-    real = SameResultAllReduceRunner._accumulate_parts_streaming
-
     async def dropping(self, stream, sender_index):
-        async for message in real(self, stream, sender_index):
-            yield message
-            return  # one averaged part, then this reducer goes silent
+        return  # the others' parts of this reducer never come back
+        yield  # (an async generator, as the runner expects)
 
     SameResultAllReduceRunner._accumulate_parts_streaming = dropping
 
@@ -94,14 +91,15 @@ def main(role: str, workdir: Path, group: int, aggregator: str, codec: str, scal
     )
     error = ""
     try:
-        gathered = averager.step(gather={"epoch": EPOCH}, timeout=60, allow_retries=False)
+        gathered = averager.step(gather={"epoch": EPOCH}, timeout=60, allow_retries=reducer != "drop")
     except Exception as failure:  # a round that failed (e.g. a dropped part): the values must be unchanged
         gathered, error = None, f"{type(failure).__name__}: {failure}"
     with averager.get_tensors() as result:
         out = {"group": len(gathered or {}), "peer_id": dht.peer_id.to_base58(), "error": error,
                "sent": [t.reshape(-1).tolist() for t in tensors],
                "result": [t.reshape(-1).tolist() for t in result]}
-    (workdir / f"{role}.json").write_text(json.dumps(out))
+    (workdir / f".{role}.json").write_text(json.dumps(out))
+    (workdir / f".{role}.json").rename(workdir / f"{role}.json")  # whole, or not there yet
     wait_for_done(workdir)
     averager.shutdown()
     dht.shutdown()
