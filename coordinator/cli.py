@@ -72,16 +72,20 @@ def serve_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
 ):
     """Start the coordinator: ledger, swarm bootstrap and gRPC service (TLS); prints the join command."""
+    from coordinator.serve_checks import check_serve_args
+
+    # the cheap refusals first: torch, hivemind and gRPC take seconds to import
+    check_serve_args(run, data_dir, host, {"--port": port, "--dht-port": dht_port,
+                                           "--dashboard-port": dashboard_port if dashboard else 0},
+                     insecure, cert, key)
     from coordinator.server import Transport, serve
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(message)s")
-    if insecure and (cert or key):
-        raise UserError("--insecure and --cert/--key contradict each other; pick one")
     serve(run, data_dir, host, port, dht_port, Transport(insecure, cert, key), dashboard_port if dashboard else None)
 
 
 def _signing_key(data_dir: Path):
-    from coordinator.server import KEY_FILE
+    from coordinator.serve_info import KEY_FILE
     from peer.identity import load_or_create_identity
 
     if not (Path(data_dir) / KEY_FILE).exists():
@@ -99,7 +103,7 @@ def token_issue(
 ):
     """Print a new signed join token for an organization."""
     from coordinator import tokens
-    from coordinator.server import join_command, read_info
+    from coordinator.serve_info import join_command, read_info
 
     try:
         ttl = tokens.parse_duration(expires)
