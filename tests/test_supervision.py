@@ -158,3 +158,66 @@ def test_a_second_auditor_waits_until_the_first_is_gone(tmp_path):
             if proc is not None:
                 proc.kill()
                 proc.wait()
+
+
+# --- the supervisor's parts on small real processes (no torch, a few seconds) ----------------------
+
+CHILD = textwrap.dedent("""
+    import multiprocessing, os, signal, sys, threading
+    from coordinator.supervisor import die_with_parent
+    die_with_parent()
+    if sys.argv[1] == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a child whose clean stop hangs
+    fork = multiprocessing.get_context("fork").Process(target=threading.Event().wait, daemon=True)
+    fork.start()  # stands for hivemind's DHT process
+    print(os.getpid(), fork.pid, flush=True)
+    threading.Event().wait()
+""")
+
+PARENT = textwrap.dedent("""
+    import sys, threading
+    from coordinator.supervisor import Supervisor
+    supervisor = Supervisor()
+    supervisor.start("child", [sys.executable, "-c", sys.argv[1], sys.argv[2]], grace=1.0)
+    threading.Event().wait()
+""")
+
+
+def _tree_of_a_supervised_child(mode: str) -> tuple[subprocess.Popen, dict[int, str]]:
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, mode], stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT)
+    pids = [int(pid) for pid in parent.stdout.readline().split()]
+    assert len(pids) == 2, pids
+    return parent, {pid: _stat(pid)[19] for pid in pids}
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("mode", ["plain", "stubborn"])
+def test_a_supervised_child_and_its_forks_die_with_a_killed_parent(mode):
+    """The death signal ends a plain child at once; a child that ignores it is ended by its parent-pid
+    check after HARD_EXIT_GRACE; either way its fork (SIGKILL on its forker's death) goes too."""
+    parent, tree = _tree_of_a_supervised_child(mode)
+    try:
+        assert all(_alive(pid, started) for pid, started in tree.items())
+        parent.kill()  # kill -9: no teardown runs
+        parent.wait()
+        assert_all_gone(tree, timeout=40)
+    finally:
+        for pid, started in tree.items():
+            if _alive(pid, started):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(60)
+def test_stop_kills_a_child_that_ignores_sigterm_after_its_grace(tmp_path):
+    from coordinator.supervisor import Supervisor
+
+    ready = tmp_path / "ready"
+    supervisor = Supervisor()
+    child = supervisor.start("stubborn", [sys.executable, "-c", "import pathlib, signal, sys, time; "
+                                          "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                                          "pathlib.Path(sys.argv[1]).touch(); time.sleep(600)", str(ready)], grace=1.0)
+    wait_until(ready.exists, 30, "the child to ignore SIGTERM")
+    supervisor.stop()
+    assert child.returncode == -signal.SIGKILL
+    supervisor.stop()  # a second stop (two exits of one ExitStack path) is harmless
