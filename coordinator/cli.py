@@ -170,9 +170,9 @@ def org_list(
     format: Annotated[TableOrJson, typer.Option("--format")] = TableOrJson.table,
 ):
     """List organizations with their quota, peers, active tokens and strikes (one per banned peer)."""
+    ledger = Ledger.open_existing(data_dir)  # first: a wrong --data-dir answers before torch loads
     from coordinator.credit import org_strikes
 
-    ledger = Ledger.open_existing(data_dir)
     strikes = org_strikes(ledger.query)
     rows = [
         {"name": o["name"], "created": _when(o["created"]), "max_peers": o["max_peers"], "peers": o["peers"],
@@ -268,10 +268,10 @@ def ledger_verify(data_dir: DataDir = DEFAULT_DATA_DIR):
 
 def open_credit(data_dir: Path):
     """The credit tables of an existing ledger (the run's [verification] settings come from its meta)."""
+    ledger = Ledger.open_existing(data_dir)  # first: a wrong --data-dir answers before torch loads
     from coordinator.credit import Credit
     from peer.runconfig import VerificationConfig
 
-    ledger = Ledger.open_existing(data_dir)
     verification = VerificationConfig(**json.loads(ledger.meta("verification") or "{}"))
     return Credit(ledger.path, verification, ledger.meta("run_id") or "")
 

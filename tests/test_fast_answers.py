@@ -111,7 +111,8 @@ def test_a_data_dir_in_use_answers_at_once(tmp_path):
         serve(data_dir, says=("already serving",))
 
 
-def test_coordinator_commands_without_a_ledger_answer_at_once(tmp_path):
-    assert_fast_error("coordinator", "token", "issue", "--org", "x", "--data-dir", str(tmp_path / "none"),
-                      says=("no coordinator ledger",))
-    assert_fast_error("coordinator", "status", "--data-dir", str(tmp_path / "none"), says=("no coordinator ledger",))
+@pytest.mark.parametrize("command", [["token", "issue", "--org", "x"], ["token", "list"], ["status"], ["ledger"],
+                                     ["ledger", "verify"], ["org", "list"], ["org", "add", "x"], ["report", "--org", "x"]])
+def test_coordinator_commands_without_a_ledger_answer_at_once(tmp_path, command):
+    assert_fast_error("coordinator", *command, "--data-dir", str(tmp_path / "none"), says=("no coordinator ledger",))
+    assert not (tmp_path / "none").exists()
