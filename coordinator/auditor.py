@@ -40,6 +40,7 @@ from peer.sketch import Sketch, count_sketch, parameter_seed
 log = logging.getLogger("potluck.auditor")
 
 POLL = 0.3  # seconds between looks at the swarm and the ledger
+AUDITOR_LOCK = "auditor.lock"  # in the data dir: held by the one auditor of its ledger for its lifetime
 REPORT_QUORUM_WAIT = 20.0  # seconds a lone report waits for peers' reports of its epoch (snapshot check)
 QUIET_BEFORE_FINAL_SETTLEMENT = 5.0
 MAX_SNAPSHOTS = 64
@@ -394,15 +395,27 @@ def main() -> None:
     import sys
     import threading
 
+    from coordinator.supervisor import die_with_parent, hold_exclusive_lock
+
+    die_with_parent()  # a kill -9 of serve ends this process too
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s auditor %(message)s")
     os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
-    import torch
-
-    torch.set_num_threads(1)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    run_auditor(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:], stop)
+    # one auditor per ledger, whatever happened to an earlier serve: held until this process exits
+    lock = hold_exclusive_lock(Path(sys.argv[2]) / AUDITOR_LOCK, "auditor", stop)
+    if lock is None:
+        return
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        run_auditor(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:], stop)
+    except Exception:
+        if not stop.is_set():
+            raise
+        # told to stop while starting (serve stopped or died): its swarm may be gone, so the error is moot
 
 
 if __name__ == "__main__":

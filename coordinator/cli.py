@@ -72,16 +72,20 @@ def serve_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request.")] = False,
 ):
     """Start the coordinator: ledger, swarm bootstrap and gRPC service (TLS); prints the join command."""
+    from coordinator.serve_checks import check_serve_args
+
+    # the cheap refusals first: torch, hivemind and gRPC take seconds to import
+    check_serve_args(run, data_dir, host, {"--port": port, "--dht-port": dht_port,
+                                           "--dashboard-port": dashboard_port if dashboard else 0},
+                     insecure, cert, key)
     from coordinator.server import Transport, serve
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(message)s")
-    if insecure and (cert or key):
-        raise UserError("--insecure and --cert/--key contradict each other; pick one")
     serve(run, data_dir, host, port, dht_port, Transport(insecure, cert, key), dashboard_port if dashboard else None)
 
 
 def _signing_key(data_dir: Path):
-    from coordinator.server import KEY_FILE
+    from coordinator.serve_info import KEY_FILE
     from peer.identity import load_or_create_identity
 
     if not (Path(data_dir) / KEY_FILE).exists():
@@ -99,7 +103,7 @@ def token_issue(
 ):
     """Print a new signed join token for an organization."""
     from coordinator import tokens
-    from coordinator.server import join_command, read_info
+    from coordinator.serve_info import join_command, read_info
 
     try:
         ttl = tokens.parse_duration(expires)
@@ -166,9 +170,9 @@ def org_list(
     format: Annotated[TableOrJson, typer.Option("--format")] = TableOrJson.table,
 ):
     """List organizations with their quota, peers, active tokens and strikes (one per banned peer)."""
+    ledger = Ledger.open_existing(data_dir)  # first: a wrong --data-dir answers before torch loads
     from coordinator.credit import org_strikes
 
-    ledger = Ledger.open_existing(data_dir)
     strikes = org_strikes(ledger.query)
     rows = [
         {"name": o["name"], "created": _when(o["created"]), "max_peers": o["max_peers"], "peers": o["peers"],
@@ -271,10 +275,10 @@ def ledger_verify(data_dir: DataDir = DEFAULT_DATA_DIR):
 
 def open_credit(data_dir: Path):
     """The credit tables of an existing ledger (the run's [verification] settings come from its meta)."""
+    ledger = Ledger.open_existing(data_dir)  # first: a wrong --data-dir answers before torch loads
     from coordinator.credit import Credit
     from peer.runconfig import VerificationConfig
 
-    ledger = Ledger.open_existing(data_dir)
     verification = VerificationConfig(**json.loads(ledger.meta("verification") or "{}"))
     return Credit(ledger.path, verification, ledger.meta("run_id") or "")
 

@@ -81,6 +81,9 @@ def run_observer(run_path: Path, data_dir: Path, initial_peers: list[str], host:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from coordinator.supervisor import die_with_parent
+
+    die_with_parent()  # a kill -9 of serve ends this process too
     parser = argparse.ArgumentParser(prog="python -m coordinator.observer", description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--data-dir", type=Path, required=True)

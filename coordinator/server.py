@@ -1,21 +1,22 @@
 """`coordinator serve`: the ledger, the swarm's bootstrap DHT node and the gRPC service in one process.
 
 Start order matters: the hivemind DHT forks its own process, so it starts before any gRPC
-machinery exists in this process (gRPC and fork do not mix).
+machinery exists in this process (gRPC and fork do not mix). Its child processes (auditor,
+observer) are owned by coordinator/supervisor.py and die with it; everything serve starts is
+torn down in one place, an ExitStack, however the start or the run ends.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 from concurrent import futures
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,10 @@ from coordinator.dashboard import CachedState, Dashboard
 from coordinator.ledger import LEDGER_FILE, Ledger
 from coordinator.metrics import Metrics
 from coordinator.run_view import run_state
+from coordinator.serve_checks import lock_data_dir
+from coordinator.serve_info import INFO_FILE, KEY_FILE, LOCK_FILE, join_command, read_info  # noqa: F401 (re-exported)
 from coordinator.service import CoordinatorService
+from coordinator.supervisor import Supervisor, forks_die_with_this_process
 from peer.errors import UserError
 from peer.files import replace_file
 from peer.identity import Identity, load_or_create_identity
@@ -40,16 +44,15 @@ from protos import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("potluck.coordinator")
 
-INFO_FILE = "coordinator.json"
 DHT_IDENTITY_FILE = "dht_identity.key"
-KEY_FILE = "coordinator.key"  # the coordinator's Ed25519 identity: signs join tokens and swarm access tokens
-LOCK_FILE = "serve.lock"
 AUDITOR_LOG = "auditor.log"
 DEFAULT_TOKEN_FILE = "default-org.token"
 DEFAULT_ORG = "default"
 GRPC_WORKERS = 16
 DEFAULT_TOKEN_TTL = 7 * 86400.0  # the default org's printed token; renewed on a start after it expired
 ACCESS_REFRESH_SECONDS = 1.0  # how often the DHT node's lists are re-read from the ledger (Join also pushes them)
+AUDITOR_GRACE = 10.0  # seconds the auditor may take to stop before it is killed
+OBSERVER_GRACE = 15.0  # the observer may be saving a checkpoint
 
 
 @dataclass
@@ -58,18 +61,6 @@ class Running:
     dht_maddrs: list[str]
     join_command: str
     stop: threading.Event
-
-
-def join_command(address: str, token: str, fingerprint: str | None) -> str:
-    pin = f"--fingerprint {fingerprint}" if fingerprint else "--insecure"
-    return f"peer join {address} --token {token} {pin}"
-
-
-def read_info(data_dir: Path) -> dict | None:
-    try:
-        return json.loads((Path(data_dir) / INFO_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def _write_info(data_dir: Path, info: dict) -> None:
@@ -147,20 +138,10 @@ def _start_dht(host: str, dht_port: int, data_dir: Path, authorizer):
         raise UserError(f"could not start the swarm's DHT node on {host}:{dht_port}: {error}") from None
 
 
-def start_auditor(run_path: Path, data_dir: Path, dht_maddrs: list[str]) -> subprocess.Popen:
+def _auditor_args(run_path: Path, data_dir: Path, dht_maddrs: list[str]) -> list[str]:
     """The auditor runs in its own process (it replays work and joins the swarm as a client)."""
-    log_file = open(Path(data_dir) / AUDITOR_LOG, "ab")
-    return subprocess.Popen([sys.executable, "-m", "coordinator.auditor", str(Path(run_path).resolve()),
-                             str(Path(data_dir).resolve()), *dht_maddrs],
-                            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-
-def stop_auditor(auditor: subprocess.Popen) -> None:
-    auditor.terminate()
-    try:
-        auditor.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        auditor.kill()
+    return [sys.executable, "-m", "coordinator.auditor", str(Path(run_path).resolve()),
+            str(Path(data_dir).resolve()), *dht_maddrs]
 
 
 def _checkpoints_possible(config: RunConfig) -> bool:
@@ -177,39 +158,13 @@ def _checkpoints_possible(config: RunConfig) -> bool:
     return True
 
 
-def _start_observer(run_path: Path, data_dir: Path, host: str, dht_maddrs: list[str], config: RunConfig):
+def _observer_args(run_path: Path, data_dir: Path, host: str, dht_maddrs: list[str]) -> list[str]:
     """The checkpoint writer, in its own process (it forks hivemind's; this process will run gRPC)."""
-    if not _checkpoints_possible(config):
-        return None
     args = [sys.executable, "-m", "coordinator.observer", "--run", str(Path(run_path).resolve()),
             "--data-dir", str(Path(data_dir).resolve()), "--host", host]
     for maddr in dht_maddrs:
         args += ["--initial-peer", maddr]
-    return subprocess.Popen(args, stdin=subprocess.DEVNULL)
-
-
-def _stop_observer(observer) -> None:
-    if observer is None:
-        return
-    observer.terminate()
-    try:
-        observer.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        observer.kill()
-
-
-def _lock_data_dir(data_dir: Path):
-    """One coordinator per data dir; the OS drops the lock when the process dies, even by kill -9."""
-    lock = open(Path(data_dir) / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        info = read_info(data_dir) or {}
-        raise UserError(
-            f"another coordinator (pid {info.get('pid', '?')}) is already serving {data_dir}; "
-            f"stop it first or use another --data-dir"
-        ) from None
-    return lock
+    return args
 
 
 @dataclass(frozen=True)
@@ -224,22 +179,37 @@ class Transport:
 def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, transport: Transport = Transport(),
           dashboard_port: int | None = None) -> None:
     """Run the coordinator until SIGINT/SIGTERM; ``dashboard_port`` None: no dashboard."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # from the start: a stop during start-up still tears down
+        signal.signal(signum, lambda *_: stop.set())
+    with ExitStack() as teardown:  # the one teardown: each part is registered as it starts, undone in reverse
+        _serve(run_path, Path(data_dir), host, port, dht_port, transport, dashboard_port, stop, teardown)
+        stop.wait()
+        print("coordinator stopping", flush=True)
+
+
+def _serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, transport: Transport,
+           dashboard_port: int | None, stop: threading.Event, teardown: ExitStack) -> None:
     config = load_run_config(run_path)
-    data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    lock = _lock_data_dir(data_dir)
+    teardown.enter_context(lock_data_dir(data_dir))
     first_start = not (data_dir / LEDGER_FILE).exists()
     identity = load_or_create_identity(data_dir, KEY_FILE)
     material = None if transport.insecure else tls.load_or_create(data_dir, host, transport.cert, transport.key)
     ledger = Ledger(data_dir / LEDGER_FILE)
+    teardown.callback(ledger.close)
     ledger.bind_run(config.run_id, config.config_hash)
     token = _default_token(ledger, data_dir, identity, config)
     keeper = SwarmAccessKeeper(data_dir, ledger, identity, config)
 
+    forks_die_with_this_process()  # hivemind's DHT process goes with serve, even after a kill -9
     dht = _start_dht(host, dht_port, data_dir, keeper.authorizer)
+    teardown.callback(dht.shutdown)
     dht_maddrs = [str(addr) for addr in dht.get_visible_maddrs()]
-    auditor = start_auditor(run_path, data_dir, dht_maddrs)
-    observer = _start_observer(run_path, data_dir, host, dht_maddrs, config)
+    children = teardown.enter_context(Supervisor())  # stopped before the DHT they talk to
+    children.start("auditor", _auditor_args(run_path, data_dir, dht_maddrs), AUDITOR_GRACE, data_dir / AUDITOR_LOG)
+    if _checkpoints_possible(config):
+        children.start("observer", _observer_args(run_path, data_dir, host, dht_maddrs), OBSERVER_GRACE)
 
     state = CachedState(lambda: run_state(ledger, config.peer_timeout, data_dir))
     metrics = Metrics(state)
@@ -265,17 +235,13 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, t
     except RuntimeError:
         bound = 0
     if bound == 0:
-        stop_auditor(auditor)
-        _stop_observer(observer)
-        dht.shutdown()
-        raise UserError(f"cannot listen on {host}:{port} (in use or not permitted); pick another --port, or 0")
-    try:
-        dashboard = Dashboard(host, dashboard_port, state, metrics).start() if dashboard_port is not None else None
-    except UserError:
-        _stop_observer(observer)
-        dht.shutdown()
-        raise
+        raise UserError(f"cannot listen on {host}:{port} (port {port} in use or not permitted); "
+                        f"pick another --port, or 0")
+    dashboard = Dashboard(host, dashboard_port, state, metrics).start() if dashboard_port is not None else None
+    if dashboard is not None:
+        teardown.callback(dashboard.stop)
     server.start()
+    teardown.callback(lambda: server.stop(grace=2).wait())
     address = f"{host}:{bound}"
     _write_info(data_dir, {
         "address": address,
@@ -286,11 +252,8 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, t
         "public_key": identity.public_bytes.hex(),
         "tls_fingerprint": material.fingerprint if material else None,
         "dashboard": dashboard.url if dashboard else None,
+        "children": children.pids(),
     })
-
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     threading.Thread(target=keeper.run, args=(stop,), name="swarm-access", daemon=True).start()
 
     print(f"potluck coordinator for run '{config.run_id}' ({'new' if first_start else 'resumed'} ledger "
@@ -311,15 +274,3 @@ def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, t
     print(f"  {join_command(address, token, material.fingerprint if material else None)}", flush=True)
     print("Tokens for partner orgs: coordinator token issue --org NAME"
           f" --data-dir {data_dir}", flush=True)
-    try:
-        stop.wait()
-    finally:
-        print("coordinator stopping", flush=True)
-        server.stop(grace=2).wait()
-        stop_auditor(auditor)
-        if dashboard is not None:
-            dashboard.stop()
-        _stop_observer(observer)
-        dht.shutdown()
-        ledger.close()
-        lock.close()

@@ -93,6 +93,19 @@ def join_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show hivemind's own logs.")] = False,
 ):
     """Join a run: train with the swarm until the run ends, --max-epochs, or Ctrl-C."""
+    from peer.address import normalize_fingerprint, split_address
+
+    # what the volunteer typed is checked before torch and hivemind load (seconds): a typo answers at once
+    split_address(address)
+    if not token.strip():
+        raise UserError("--token is empty: copy the whole join command printed by 'coordinator serve'")
+    if insecure and fingerprint:
+        raise UserError("--insecure and --fingerprint contradict each other; use the join command as printed")
+    if not insecure and not fingerprint:
+        raise UserError("missing --fingerprint: copy the whole join command printed by 'coordinator serve' "
+                        "(it pins the coordinator's TLS certificate)")
+    pinned = None if insecure else normalize_fingerprint(fingerprint)
+
     import torch
 
     from peer.checkpoint import state_from_bytes
@@ -107,7 +120,7 @@ def join_command(
     from peer.swarm_access import AccessFiles, install_averaging_guard, make_authorizer, rsa_public_key
     from peer.task import load_task
     from peer.trainer import TrainOptions, pick_device, train
-    from peer.transport import Endpoint, normalize_fingerprint
+    from peer.transport import Endpoint
     from protos import coordinator_pb2 as pb
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -115,14 +128,7 @@ def join_command(
         os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
         logging.getLogger("hivemind").setLevel(logging.ERROR)
         quiet_handled_retries()
-    if ":" not in address:
-        raise UserError(f"coordinator address {address!r} must be HOST:PORT, e.g. 127.0.0.1:7450")
-    if insecure and fingerprint:
-        raise UserError("--insecure and --fingerprint contradict each other; use the join command as printed")
-    if not insecure and not fingerprint:
-        raise UserError("missing --fingerprint: copy the whole join command printed by 'coordinator serve' "
-                        "(it pins the coordinator's TLS certificate)")
-    endpoint = Endpoint(address, None if insecure else normalize_fingerprint(fingerprint), insecure)
+    endpoint = Endpoint(address, pinned, insecure)
     json_mode = progress is ProgressMode.json
     say = (lambda text: None) if json_mode else (lambda text: print(text, flush=True))
     if threads:

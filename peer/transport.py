@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from peer.address import normalize_fingerprint, split_address  # noqa: F401 (re-exported)
 from peer.errors import UserError
 
 MAX_MESSAGE_BYTES = 1 << 20
@@ -24,28 +25,9 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def normalize_fingerprint(text: str) -> str:
-    """Accept 'sha256:AB:CD...', 'abcd...' and the like; return 64 lowercase hex digits."""
-    value = text.strip().lower()
-    value = value.removeprefix("sha256:").replace(":", "")
-    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
-        raise UserError(
-            f"--fingerprint must be the coordinator certificate's SHA-256 (64 hex digits, as printed by "
-            f"'coordinator serve'), got {text!r}"
-        )
-    return value
-
-
 def fingerprint_of_pem(pem: bytes | str) -> str:
     text = pem.decode() if isinstance(pem, bytes) else pem
     return hashlib.sha256(ssl.PEM_cert_to_DER_cert(text)).hexdigest()
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"coordinator address {address!r} must be HOST:PORT, e.g. 127.0.0.1:7450")
-    return host.strip("[]"), int(port)
 
 
 def fetch_certificate(address: str, timeout: float) -> bytes:
