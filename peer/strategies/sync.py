@@ -28,7 +28,13 @@ class SyncStrategy:
     def epoch(self) -> int:
         return self.opt.local_epoch
 
-    def start_at(self, epoch: int) -> None:
+    def start_at(self, epoch: int, state=None) -> None:
+        """Continue from a checkpoint at ``epoch`` (the model holds its parameters already); a
+        checkpoint that carries the optimizer's state (peer/checkpoint.py) restores it too."""
+        if state is not None and state.strategy == "sync" and state.optimizer is not None:
+            from peer.resume import restore_optimizer
+
+            restore_optimizer(self.opt, epoch, state.optimizer)
         start_at_epoch(self.opt, epoch)
 
     def start(self, link, stop, display, events) -> dict:
