@@ -263,6 +263,14 @@ class DiLoCo:
                     have.copy_(momentum[name])
         self.epoch = epoch
 
+    def momentum_fingerprint(self) -> str:
+        """peer.checkpoint.state_fingerprint of the outer momentum, named as in a checkpoint."""
+        from peer.checkpoint import MOMENTUM_PREFIX, state_fingerprint
+
+        with self.state_averager.get_tensors():
+            return state_fingerprint({f"{MOMENTUM_PREFIX}{name}": m.clone()
+                                      for (name, _), m in zip(self._named_parameters, self.momentum)})
+
     def _restart_from_anchor(self) -> None:
         with torch.no_grad():
             for param, anchor in zip(self.params, self.anchor):

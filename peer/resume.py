@@ -40,8 +40,16 @@ def resume_lines(reply, state: TrainingState | None, strategy: str) -> list[str]
     return lines
 
 
-def restore_optimizer(opt, epoch: int, optimizer_state) -> None:
-    """Write a checkpoint's flat optimizer state into a fresh hivemind.Optimizer (checked first)."""
+def optimizer_fingerprint(flat_tensors) -> str:
+    """peer.checkpoint.state_fingerprint of a flat optimizer state, its tensors named as in a checkpoint."""
+    from peer.checkpoint import OPTIMIZER_PREFIX, state_fingerprint
+
+    return state_fingerprint({f"{OPTIMIZER_PREFIX}{index:05d}": t for index, t in enumerate(flat_tensors)})
+
+
+def restore_optimizer(opt, epoch: int, optimizer_state) -> str:
+    """Write a checkpoint's flat optimizer state into a fresh hivemind.Optimizer (checked first);
+    returns the fingerprint of the state the optimizer holds afterwards, read back from it."""
     from peer.optimizer_state import check_flat_state, flat_state
     from peer.state_download import _apply, _parameters_and_extras
 
@@ -54,3 +62,4 @@ def restore_optimizer(opt, epoch: int, optimizer_state) -> None:
         local = [tensor.detach().cpu().clone() for tensor in _parameters_and_extras(averager)]
     # the parameters are the model's, already loaded from the same checkpoint
     _apply(averager, ({"epoch": epoch, "optimizer_metadata": flat_metadata}, [*local, *tensors]))
+    return optimizer_fingerprint(flat_state(averager.optimizer)[1])

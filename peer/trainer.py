@@ -44,7 +44,8 @@ def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLo
     strategy = make_strategy(config, task, dht, model, options)
     if options.initial_state is not None:
         epoch, state, sha256 = options.initial_state
-        strategy.start_at(epoch, state)  # the optimizer's state (sync) or the outer momentum (DiLoCo) too
+        # the optimizer's state (sync) or the outer momentum (DiLoCo) too; its fingerprint as restored
+        restored = strategy.start_at(epoch, state)
         events.emit("checkpoint_loaded", epoch=epoch, sha256=sha256, holds=state.holds(),
-                    fingerprint=state_fingerprint(model.state_dict()))
+                    fingerprint=state_fingerprint(model.state_dict()), restored_fingerprint=restored)
     return run(config, task, peer_id, strategy, model, make_link, events, options)

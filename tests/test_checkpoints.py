@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import cli, epochs_reported, events, start_coordinator, start_peer, wait_until, write_run
-from coordinator.checkpoints import list_checkpoints, load_checkpoint, write_atomically
+from coordinator.checkpoints import list_checkpoints, load_checkpoint, load_training_state, write_atomically
 from examples.digits import TASK
 from peer.checkpoint import sha256_hex, state_fingerprint, state_to_bytes
+from peer.resume import optimizer_fingerprint
 from peer.runconfig import load_run_config
 
 PEER_EXIT = 180
@@ -122,6 +123,8 @@ def test_a_resumed_peer_keeps_the_optimizer_state(procs, tmp_path):
 
     loaded, after = _first_loss_after_resume(procs, coordinator, tmp_path / "b")
     assert loaded["epoch"] == latest.epoch and loaded["holds"] == "parameters + optimizer state"
+    # what the peer's optimizer holds after the restore is, bit for bit, what the checkpoint carries
+    assert loaded["restored_fingerprint"] == optimizer_fingerprint(load_training_state(data_dir, latest).optimizer[1])
 
     # the same checkpoint as the first format wrote it: the model only
     model_only = load_checkpoint(data_dir, latest)
@@ -132,9 +135,10 @@ def test_a_resumed_peer_keeps_the_optimizer_state(procs, tmp_path):
     write_atomically(data_dir / "checkpoints" / latest.file, data)
     write_atomically(data_dir / "checkpoints" / latest.file.replace(".safetensors", ".json"), json.dumps(old).encode())
     loaded_old, after_fresh_adam = _first_loss_after_resume(procs, coordinator, tmp_path / "d")
-    assert loaded_old["holds"] == "parameters only"
+    assert loaded_old["holds"] == "parameters only" and loaded_old["restored_fingerprint"] is None
     assert "the optimizer state starts fresh" in (tmp_path / "d.log").read_text()
     print(f"held-out loss: initial {initial:.3f}, checkpoint (epoch {latest.epoch}) {before:.3f}, first epoch after "
           f"resume {after:.3f} with the optimizer state, {after_fresh_adam:.3f} without")
     assert after < before * 1.25 + 0.02, (before, after)
     assert after_fresh_adam > after
+
