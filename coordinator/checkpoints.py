@@ -21,6 +21,7 @@ from peer.checkpoint import TrainingState, sha256_hex, training_state_from_bytes
 from peer.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
+FAILURE_FILE = "failure.json"  # the last failed checkpoint, until the next one is saved (dashboard alert)
 FORMAT = "potluck-checkpoint-2"
 FORMATS = ("potluck-checkpoint-1", FORMAT)  # the first format holds the model only
 
@@ -130,3 +131,25 @@ def require_latest(data_dir: Path) -> Manifest:
         raise UserError(f"no checkpoint in {checkpoint_dir(data_dir)} yet; the coordinator writes one every "
                         f"[checkpoints] every epochs while peers train")
     return manifest
+
+
+def record_failure(data_dir: Path, epoch: int, why: str) -> None:
+    """Remember a failed checkpoint for the dashboard (removed when the next checkpoint is saved)."""
+    directory = checkpoint_dir(data_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomically(directory / FAILURE_FILE, json.dumps({"epoch": epoch, "why": why, "time": time.time()}).encode())
+
+
+def clear_failure(data_dir: Path) -> None:
+    (checkpoint_dir(data_dir) / FAILURE_FILE).unlink(missing_ok=True)
+
+
+def last_failure(data_dir: Path) -> dict | None:
+    """{"epoch", "why", "time"} of the last failed checkpoint not yet followed by a saved one, or None."""
+    try:
+        raw = json.loads((checkpoint_dir(data_dir) / FAILURE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("epoch"), int) or not isinstance(raw.get("why"), str):
+        return None
+    return {"epoch": raw["epoch"], "why": raw["why"], "time": raw.get("time")}

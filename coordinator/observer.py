@@ -20,7 +20,7 @@ import signal
 import threading
 from pathlib import Path
 
-from coordinator.checkpoints import latest_checkpoint, save_checkpoint
+from coordinator.checkpoints import clear_failure, latest_checkpoint, record_failure, save_checkpoint
 from coordinator.ledger import Ledger
 from coordinator.swarm_pass import SwarmPass
 from coordinator.swarm_snapshot import SnapshotError, SwarmObserver
@@ -61,7 +61,7 @@ def run_observer(run_path: Path, data_dir: Path, initial_peers: list[str], host:
     latest = latest_checkpoint(data_dir)
     last_saved = latest.epoch if latest is not None and latest.run_id == config.run_id else 0
     observer: SwarmObserver | None = None
-    failures = FailureLine()
+    failures = FailureLine(lambda epoch, why: record_failure(data_dir, epoch, why))
     try:
         while not stop.is_set() and os.getppid() == parent:
             swarm_pass.refresh()
@@ -77,13 +77,14 @@ def run_observer(run_path: Path, data_dir: Path, initial_peers: list[str], host:
                                              whole_state=True)
                 snapshot = observer.download(DOWNLOAD_TIMEOUT)
                 if snapshot is None:
-                    failures.say(epoch, f"no peer shared its state within {DOWNLOAD_TIMEOUT:.0f}s "
-                                        f"(every peer may have left); retrying")
+                    failures.say(epoch, "no peer shared its state (every peer may have left, or none accepts "
+                                        "connections); retrying")
                 elif snapshot.epoch >= due:
                     manifest = save_checkpoint(data_dir, snapshot.epoch, snapshot.training_state(strategy),
                                                config.run_id, config.config_hash, config.checkpoint_keep)
                     last_saved = manifest.epoch
                     failures.clear()
+                    clear_failure(data_dir)
                     print(f"checkpoint: epoch {manifest.epoch} saved ({manifest.holds}, {manifest.bytes:,} bytes, "
                           f"sha256 {manifest.sha256[:16]}…)", flush=True)
                     continue
@@ -100,15 +101,21 @@ def run_observer(run_path: Path, data_dir: Path, initial_peers: list[str], host:
 
 
 class FailureLine:
-    """``checkpoint failed at epoch N: why`` on the operator's console, once per epoch and reason."""
+    """``checkpoint failed at epoch N: why`` on the operator's console, once per epoch and reason;
+    ``record`` keeps it for the dashboard's alert too."""
 
-    def __init__(self):
+    def __init__(self, record=lambda epoch, why: None):
         self.last: tuple[int, str] | None = None
+        self.record = record
 
     def say(self, epoch: int, why: str) -> None:
         if self.last != (epoch, why):
             print(f"checkpoint failed at epoch {epoch}: {why}", flush=True)
             self.last = (epoch, why)
+            try:
+                self.record(epoch, why)
+            except OSError as error:  # a full disk must not end the observer: the line above is said
+                log.debug("could not record the failure: %s", error)
 
     def clear(self) -> None:
         self.last = None

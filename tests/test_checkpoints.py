@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import urllib.request
 
 import torch
 from safetensors.torch import load_file
@@ -142,3 +143,34 @@ def test_a_resumed_peer_keeps_the_optimizer_state(procs, tmp_path):
     assert after < before * 1.25 + 0.02, (before, after)
     assert after_fresh_adam > after
 
+
+def test_a_checkpoint_that_cannot_be_taken_is_one_line_and_the_next_peer_says_where_it_starts(procs, tmp_path):
+    """A client-mode peer accepts no connections, so it never shares its state: the checkpoint due at
+    epoch 2 fails, deterministically. The operator sees one plain line (no hivemind traceback), and
+    the next peer, with nobody left and no checkpoint, says that the run goes back to the initial weights."""
+    run = write_run(tmp_path / "run.toml", epochs=0, min_peers=1, every=2, target_batch_size=256,
+                    heartbeat_interval=0.5, peer_timeout=3.0)
+    data_dir = tmp_path / "c"
+    coordinator = start_coordinator(procs, data_dir, run)
+    lonely = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "a", "--client-mode",
+                        "--max-epochs", "3")
+    line = wait_until(lambda: next((line for line in coordinator.proc.log().splitlines()
+                                    if line.startswith("checkpoint failed at epoch ")), None), 120,
+                      "the checkpoint failure line")
+    assert "no peer shared its state" in line, line
+    # the dashboard shows the same failure as an alert
+    with urllib.request.urlopen(coordinator.dashboard + "api/v1/state", timeout=10) as answer:
+        failure = json.loads(answer.read())["checkpoint_failure"]
+    assert line == f"checkpoint failed at epoch {failure['epoch']}: {failure['why']}"
+    assert lonely.wait(PEER_EXIT) == 0, lonely.log()
+    wait_until(lambda: not any(p["alive"] for p in coordinator.status()["peers"]), 30, "the peer to time out")
+    run_epoch = coordinator.status()["epoch"]
+    assert run_epoch >= 2 and not list_checkpoints(data_dir)
+    assert "Traceback" not in coordinator.proc.log() and "hivemind" not in coordinator.proc.log()
+
+    second = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "b", "--client-mode",
+                        "--max-epochs", "1")
+    assert second.wait(PEER_EXIT) == 0, second.log()
+    assert (f"warning: no peer is left and the run has no checkpoint: starting from the initial weights, "
+            f"although the run had reached epoch {run_epoch}") in second.log()
+    assert any(e["event"] == "resume_notice" for e in events(tmp_path / "b"))

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from coordinator.checkpoints import FORMAT, Manifest, list_checkpoints, load_checkpoint, load_training_state, \
-    save_checkpoint
+from coordinator.checkpoints import FORMAT, Manifest, clear_failure, last_failure, list_checkpoints, \
+    load_checkpoint, load_training_state, record_failure, save_checkpoint
 from coordinator.observer import FailureLine, next_due
 from coordinator.swarm_snapshot import SnapshotError, anchor_order, check_state, parameter_order
 from examples.digits import TASK
@@ -148,11 +148,16 @@ def test_a_joining_peer_says_when_the_run_goes_back():
     assert other[1] == "the checkpoint was taken by a sync run: only its parameters are used"
 
 
-def test_checkpoints_stay_on_their_cadence_and_a_failure_is_said_once(capsys):
+def test_checkpoints_stay_on_their_cadence_and_a_failure_is_said_once(capsys, tmp_path):
     assert [next_due(saved, 10) for saved in (0, 9, 10, 51, 68)] == [10, 10, 20, 60, 70]
-    failures = FailureLine()
+    failures = FailureLine(lambda epoch, why: record_failure(tmp_path, epoch, why))
     for _ in range(3):
         failures.say(10, "no peer shared its state")
     failures.say(11, "no peer shared its state")
     assert capsys.readouterr().out.splitlines() == ["checkpoint failed at epoch 10: no peer shared its state",
                                                     "checkpoint failed at epoch 11: no peer shared its state"]
+    assert last_failure(tmp_path)["epoch"] == 11  # the dashboard's alert
+    clear_failure(tmp_path)
+    assert last_failure(tmp_path) is None
+    (tmp_path / "checkpoints" / "failure.json").write_text("{not json")
+    assert last_failure(tmp_path) is None
