@@ -36,7 +36,9 @@ def test_a_diloco_run_resumes_from_its_checkpoint_with_equal_peers(procs, tmp_pa
     wait_until(lambda: not any(p["alive"] for p in coordinator.status()["peers"]), 30, "the dead peers to time out")
 
     resumed = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "c1", "--max-epochs", "2")
-    wait_until(lambda: any(e["event"] == "started" for e in events(tmp_path / "c1")), 60, "the resumed peer to start")
+    # the second joins once the first holds the checkpoint's state (it then loads it from the first)
+    wait_until(lambda: any(e["event"] == "checkpoint_loaded" for e in events(tmp_path / "c1")), 60,
+               "the first new peer to load the checkpoint")
     joiner = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "c2", "--max-epochs", "2")
     for peer in (resumed, joiner):
         assert peer.wait(PEER_EXIT) == 0, peer.log()[-3000:]
