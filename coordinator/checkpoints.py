@@ -1,7 +1,9 @@
 """The coordinator's checkpoint store: DATA_DIR/checkpoints/epoch-NNNNNNNN.{safetensors,json}.
 
-Each checkpoint is the swarm's averaged model as safetensors plus a manifest (epoch, run id, run
-config hash, sha256 and size of the file). Both are written atomically (temporary file, fsync,
+Each checkpoint is the swarm's training state as safetensors (the averaged model plus the sync
+optimizer's state or DiLoCo's outer momentum, peer/checkpoint.py) and a manifest (epoch, run id, run
+config hash, sha256 and size of the file, what it holds). Checkpoints of the first format (model
+only) still load; a peer resuming from one says that its optimizer starts fresh. Both are written atomically (temporary file, fsync,
 os.replace, fsync of the directory), the manifest last, so a manifest always names a complete file;
 only the newest ``keep`` are kept. A checkpoint is loaded only after its sha256 matches its manifest.
 """
@@ -15,11 +17,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peer.checkpoint import sha256_hex, state_from_bytes, state_to_bytes
+from peer.checkpoint import TrainingState, sha256_hex, training_state_from_bytes, training_state_to_bytes
 from peer.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
-FORMAT = "potluck-checkpoint-1"
+FAILURE_FILE = "failure.json"  # the last failed checkpoint, until the next one is saved (dashboard alert)
+FORMAT = "potluck-checkpoint-2"
+FORMATS = ("potluck-checkpoint-1", FORMAT)  # the first format holds the model only
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +39,7 @@ class Manifest:
     bytes: int
     created: float
     format: str = FORMAT
+    holds: str = "parameters only"  # TrainingState.holds(): what a resumed peer gets back
 
 
 def checkpoint_dir(data_dir: Path) -> Path:
@@ -60,14 +65,14 @@ def write_atomically(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def save_checkpoint(data_dir: Path, epoch: int, state_dict: dict[str, torch.Tensor], run_id: str,
+def save_checkpoint(data_dir: Path, epoch: int, state: TrainingState, run_id: str,
                     run_config_hash: str, keep: int) -> Manifest:
     directory = checkpoint_dir(data_dir)
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"epoch-{epoch:08d}"
-    data = state_to_bytes(state_dict, {"epoch": str(epoch), "run_id": run_id, "run_config_hash": run_config_hash})
+    data = training_state_to_bytes(state, {"epoch": str(epoch), "run_id": run_id, "run_config_hash": run_config_hash})
     manifest = Manifest(epoch=epoch, run_id=run_id, run_config_hash=run_config_hash, file=f"{stem}.safetensors",
-                        sha256=sha256_hex(data), bytes=len(data), created=time.time())
+                        sha256=sha256_hex(data), bytes=len(data), created=time.time(), holds=state.holds())
     write_atomically(directory / manifest.file, data)
     write_atomically(directory / f"{stem}.json", json.dumps(asdict(manifest), indent=2).encode())
     for old in list_checkpoints(data_dir)[keep:]:
@@ -82,7 +87,7 @@ def _read_manifest(path: Path) -> Manifest | None:
         manifest = Manifest(**raw)
     except (OSError, ValueError, TypeError):
         return None
-    if manifest.format != FORMAT or "/" in manifest.file or not (path.parent / manifest.file).is_file():
+    if manifest.format not in FORMATS or "/" in manifest.file or not (path.parent / manifest.file).is_file():
         return None
     return manifest
 
@@ -109,10 +114,15 @@ def read_checkpoint_bytes(data_dir: Path, manifest: Manifest) -> bytes:
     return (checkpoint_dir(data_dir) / manifest.file).read_bytes()
 
 
+def load_training_state(data_dir: Path, manifest: Manifest) -> TrainingState:
+    """The checkpoint's training state, after checking the file against the manifest's sha256."""
+    return training_state_from_bytes(read_checkpoint_bytes(data_dir, manifest), manifest.sha256,
+                                     what=f"checkpoint {manifest.file}")
+
+
 def load_checkpoint(data_dir: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors, after checking the file against the manifest's sha256."""
-    return state_from_bytes(read_checkpoint_bytes(data_dir, manifest), manifest.sha256,
-                            what=f"checkpoint {manifest.file}")
+    """The checkpoint's model (state dict), after checking the file against the manifest's sha256."""
+    return load_training_state(data_dir, manifest).model
 
 
 def require_latest(data_dir: Path) -> Manifest:
@@ -121,3 +131,25 @@ def require_latest(data_dir: Path) -> Manifest:
         raise UserError(f"no checkpoint in {checkpoint_dir(data_dir)} yet; the coordinator writes one every "
                         f"[checkpoints] every epochs while peers train")
     return manifest
+
+
+def record_failure(data_dir: Path, epoch: int, why: str) -> None:
+    """Remember a failed checkpoint for the dashboard (removed when the next checkpoint is saved)."""
+    directory = checkpoint_dir(data_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomically(directory / FAILURE_FILE, json.dumps({"epoch": epoch, "why": why, "time": time.time()}).encode())
+
+
+def clear_failure(data_dir: Path) -> None:
+    (checkpoint_dir(data_dir) / FAILURE_FILE).unlink(missing_ok=True)
+
+
+def last_failure(data_dir: Path) -> dict | None:
+    """{"epoch", "why", "time"} of the last failed checkpoint not yet followed by a saved one, or None."""
+    try:
+        raw = json.loads((checkpoint_dir(data_dir) / FAILURE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("epoch"), int) or not isinstance(raw.get("why"), str):
+        return None
+    return {"epoch": raw["epoch"], "why": raw["why"], "time": raw.get("time")}

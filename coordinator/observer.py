@@ -3,7 +3,10 @@
 `coordinator serve` starts it as a child process: hivemind forks processes of its own, and the
 serve process runs gRPC threads, which must not be forked (see coordinator/server.py). The observer
 watches the run's epoch in the ledger; every ``[checkpoints] every`` epochs it downloads the swarm's
-averaged parameters (coordinator/swarm_snapshot.py) and saves them (coordinator/checkpoints.py).
+training state (coordinator/swarm_snapshot.py: sync, the averaged parameters and the optimizer's
+state; DiLoCo, the anchor and the outer momentum) and saves it (coordinator/checkpoints.py). A
+checkpoint that cannot be taken is one ``checkpoint failed at epoch N: why`` line on the operator's
+console (hivemind's own logs stay quiet unless -v), and is retried.
 It joins the swarm only when the first checkpoint is due, so short runs never pay for it, and it
 exits when its parent does.
 """
@@ -17,7 +20,7 @@ import signal
 import threading
 from pathlib import Path
 
-from coordinator.checkpoints import latest_checkpoint, save_checkpoint
+from coordinator.checkpoints import clear_failure, latest_checkpoint, record_failure, save_checkpoint
 from coordinator.ledger import Ledger
 from coordinator.swarm_pass import SwarmPass
 from coordinator.swarm_snapshot import SnapshotError, SwarmObserver
@@ -31,6 +34,12 @@ OBSERVER_DIR = "observer"  # the observer's swarm identity and access files, ins
 POLL_SECONDS = 1.0  # how often the ledger's epoch is read
 RETRY_SECONDS = 5.0  # wait after a download that brought nothing new
 DOWNLOAD_TIMEOUT = 30.0
+
+
+def next_due(last_saved: int, every: int) -> int:
+    """The epoch of the next checkpoint: the next multiple of ``every`` after the last one saved, so a
+    late checkpoint (the swarm's state arrived at epoch 51) does not shift every later one."""
+    return (last_saved // every + 1) * every
 
 
 def run_observer(run_path: Path, data_dir: Path, initial_peers: list[str], host: str) -> None:
@@ -48,36 +57,68 @@ def run_observer(run_path: Path, data_dir: Path, initial_peers: list[str], host:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
 
+    strategy = config.averaging.strategy
     latest = latest_checkpoint(data_dir)
     last_saved = latest.epoch if latest is not None and latest.run_id == config.run_id else 0
     observer: SwarmObserver | None = None
+    failures = FailureLine(lambda epoch, why: record_failure(data_dir, epoch, why))
     try:
         while not stop.is_set() and os.getppid() == parent:
             swarm_pass.refresh()
             epoch = ledger.snapshot(config.peer_timeout)["epoch"]
-            if epoch < last_saved + config.checkpoint_every:
+            due = next_due(last_saved, config.checkpoint_every)
+            if epoch < due:
                 stop.wait(POLL_SECONDS)
                 continue
-            if observer is None:
-                observer = SwarmObserver(config, task, initial_peers, host, authorizer=swarm_pass.authorizer,
-                                         identity_path=swarm_pass.identity_path)
             try:
+                if observer is None:
+                    observer = SwarmObserver(config, task, initial_peers, host, authorizer=swarm_pass.authorizer,
+                                             identity_path=swarm_pass.identity_path, diloco=strategy == "diloco",
+                                             whole_state=True)
                 snapshot = observer.download(DOWNLOAD_TIMEOUT)
+                if snapshot is None:
+                    failures.say(epoch, "no peer shared its state (every peer may have left, or none accepts "
+                                        "connections); retrying")
+                elif snapshot.epoch >= due:
+                    manifest = save_checkpoint(data_dir, snapshot.epoch, snapshot.training_state(strategy),
+                                               config.run_id, config.config_hash, config.checkpoint_keep)
+                    last_saved = manifest.epoch
+                    failures.clear()
+                    clear_failure(data_dir)
+                    print(f"checkpoint: epoch {manifest.epoch} saved ({manifest.holds}, {manifest.bytes:,} bytes, "
+                          f"sha256 {manifest.sha256[:16]}…)", flush=True)
+                    continue
             except SnapshotError as error:
-                print(f"checkpoint skipped: a peer sent unusable state ({error})", flush=True)
-                snapshot = None
-            if snapshot is None or snapshot.epoch < last_saved + config.checkpoint_every:
-                stop.wait(RETRY_SECONDS)
-                continue
-            manifest = save_checkpoint(data_dir, snapshot.epoch, snapshot.state_dict, config.run_id,
-                                       config.config_hash, config.checkpoint_keep)
-            last_saved = manifest.epoch
-            print(f"checkpoint: epoch {manifest.epoch} saved ({manifest.bytes:,} bytes, sha256 "
-                  f"{manifest.sha256[:16]}…)", flush=True)
+                failures.say(epoch, f"a peer sent unusable state ({error}); retrying")
+            except Exception as error:  # hivemind or the disk: one line, the observer goes on
+                log.debug("checkpoint attempt failed", exc_info=True)
+                failures.say(epoch, f"{type(error).__name__}: {' '.join(str(error).split())[:200]}")
+            stop.wait(RETRY_SECONDS)
     finally:
         if observer is not None:
             observer.shutdown()
         ledger.close()
+
+
+class FailureLine:
+    """``checkpoint failed at epoch N: why`` on the operator's console, once per epoch and reason;
+    ``record`` keeps it for the dashboard's alert too."""
+
+    def __init__(self, record=lambda epoch, why: None):
+        self.last: tuple[int, str] | None = None
+        self.record = record
+
+    def say(self, epoch: int, why: str) -> None:
+        if self.last != (epoch, why):
+            print(f"checkpoint failed at epoch {epoch}: {why}", flush=True)
+            self.last = (epoch, why)
+            try:
+                self.record(epoch, why)
+            except OSError as error:  # a full disk must not end the observer: the line above is said
+                log.debug("could not record the failure: %s", error)
+
+    def clear(self) -> None:
+        self.last = None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,9 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(message)s")
-    if not args.verbose:
-        os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
-        logging.getLogger("hivemind").setLevel(logging.ERROR)
+    if not args.verbose:  # a failed download is one "checkpoint failed" line, not hivemind's traceback
+        os.environ["HIVEMIND_LOGLEVEL"] = "CRITICAL"
+        logging.getLogger("hivemind").setLevel(logging.CRITICAL)
     run_observer(args.run, args.data_dir, args.initial_peer, args.host)
 
 

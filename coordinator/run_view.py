@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from coordinator.accounting import accounts, recent_audits, recent_bans
-from coordinator.checkpoints import latest_checkpoint
+from coordinator.checkpoints import last_failure, latest_checkpoint
 from coordinator.ledger import Ledger
 
 HISTORY_EPOCHS = 500  # the charts show at most this many recent epochs
@@ -81,6 +81,8 @@ def run_state(ledger: Ledger, peer_timeout: float, data_dir: Path | None = None)
     state["checkpoint"] = None if checkpoint is None else {
         "epoch": checkpoint.epoch, "sha256": checkpoint.sha256, "bytes": checkpoint.bytes, "created": checkpoint.created,
     }
+    # a failed checkpoint not yet followed by a saved one: the dashboard shows it as an alert
+    state["checkpoint_failure"] = last_failure(data_dir) if data_dir is not None else None
     state["audits"] = recent_audits(ledger.query)
     state["bans"] = recent_bans(ledger.query)
     state["generated"] = time.time()

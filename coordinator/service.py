@@ -115,9 +115,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             access_token=self._access_token(request.hivemind_peer_id, request.swarm_auth_key),
             access_lists=access_lists(self.ledger),
         )
+        others_alive = any(p["alive"] and p["id"] != peer_id for p in state["peers"])
+        reply.swarm_empty = not others_alive
         checkpoint = latest_checkpoint(self.data_dir) if self.data_dir is not None else None
         if checkpoint is not None and checkpoint.run_id == self.config.run_id:
-            others_alive = any(p["alive"] and p["id"] != peer_id for p in state["peers"])
             reply.checkpoint_epoch = checkpoint.epoch
             reply.checkpoint_sha256 = checkpoint.sha256
             reply.checkpoint_bytes = checkpoint.bytes

@@ -4,7 +4,10 @@ The coordinator (for checkpoints) and the auditor (for replays) need the model t
 right now. hivemind.Optimizer shares its state through a DecentralizedAverager under the prefix
 ``f"{run_id}_state_averager"``: peers announce themselves under ``PREFIX.all_averagers`` and answer
 ``rpc_download_state`` with ``(metadata, tensors)``, where metadata holds the epoch and the tensors
-start with the optimized parameters, in the order of the task optimizer's param groups.
+start with the optimized parameters, in the order of the task optimizer's param groups, followed by
+the optimizer's state in hivemind's flat form (``metadata["optimizer_metadata"]``); with
+``with_optimizer=True`` (checkpoints) that state is checked against the task's own optimizer
+(peer/optimizer_state.py) and kept.
 
 A :class:`SwarmObserver` joins the run's DHT in client mode (it accepts no connections and is never
 asked to average) and runs a bare averager with one dummy tensor that neither averages nor shares
@@ -25,7 +28,7 @@ gRPC machinery yet (see coordinator/server.py), e.g. the ``coordinator.observer`
 A DiLoCo run has no hivemind.Optimizer: its peers share the anchor and the outer momentum through
 their DiLoCo state averager (peer/diloco.py, prefix ``f"{run_id}_diloco_state"``, tensors: anchor
 then momentum, both in ``model.parameters()`` order, metadata ``{"epoch"}``). ``SwarmObserver(...,
-diloco=True)`` downloads that anchor instead, with the same checks.
+diloco=True)`` downloads that anchor instead, with the same checks, and its momentum too.
 """
 
 from __future__ import annotations
@@ -53,7 +56,16 @@ class SnapshotError(RuntimeError):
 @dataclass(frozen=True)
 class SwarmSnapshot:
     epoch: int
-    state_dict: dict[str, torch.Tensor]
+    state_dict: dict[str, torch.Tensor]  # the model (DiLoCo: the anchor)
+    optimizer: tuple[list, list] | None = None  # sync, with_optimizer: the flat optimizer state, checked
+    momentum: dict[str, torch.Tensor] | None = None  # diloco: the outer momentum by parameter name, checked
+
+    def training_state(self, strategy: str):
+        """What a checkpoint of this snapshot holds (peer/checkpoint.py)."""
+        from peer.checkpoint import TrainingState
+
+        return TrainingState(model=self.state_dict, strategy=strategy, optimizer=self.optimizer,
+                             momentum=dict(self.momentum or {}))
 
 
 def parameter_order(task, seed: int) -> tuple[list[str], dict[str, torch.Tensor]]:
@@ -76,8 +88,14 @@ def anchor_order(task, seed: int) -> tuple[list[str], dict[str, torch.Tensor]]:
             {name: tensor.detach().clone() for name, tensor in model.state_dict().items()})
 
 
-def check_state(metadata, tensors, order: list[str], reference: dict[str, torch.Tensor]) -> SwarmSnapshot:
-    """Turn a raw hivemind download into a checked snapshot, or raise SnapshotError."""
+def check_state(metadata, tensors, order: list[str], reference: dict[str, torch.Tensor], *,
+                optimizer_reference=None, momentum: bool = False) -> SwarmSnapshot:
+    """Turn a raw hivemind download into a checked snapshot, or raise SnapshotError.
+
+    ``optimizer_reference``: the task's flat optimizer state (peer/optimizer_state.py); the sync
+    optimizer's state that follows the parameters must match it and is kept. ``momentum``: a DiLoCo
+    state, whose anchor is followed by exactly as many momentum tensors, checked the same way.
+    """
     if not isinstance(metadata, dict):
         raise SnapshotError(f"state metadata is a {type(metadata).__name__}, not a dict")
     epoch = metadata.get("epoch")
@@ -94,7 +112,39 @@ def check_state(metadata, tensors, order: list[str], reference: dict[str, torch.
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise SnapshotError(f"parameter {name} has non-finite values")
         state[name] = tensor.detach().clone().contiguous()
-    return SwarmSnapshot(epoch=epoch, state_dict=state)
+    snapshot = SwarmSnapshot(epoch=epoch, state_dict=state)
+    if momentum:
+        return _with_momentum(snapshot, tensors[len(order):], order, reference)
+    if optimizer_reference is not None:
+        return _with_optimizer(snapshot, metadata, tensors[len(order):], optimizer_reference)
+    return snapshot
+
+
+def _with_momentum(snapshot: SwarmSnapshot, tensors, order, reference) -> SwarmSnapshot:
+    if len(tensors) != len(order):
+        raise SnapshotError(f"DiLoCo state has {len(tensors)} momentum tensors, the model has {len(order)} parameters")
+    momentum = {}
+    for name, tensor in zip(order, tensors):
+        expected = reference[name]
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != expected.shape or tensor.dtype != expected.dtype:
+            raise SnapshotError(f"momentum of {name}: wrong shape or dtype")
+        if not torch.isfinite(tensor).all():
+            raise SnapshotError(f"momentum of {name} has non-finite values")
+        momentum[name] = tensor.detach().clone().contiguous()
+    return SwarmSnapshot(epoch=snapshot.epoch, state_dict=snapshot.state_dict, momentum=momentum)
+
+
+def _with_optimizer(snapshot: SwarmSnapshot, metadata: dict, tensors, reference) -> SwarmSnapshot:
+    from peer.optimizer_state import check_flat_state
+
+    flat_metadata = metadata.get("optimizer_metadata")
+    if flat_metadata is None:
+        raise SnapshotError("state has no optimizer state")
+    problem = check_flat_state(flat_metadata, tensors, reference)
+    if problem:
+        raise SnapshotError(problem)
+    optimizer = ([dict(entry) for entry in flat_metadata], [t.detach().clone().contiguous() for t in tensors])
+    return SwarmSnapshot(epoch=snapshot.epoch, state_dict=snapshot.state_dict, optimizer=optimizer)
 
 
 def _download_only_averager_class(diloco: bool = False):
@@ -125,13 +175,22 @@ class SwarmObserver:
     """A read-only member of the run's swarm: DHT node in client mode plus a download-only averager."""
 
     def __init__(self, config: RunConfig, task, initial_peers: list[str], host: str = "127.0.0.1",
-                 authorizer=None, identity_path: str | None = None, diloco: bool = False):
+                 authorizer=None, identity_path: str | None = None, diloco: bool = False,
+                 whole_state: bool = False):
         """``authorizer`` and ``identity_path``: the swarm access of this process (a SwarmPass in
         coordinator/swarm_watch.py); without them, only a swarm without access control can be joined.
-        ``diloco``: download the DiLoCo anchor instead of the sync Optimizer's parameters."""
+        ``diloco``: download the DiLoCo anchor instead of the sync Optimizer's parameters.
+        ``whole_state``: keep (checked) what a checkpoint needs beside the model: the sync optimizer's
+        state, or DiLoCo's outer momentum."""
         import hivemind
 
         self.order, self.reference = (anchor_order if diloco else parameter_order)(task, config.seed)
+        self.diloco, self.whole_state = diloco, whole_state
+        self.optimizer_reference = None
+        if whole_state and not diloco:
+            from peer.optimizer_state import reference_state
+
+            self.optimizer_reference = reference_state(task, config.seed)
         use_fork_start_method()
         # client mode for both (trap 2): nobody dials us, we are never part of a group
         self.dht = hivemind.DHT(
@@ -163,7 +222,8 @@ class SwarmObserver:
         if loaded is None:
             return None
         metadata, tensors = loaded
-        return check_state(metadata, tensors, self.order, self.reference)
+        return check_state(metadata, tensors, self.order, self.reference,
+                           optimizer_reference=self.optimizer_reference, momentum=self.diloco and self.whole_state)
 
     def shutdown(self) -> None:
         for part in (self.averager, self.dht):

@@ -108,7 +108,8 @@ def join_command(
 
     import torch
 
-    from peer.checkpoint import state_from_bytes
+    from peer.checkpoint import training_state_from_bytes
+    from peer.resume import resume_lines
     from peer.client import Admission, CoordinatorLink, fetch_checkpoint, join, leave
     from peer.events import EventLog
     from peer.outbox import Outbox
@@ -174,9 +175,11 @@ def join_command(
             data = fetch_checkpoint(endpoint, identity, config.run_id, reply.peer_id, reply.session,
                                     reply.checkpoint_sha256, reply.checkpoint_bytes, CHECKPOINT_FETCH_TIMEOUT)
             initial_state = (reply.checkpoint_epoch,
-                             state_from_bytes(data, reply.checkpoint_sha256, "run's checkpoint"),
+                             training_state_from_bytes(data, reply.checkpoint_sha256, "run's checkpoint"),
                              reply.checkpoint_sha256)
-            say(f"starting from the run's checkpoint at epoch {reply.checkpoint_epoch}")
+        for line in resume_lines(reply, initial_state[1] if initial_state else None, config.averaging.strategy):
+            say(line)
+            events.emit("resume_notice", text=line)
 
         if not client_mode:
             port = port or free_port(host)

@@ -170,7 +170,8 @@ class DiLoCo:
         GroupSizedAverager, StateAverager = _make_averager_class()
         settings = config.averaging
         self.config = config
-        self.params = [p for p in model.parameters()]
+        self._named_parameters = list(model.named_parameters())
+        self.params = [p for _, p in self._named_parameters]
         self.anchor = [p.detach().cpu().clone() for p in self.params]  # plain leaves: the averager adds in place
         self.outer = torch.optim.SGD(self.anchor, lr=settings.outer_lr, momentum=settings.outer_momentum,
                                      nesterov=settings.outer_momentum > 0)
@@ -240,6 +241,35 @@ class DiLoCo:
             self.epoch = epoch
         self._restart_from_anchor()
         return True
+
+    def start_at(self, epoch: int, momentum: dict | None = None) -> None:
+        """Continue a run from a checkpoint: the model (hence the anchor) holds the checkpoint's anchor;
+        ``momentum`` (parameter name -> tensor, as the coordinator's observer saved it) is the outer
+        momentum. What a resumed run loses: each peer's local progress since the last round, an
+        overlapped round in flight, and the inner optimizer's state (fresh each phase with
+        ``inner_state = "reset"``, so that one only matters with "keep")."""
+        from peer.errors import UserError
+
+        if momentum:
+            names = [name for name, _ in self._named_parameters]
+            if set(momentum) != set(names):
+                raise UserError("the run's checkpoint does not fit this task's model (momentum tensor names)")
+            for name, have in zip(names, self.momentum):
+                got = momentum[name]
+                if got.shape != have.shape or got.dtype != have.dtype or not torch.isfinite(got).all():
+                    raise UserError(f"the run's checkpoint has an unusable momentum for {name}")
+            with torch.no_grad(), self.state_averager.get_tensors():
+                for name, have in zip(names, self.momentum):
+                    have.copy_(momentum[name])
+        self.epoch = epoch
+
+    def momentum_fingerprint(self) -> str:
+        """peer.checkpoint.state_fingerprint of the outer momentum, named as in a checkpoint."""
+        from peer.checkpoint import MOMENTUM_PREFIX, state_fingerprint
+
+        with self.state_averager.get_tensors():
+            return state_fingerprint({f"{MOMENTUM_PREFIX}{name}": m.clone()
+                                      for (name, _), m in zip(self._named_parameters, self.momentum)})
 
     def _restart_from_anchor(self) -> None:
         with torch.no_grad():

@@ -42,8 +42,8 @@ class TrainOptions:
     device: torch.device
     max_epochs: int  # 0: until the run ends or the peer is stopped
     progress: str
-    # (epoch, state_dict, sha256) of a checkpoint to start from when the swarm has no peer left
-    initial_state: tuple[int, dict, str] | None = None
+    # (epoch, TrainingState, sha256) of a checkpoint to start from when the swarm has no peer left
+    initial_state: tuple | None = None
     client_mode: bool = False  # this peer cannot be dialled: average without hosting (same bool as the DHT's)
 
 

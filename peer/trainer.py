@@ -39,11 +39,13 @@ def train(config: RunConfig, task, peer_id: str, dht, make_link, events: EventLo
     """
     model = task.build_model(config.seed)
     if options.initial_state is not None:
-        load_into_model(model, options.initial_state[1], what="run's checkpoint")
+        load_into_model(model, options.initial_state[1].model, what="run's checkpoint")
     model = model.to(options.device)
     strategy = make_strategy(config, task, dht, model, options)
     if options.initial_state is not None:
-        strategy.start_at(options.initial_state[0])
-        events.emit("checkpoint_loaded", epoch=options.initial_state[0], sha256=options.initial_state[2],
-                    fingerprint=state_fingerprint(model.state_dict()))
+        epoch, state, sha256 = options.initial_state
+        # the optimizer's state (sync) or the outer momentum (DiLoCo) too; its fingerprint as restored
+        restored = strategy.start_at(epoch, state)
+        events.emit("checkpoint_loaded", epoch=epoch, sha256=sha256, holds=state.holds(),
+                    fingerprint=state_fingerprint(model.state_dict()), restored_fingerprint=restored)
     return run(config, task, peer_id, strategy, model, make_link, events, options)

@@ -33,7 +33,7 @@ class AccessLists(_message.Message):
     def __init__(self, version: _Optional[str] = ..., allow: _Optional[_Iterable[str]] = ..., deny: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("peer_id", "session", "org", "run_id", "run_config_toml", "run_config_hash", "initial_peers", "epoch", "checkpoint_epoch", "checkpoint_sha256", "checkpoint_bytes", "start_from_checkpoint", "coordinator_public_key", "access_token", "access_lists")
+    __slots__ = ("peer_id", "session", "org", "run_id", "run_config_toml", "run_config_hash", "initial_peers", "epoch", "checkpoint_epoch", "checkpoint_sha256", "checkpoint_bytes", "start_from_checkpoint", "coordinator_public_key", "access_token", "access_lists", "swarm_empty")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     ORG_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class JoinReply(_message.Message):
     COORDINATOR_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     ACCESS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ACCESS_LISTS_FIELD_NUMBER: _ClassVar[int]
+    SWARM_EMPTY_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     session: str
     org: str
@@ -64,7 +65,8 @@ class JoinReply(_message.Message):
     coordinator_public_key: bytes
     access_token: bytes
     access_lists: AccessLists
-    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., org: _Optional[str] = ..., run_id: _Optional[str] = ..., run_config_toml: _Optional[str] = ..., run_config_hash: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., checkpoint_epoch: _Optional[int] = ..., checkpoint_sha256: _Optional[str] = ..., checkpoint_bytes: _Optional[int] = ..., start_from_checkpoint: _Optional[bool] = ..., coordinator_public_key: _Optional[bytes] = ..., access_token: _Optional[bytes] = ..., access_lists: _Optional[_Union[AccessLists, _Mapping]] = ...) -> None: ...
+    swarm_empty: bool
+    def __init__(self, peer_id: _Optional[str] = ..., session: _Optional[str] = ..., org: _Optional[str] = ..., run_id: _Optional[str] = ..., run_config_toml: _Optional[str] = ..., run_config_hash: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ..., checkpoint_epoch: _Optional[int] = ..., checkpoint_sha256: _Optional[str] = ..., checkpoint_bytes: _Optional[int] = ..., start_from_checkpoint: _Optional[bool] = ..., coordinator_public_key: _Optional[bytes] = ..., access_token: _Optional[bytes] = ..., access_lists: _Optional[_Union[AccessLists, _Mapping]] = ..., swarm_empty: _Optional[bool] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("peer_id", "session", "report_id", "epoch", "samples", "loss", "compute_seconds", "metrics", "parameters", "sketches", "compute_dtype", "signature", "attestations")

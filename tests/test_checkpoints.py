@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import signal
+import urllib.request
 
 import torch
 from safetensors.torch import load_file
 
 from conftest import cli, epochs_reported, events, start_coordinator, start_peer, wait_until, write_run
-from coordinator.checkpoints import list_checkpoints, load_checkpoint
+from coordinator.checkpoints import list_checkpoints, load_checkpoint, load_training_state, write_atomically
 from examples.digits import TASK
-from peer.checkpoint import state_fingerprint
+from peer.checkpoint import sha256_hex, state_fingerprint, state_to_bytes
+from peer.resume import optimizer_fingerprint
+from peer.runconfig import load_run_config
 
 PEER_EXIT = 180
 
@@ -82,3 +85,92 @@ def test_export_errors(tmp_path):
     result = cli("coordinator", "export", str(tmp_path / "no" / "m.pt"), "--data-dir", str(empty))
     assert result.returncode == 2 and result.stderr.startswith("error:") and "does not exist" in result.stderr
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def _held_out_loss(state_dict: dict) -> float:
+    model = TASK.build_model(0)
+    model.load_state_dict(state_dict)
+    model.eval()
+    return TASK.evaluate(model, *TASK.eval_data())["loss"]
+
+
+def _first_loss_after_resume(procs, coordinator, data_dir) -> tuple[dict, float]:
+    peer = start_peer(procs, coordinator.address, coordinator.token, data_dir, "--max-epochs", "1")
+    assert peer.wait(PEER_EXIT) == 0, peer.log()
+    [loaded] = [e for e in events(data_dir) if e["event"] == "checkpoint_loaded"]
+    [first] = [e for e in events(data_dir) if e["event"] == "epoch"]
+    return loaded, first["metrics"]["loss"]
+
+
+def test_a_resumed_peer_keeps_the_optimizer_state(procs, tmp_path):
+    """Adam restarted from zero moments moves every weight by ~lr at its first step: a trained model
+    loses much of what it learnt. The checkpoint carries the optimizer, so the first held-out loss
+    after a resume stays near the checkpoint's; a first-format checkpoint (parameters only) still
+    resumes, says so, and shows the jump this prevents."""
+    run = write_run(tmp_path / "run.toml", epochs=0, min_peers=1, every=6, keep=3, target_batch_size=256,
+                    heartbeat_interval=0.5, peer_timeout=3.0)
+    data_dir = tmp_path / "c"
+    coordinator = start_coordinator(procs, data_dir, run)
+    first = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "a")
+    wait_until(lambda: list_checkpoints(data_dir), 150, "a checkpoint")
+    first.signal_group(signal.SIGKILL)
+    first.wait(10)
+    wait_until(lambda: not any(p["alive"] for p in coordinator.status()["peers"]), 30, "the dead peer to time out")
+    latest = list_checkpoints(data_dir)[0]
+    assert latest.holds == "parameters + optimizer state"
+    assert "checkpoint failed" not in coordinator.proc.log()
+    before = _held_out_loss(load_checkpoint(data_dir, latest))
+    initial = _held_out_loss(TASK.build_model(load_run_config(run).seed).state_dict())
+
+    loaded, after = _first_loss_after_resume(procs, coordinator, tmp_path / "b")
+    assert loaded["epoch"] == latest.epoch and loaded["holds"] == "parameters + optimizer state"
+    # what the peer's optimizer holds after the restore is, bit for bit, what the checkpoint carries
+    assert loaded["restored_fingerprint"] == optimizer_fingerprint(load_training_state(data_dir, latest).optimizer[1])
+
+    # the same checkpoint as the first format wrote it: the model only
+    model_only = load_checkpoint(data_dir, latest)
+    data = state_to_bytes(model_only, {"epoch": str(latest.epoch), "run_id": latest.run_id,
+                                       "run_config_hash": latest.run_config_hash})
+    old = {**vars(latest), "format": "potluck-checkpoint-1", "sha256": sha256_hex(data), "bytes": len(data)}
+    del old["holds"]
+    write_atomically(data_dir / "checkpoints" / latest.file, data)
+    write_atomically(data_dir / "checkpoints" / latest.file.replace(".safetensors", ".json"), json.dumps(old).encode())
+    loaded_old, after_fresh_adam = _first_loss_after_resume(procs, coordinator, tmp_path / "d")
+    assert loaded_old["holds"] == "parameters only" and loaded_old["restored_fingerprint"] is None
+    assert "the optimizer state starts fresh" in (tmp_path / "d.log").read_text()
+    print(f"held-out loss: initial {initial:.3f}, checkpoint (epoch {latest.epoch}) {before:.3f}, first epoch after "
+          f"resume {after:.3f} with the optimizer state, {after_fresh_adam:.3f} without")
+    assert after < before * 1.25 + 0.02, (before, after)
+    assert after_fresh_adam > after
+
+
+def test_a_checkpoint_that_cannot_be_taken_is_one_line_and_the_next_peer_says_where_it_starts(procs, tmp_path):
+    """A client-mode peer accepts no connections, so it never shares its state: the checkpoint due at
+    epoch 2 fails, deterministically. The operator sees one plain line (no hivemind traceback), and
+    the next peer, with nobody left and no checkpoint, says that the run goes back to the initial weights."""
+    run = write_run(tmp_path / "run.toml", epochs=0, min_peers=1, every=2, target_batch_size=256,
+                    heartbeat_interval=0.5, peer_timeout=3.0)
+    data_dir = tmp_path / "c"
+    coordinator = start_coordinator(procs, data_dir, run)
+    lonely = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "a", "--client-mode",
+                        "--max-epochs", "3")
+    line = wait_until(lambda: next((line for line in coordinator.proc.log().splitlines()
+                                    if line.startswith("checkpoint failed at epoch ")), None), 120,
+                      "the checkpoint failure line")
+    assert "no peer shared its state" in line, line
+    # the dashboard shows the same failure as an alert
+    with urllib.request.urlopen(coordinator.dashboard + "api/v1/state", timeout=10) as answer:
+        failure = json.loads(answer.read())["checkpoint_failure"]
+    assert line == f"checkpoint failed at epoch {failure['epoch']}: {failure['why']}"
+    assert lonely.wait(PEER_EXIT) == 0, lonely.log()
+    wait_until(lambda: not any(p["alive"] for p in coordinator.status()["peers"]), 30, "the peer to time out")
+    run_epoch = coordinator.status()["epoch"]
+    assert run_epoch >= 2 and not list_checkpoints(data_dir)
+    assert "Traceback" not in coordinator.proc.log() and "hivemind" not in coordinator.proc.log()
+
+    second = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "b", "--client-mode",
+                        "--max-epochs", "1")
+    assert second.wait(PEER_EXIT) == 0, second.log()
+    assert (f"warning: no peer is left and the run has no checkpoint: starting from the initial weights, "
+            f"although the run had reached epoch {run_epoch}") in second.log()
+    assert any(e["event"] == "resume_notice" for e in events(tmp_path / "b"))

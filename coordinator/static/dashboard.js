@@ -63,6 +63,9 @@ function render(state) {
   $("live-peers").textContent = `${state.live_peers} of ${state.peers.length}`;
   $("samples").textContent = int(state.samples);
   $("checkpoint").textContent = state.checkpoint ? `epoch ${state.checkpoint.epoch}` : "none";
+  const failure = state.checkpoint_failure;
+  $("checkpoint-alert").hidden = !failure;
+  $("checkpoint-alert").textContent = failure ? `checkpoint failed at epoch ${failure.epoch}: ${failure.why}` : "";
 
   const h = state.history;
   charts.loss.setData([h.epoch, h.loss, h.accuracy]);

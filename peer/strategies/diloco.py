@@ -47,23 +47,33 @@ class DiLoCoStrategy:
         self.inner = task.make_optimizer(model.parameters())
         self.steps = 0  # inner steps in the current phase
         self.rounds_applied = 0
+        self.resumed = False
 
     @property
     def epoch(self) -> int:
         return self.diloco.epoch
 
-    def start_at(self, epoch: int) -> None:
-        """Continue from a checkpoint at ``epoch``: the model was loaded before the anchor was taken."""
-        self.diloco.epoch = epoch
+    def start_at(self, epoch: int, state=None) -> str | None:
+        """Continue from a checkpoint at ``epoch``: the model (the checkpoint's anchor) was loaded
+        before the anchor was taken; a DiLoCo checkpoint's outer momentum is restored too. Returns
+        a fingerprint of the momentum as restored (peer.checkpoint.state_fingerprint), or None."""
+        momentum = state.momentum if state is not None and state.strategy == "diloco" else None
+        self.diloco.start_at(epoch, momentum)
+        self.resumed = True  # nobody was left to load state from when the coordinator said so
+        return self.diloco.momentum_fingerprint() if momentum else None
 
     def start(self, link, stop, display, events) -> dict:
         # the coordinator's epoch says whether the swarm has moved past the initial weights
         deadline = time.monotonic() + FIRST_HEARTBEAT_TIMEOUT
         while not link.view.updated and time.monotonic() < deadline and not stop.is_set():
             stop.wait(0.1)
-        if link.view.epoch > 0 and self.diloco.load_state_from_peers(timeout=STATE_DOWNLOAD_TIMEOUT):
-            events.emit("state_loaded", epoch=self.diloco.epoch, discarded_samples=0)
-            display.message(f"loaded the swarm's state at epoch {self.diloco.epoch}")
+        if not self.resumed and link.view.epoch > 0:
+            if self.diloco.load_state_from_peers(timeout=STATE_DOWNLOAD_TIMEOUT):
+                events.emit("state_loaded", epoch=self.diloco.epoch, discarded_samples=0)
+                display.message(f"loaded the swarm's state at epoch {self.diloco.epoch}")
+            else:  # never silently from the initial weights once the run has trained
+                display.message(f"could not load the swarm's state (the run is at epoch {link.view.epoch}): "
+                                f"starting from this peer's own weights; the first round resyncs to the swarm's")
         return {"averagers_seconds": round(self.averagers_seconds, 2),
                 "setup_seconds": round(time.monotonic() - self.setup_started, 2)}
 

@@ -28,8 +28,17 @@ class SyncStrategy:
     def epoch(self) -> int:
         return self.opt.local_epoch
 
-    def start_at(self, epoch: int) -> None:
+    def start_at(self, epoch: int, state=None) -> str | None:
+        """Continue from a checkpoint at ``epoch`` (the model holds its parameters already); a
+        checkpoint that carries the optimizer's state (peer/checkpoint.py) restores it too. Returns a
+        fingerprint of the optimizer state as restored (peer.resume.optimizer_fingerprint), or None."""
+        restored = None
+        if state is not None and state.strategy == "sync" and state.optimizer is not None:
+            from peer.resume import restore_optimizer
+
+            restored = restore_optimizer(self.opt, epoch, state.optimizer)
         start_at_epoch(self.opt, epoch)
+        return restored
 
     def start(self, link, stop, display, events) -> dict:
         guard_swarm_epoch(self.opt.tracker, lambda: link.epoch_limit(self.config.verification.epoch_slack))
