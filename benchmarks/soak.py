@@ -37,6 +37,7 @@ from benchmarks.runner import git_commit, raise_on_signal
 BIN = Path(sys.executable).parent
 START_TIMEOUT = 180.0  # for a swarm of processes to form on a loaded 2-core machine
 TICK = 0.05  # the fault loop's resolution (the straggler's duty cycle is 1 s)
+END_GRACE = 12.0  # at the end, a peer has this long to leave after SIGINT before it is killed
 RELAUNCH_AFTER_S = 5.0  # a peer whose join failed runs `peer join` again this long after it exited
 GOALS = {"goodput_ratio": 0.85, "loss_ratio": 1.1, "wait_factor": 3.0}
 
@@ -124,6 +125,8 @@ class Swarm:
         self.served = None
         self.peers: dict[str, PeerProc] = {}
         self.done: list[dict] = []  # faults carried out, with when
+        self.observed: list[dict] = []  # what followed them (relaunches, the coordinator serving again)
+        self.restarted_at: float | None = None
         self.pending = sorted(self.faults, key=lambda f: f.at_s)
         self.t0 = None
         self.links_down: set[str] = set()
@@ -154,10 +157,12 @@ class Swarm:
         return self._launch(name, host, data_dir)
 
     def _launch(self, name: str, host: Host, data_dir: Path) -> PeerProc:
+        # --progress json: the event lines go to the log too (and plain lines crash on an epoch that
+        # reports no chain, peer/progress.py:79, a product bug this harness reports rather than trips on)
         token = (self.cdir / "default-org.token").read_text().strip()
         popen = self.processes.start(
             host.command([str(BIN / "peer"), "join", self.served["address"], "--token", token, "--data-dir",
-                          str(data_dir), "--host", host.address, "--threads", "1", "--progress", "plain",
+                          str(data_dir), "--host", host.address, "--threads", "1", "--progress", "json",
                           *transport_args(self.served)]),
             f"{self.name}-{name}", env=self.config.workload().env())
         peer = self.peers[name] = PeerProc(name, host, data_dir, popen)
@@ -178,6 +183,10 @@ class Swarm:
             fault = self.pending.pop(0)
             result = getattr(self, fault.action)(fault.target, now)
             self.done.append({**asdict(fault), "done_at_s": round(time.time() - self.t0, 2), "result": result})
+        if self.restarted_at is not None and self._serving():
+            self.observed.append({"at_s": round(now - self.t0, 2), "what": "coordinator serving again",
+                                  "after_s": round(now - self.restarted_at, 2)})
+            self.restarted_at = None
         for peer in list(self.peers.values()):
             if peer.exited_at is None and not peer.killed and peer.popen.poll() is not None:
                 peer.exited_at = now
@@ -191,13 +200,18 @@ class Swarm:
                     self._signal(peer.popen.pid, signal.SIGCONT if run else signal.SIGSTOP)
                     peer.stopped = not run
 
+    def _serving(self) -> bool:
+        try:
+            return self.coordinator_ready() is not None
+        except RuntimeError:  # it exited: said by its exit code in the results
+            return False
+
     def _joined(self, peer: PeerProc) -> bool:
         return any(e["event"] == "joined" for e in sm_events(peer.data_dir))
 
     def _relaunch(self, peer: PeerProc, now: float) -> None:
-        self.done.append({"at_s": round(now - self.t0, 1), "action": "relaunch", "target": peer.name,
-                          "done_at_s": round(now - self.t0, 2),
-                          "result": f"peer join exited {peer.popen.returncode} before joining; run again"})
+        self.observed.append({"at_s": round(now - self.t0, 2), "what": f"{peer.name} relaunched: `peer join` "
+                              f"exited {peer.popen.returncode} before it joined (a volunteer runs it again)"})
         host, data_dir, relaunches = peer.host, peer.data_dir, peer.relaunches + 1
         self.peers[peer.name] = self._launch(peer.name, host, data_dir)
         self.peers[peer.name].relaunches = relaunches
@@ -228,6 +242,7 @@ class Swarm:
         if self.coordinator.poll() is None:
             return "still running: not restarted"
         self.start_coordinator()
+        self.restarted_at = now
         return "restarted"
 
     def throttle_start(self, target: str, now: float) -> str:
@@ -271,50 +286,57 @@ class Swarm:
         for target in list(self.links_down):
             self.link_up(target, time.time())
 
-    def stop(self, grace: float) -> None:
-        """Peers leave (SIGINT, SIGKILL after grace), the coordinator takes in their last reports, then stops."""
-        live = [p for p in self.peers.values() if not p.killed]
-        ended = time.time()
-        for peer in live:
-            peer.ended_at = ended
-        self.processes.stop([p.popen for p in live], grace=grace)
-        if self.coordinator is not None:
-            self.processes.stop([self.coordinator], grace=grace)
+    def live_peers(self) -> list[PeerProc]:
+        return [p for p in self.peers.values() if not p.killed]
 
-    def measure(self, start: float, end: float) -> dict:
-        ledger = self.cdir / "ledger.sqlite"
-        compute = sm.compute_by_report(ledger)
-        logs = []
-        for peer in self.peers.values():
-            events = sm_events(peer.data_dir)
-            for event in events:
-                if event["event"] == "epoch":
-                    event["compute_seconds"] = compute.get(event.get("report_id"))
-            logs.append(sm.PeerLog(peer.name, events, peer.ended_at, peer.killed))
-        acked = set().union(*[sm.acknowledged_ids(p.data_dir) for p in self.peers.values()])
-        in_ledger = sm.ledger_report_ids(ledger)
-        verified = subprocess.run([str(BIN / "coordinator"), "ledger", "verify", "--data-dir", str(self.cdir)],
-                                  capture_output=True, text=True, timeout=120)
-        exits = {p.name: "killed" if p.killed else p.popen.poll() for p in self.peers.values()}
-        return {
-            "goodput_samples_per_s": round(sm.goodput(logs, start, end), 2),
-            "samples": sm.window_samples(logs, start, end),
-            "solo_samples": sm.window_samples(logs, start, end, solo=True),
-            "final_loss": sm.final_loss(logs),
-            "longest_wait": sm.longest_wait(logs, start),
-            "acknowledged_reports": len(acked),
-            "acknowledged_reports_lost": len(acked - in_ledger),
-            "lost_report_ids": sorted(acked - in_ledger)[:20],
-            "reports_in_ledger": len(in_ledger),
-            "outboxes": {p.name: sm.outbox_counts(p.data_dir) for p in self.peers.values()},
-            "ledger_verify": {"ok": verified.returncode == 0,
-                              "output": (verified.stdout + verified.stderr).strip()[-2000:]},
-            "peer_exits": exits,
-            "epochs": {p.name: sum(1 for e in log.events if e["event"] == "epoch") for p, log in
-                       zip(self.peers.values(), logs)},
-            "faults_done": self.done,
-            "faults_not_done": fs.as_data(self.pending),
-        }
+
+def stop_swarms(swarms: list[Swarm], processes: Processes, grace: float) -> None:
+    """Every peer leaves at once (SIGINT, SIGKILL after grace); the coordinators take in their last
+    reports, then stop."""
+    ended = time.time()
+    for swarm in swarms:
+        for peer in swarm.live_peers():
+            peer.ended_at = ended
+    processes.stop([p.popen for swarm in swarms for p in swarm.live_peers()], grace=grace)
+    processes.stop([swarm.coordinator for swarm in swarms if swarm.coordinator is not None], grace=grace)
+
+
+def measure(swarm: Swarm, start: float, end: float) -> dict:
+    """The figures of one swarm over the window [start, end]."""
+    ledger = swarm.cdir / "ledger.sqlite"
+    compute = sm.compute_by_report(ledger)
+    logs = []
+    for peer in swarm.peers.values():
+        events = sm_events(peer.data_dir)
+        for event in events:
+            if event["event"] == "epoch":
+                event["compute_seconds"] = compute.get(event.get("report_id"))
+        logs.append(sm.PeerLog(peer.name, events, peer.ended_at, peer.killed))
+    acked = set().union(*[sm.acknowledged_ids(p.data_dir) for p in swarm.peers.values()])
+    in_ledger = sm.ledger_report_ids(ledger)
+    verified = subprocess.run([str(BIN / "coordinator"), "ledger", "verify", "--data-dir", str(swarm.cdir)],
+                              capture_output=True, text=True, timeout=120)
+    exits = {p.name: "killed" if p.killed else p.popen.poll() for p in swarm.peers.values()}
+    return {
+        "goodput_samples_per_s": round(sm.goodput(logs, start, end), 2),
+        "samples": sm.window_samples(logs, start, end),
+        "solo_samples": sm.window_samples(logs, start, end, solo=True),
+        "final_loss": sm.final_loss(logs),
+        "longest_wait": sm.longest_wait(logs, start),
+        "acknowledged_reports": len(acked),
+        "acknowledged_reports_lost": len(acked - in_ledger),
+        "lost_report_ids": sorted(acked - in_ledger)[:20],
+        "reports_in_ledger": len(in_ledger),
+        "outboxes": {p.name: sm.outbox_counts(p.data_dir) for p in swarm.peers.values()},
+        "ledger_verify": {"ok": verified.returncode == 0,
+                          "output": (verified.stdout + verified.stderr).strip()[-2000:]},
+        "peer_exits": exits,
+        "epochs": {p.name: sum(1 for e in log.events if e["event"] == "epoch") for p, log in
+                   zip(swarm.peers.values(), logs)},
+        "faults_done": swarm.done,
+        "observed": swarm.observed,
+        "faults_not_done": fs.as_data(swarm.pending),
+    }
 
 
 def sm_events(data_dir: Path) -> list[dict]:
@@ -441,9 +463,8 @@ def measure_strategy(strategy: str, config: SoakConfig, lab, processes: Processe
     log(f"{strategy}: {config.peers} peers, {config.seconds:.0f}s, fault-free and faulted swarms side by side")
     # on an error or an interrupt, run()'s cleanup kills everything at once; a graceful end is for a full run
     start, end = drive([clean, faulted], config, processes, log)
-    for swarm in (clean, faulted):
-        swarm.stop(grace=20)
-    base, hit = clean.measure(start, end), faulted.measure(start, end)
+    stop_swarms([clean, faulted], processes, END_GRACE)
+    base, hit = measure(clean, start, end), measure(faulted, start, end)
     timeout = config.averaging_timeout
     result = {
         "goodput_ratio": sm.ratio(hit["goodput_samples_per_s"], base["goodput_samples_per_s"]),
