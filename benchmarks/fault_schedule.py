@@ -112,3 +112,36 @@ def running_now(seconds_since_start: float, fraction: float = THROTTLE_FRACTION,
                 period: float = THROTTLE_PERIOD_S) -> bool:
     """Whether a throttled process runs at this moment of its duty cycle."""
     return (seconds_since_start % period) < fraction * period
+
+
+def capacity(faults: list[Fault], peers: int, seconds: float, step: float = 0.1) -> float:
+    """The share of the fault-free run's peer-time that the schedule leaves: killed peers count until
+    killed, replacements from their join (start-up taken as instant), a straggler at THROTTLE_FRACTION,
+    a partitioned peer not at all. An optimistic ceiling of ``goodput_ratio``: what the faults alone
+    take away, before any cost of recovering from them."""
+    if seconds <= 0 or peers <= 0:
+        return 1.0
+    life = {f"peer{i}": [0.0, seconds] for i in range(peers)}
+    throttled, cut = {}, {}
+    for fault in sorted(faults, key=lambda f: f.at_s):
+        if fault.action == "join_peer":
+            life[fault.target] = [fault.at_s, seconds]
+        elif fault.action == "kill_peer" and fault.target in life:
+            life[fault.target][1] = min(life[fault.target][1], fault.at_s)
+        elif fault.action in ("throttle_start", "link_down"):
+            (throttled if fault.action == "throttle_start" else cut).setdefault(fault.target, []).append([fault.at_s, seconds])
+        elif fault.action in ("throttle_stop", "link_up"):
+            spans = (throttled if fault.action == "throttle_stop" else cut).get(fault.target, [])
+            if spans:
+                spans[-1][1] = fault.at_s
+
+    def within(spans, t):
+        return any(a <= t < b for a, b in spans)
+
+    total, steps = 0.0, int(seconds / step)
+    for name, (born, dies) in life.items():
+        for k in range(steps):
+            t = (k + 0.5) * step
+            if born <= t < dies and not within(cut.get(name, []), t):
+                total += THROTTLE_FRACTION if within(throttled.get(name, []), t) else 1.0
+    return round(total / (peers * steps), 3)

@@ -472,6 +472,7 @@ def measure_strategy(strategy: str, config: SoakConfig, lab, processes: Processe
         "longest_wait_s": hit["longest_wait"]["seconds"],
         "acknowledged_reports_lost": hit["acknowledged_reports_lost"] + base["acknowledged_reports_lost"],
         "ledger_verify": "ok" if hit["ledger_verify"]["ok"] and base["ledger_verify"]["ok"] else "FAILED",
+        "fault_capacity": fs.capacity(faults, config.peers, config.seconds),  # the ceiling of goodput_ratio
         "averaging_timeout_s": timeout,
         "window_s": round(end - start, 1),
         "schedule": fs.as_data(faults),

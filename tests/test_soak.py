@@ -235,3 +235,11 @@ def test_ctrl_c_of_the_soak_leaves_no_process_or_namespace(tmp_path, moment):
     results = json.loads((tmp_path / "out.json").read_text())
     assert results["meta"]["interrupted"] is True
     assert results["sync"]["leftovers"] == {"processes": [], "namespaces": []}
+
+
+def test_capacity_is_what_the_faults_alone_take_away():
+    assert fs.capacity([], 4, 100) == 1.0
+    faults = [fs.Fault(50, "kill_peer", "peer0"), fs.Fault(60, "join_peer", "peer0-r"),  # 10 of 400 peer-s
+              fs.Fault(0, "throttle_start", "peer1"), fs.Fault(50, "throttle_stop", "peer1"),  # 45
+              fs.Fault(20, "link_down", "peer2"), fs.Fault(40, "link_up", "peer2")]  # 20
+    assert fs.capacity(faults, 4, 100) == pytest.approx((400 - 10 - 45 - 20) / 400, abs=0.002)
