@@ -243,3 +243,85 @@ def test_capacity_is_what_the_faults_alone_take_away():
               fs.Fault(0, "throttle_start", "peer1"), fs.Fault(50, "throttle_stop", "peer1"),  # 45
               fs.Fault(20, "link_down", "peer2"), fs.Fault(40, "link_up", "peer2")]  # 20
     assert fs.capacity(faults, 4, 100) == pytest.approx((400 - 10 - 45 - 20) / 400, abs=0.002)
+
+
+# -- the fault mechanics on a stand-in process (seconds, no swarm) --------------------------------------
+def _state(pid: int) -> str:
+    return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def _swarm_with_a_sleeper(tmp_path, lab):
+    from benchmarks.procs import Processes
+    from benchmarks.soak import PeerProc, SoakConfig, Swarm
+
+    processes = Processes(tmp_path / "logs")
+    swarm = Swarm("t", lab, processes, tmp_path / "t", SoakConfig(peers=1, seconds=60), SoakConfig().arm("sync"))
+    host = lab.add_host(20.0)
+    sleeper = processes.start(host.command(["sleep", "60"]), "sleeper")
+    swarm.peers["peer0"] = PeerProc("peer0", host, tmp_path, sleeper)
+    swarm.t0 = time.time()
+    return swarm, processes, sleeper
+
+
+def test_straggler_and_partition_on_loopback(tmp_path):
+    from benchmarks.netns import LoopbackLab
+
+    swarm, processes, sleeper = _swarm_with_a_sleeper(tmp_path, LoopbackLab())
+    try:
+        assert swarm.port != swarm.dht_port  # loopback: free ports, not the namespaces' fixed ones
+        swarm.throttle_start("peer0", time.time())
+        states = set()
+        deadline = time.time() + 3
+        while time.time() < deadline:  # the duty cycle: stopped most of each second, running a tenth
+            swarm.tick(time.time())
+            states.add(_state(sleeper.pid))
+            time.sleep(0.01)
+        assert "T" in states and states - {"T"}
+        swarm.throttle_stop("peer0", time.time())
+        _wait_until(lambda: _state(sleeper.pid) != "T", 5, "the straggler to run again")
+        assert "SIGSTOP" in swarm.link_down("peer0", time.time())
+        _wait_until(lambda: _state(sleeper.pid) == "T", 5, "the cut-off peer to stop")
+        swarm.link_up("peer0", time.time())
+        _wait_until(lambda: _state(sleeper.pid) != "T", 5, "the peer to run again")
+        swarm.kill_peer("peer0", time.time())
+        _wait_until(lambda: sleeper.poll() is not None, 10, "the killed peer to end")
+    finally:
+        processes.close()
+
+
+@needs_root
+def test_partition_takes_the_link_down_and_back(tmp_path):
+    from benchmarks.netns import NetnsLab
+
+    lab = NetnsLab(prefix=f"plk-{os.getpid()}-s-")
+    swarm, processes, sleeper = _swarm_with_a_sleeper(tmp_path, lab)
+    host = swarm.peers["peer0"].host
+
+    def link_state() -> str:
+        shown = subprocess.run(["ip", "-n", lab.hub, "link", "show", host.hub_interface], capture_output=True,
+                               text=True).stdout
+        return "DOWN" if "state DOWN" in shown or "NO-CARRIER" in shown.split(">")[0] else "UP"
+
+    try:
+        assert (swarm.port, swarm.dht_port) == (7000, 7001)
+        swarm.link_down("peer0", time.time())
+        assert link_state() == "DOWN"
+        swarm.release()  # what the end of a run does: the link comes back
+        assert link_state() == "UP"
+    finally:
+        processes.close()
+        assert lab.close() == []
+
+
+def test_loopback_fallback_is_said_in_the_json(monkeypatch, tmp_path):
+    from benchmarks import soak
+
+    monkeypatch.setattr(soak, "namespaces_available", lambda: (False, "not root (test)"))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        results = soak.run([], soak.SoakConfig(peers=2, seconds=1), tmp_path, log=lambda line: None)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert results["meta"]["mode"] == "loopback"
+    assert any("loopback mode: not root (test)" in note for note in results["meta"]["notes"])
