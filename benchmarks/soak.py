@@ -109,7 +109,6 @@ class Swarm:
     config: SoakConfig
     arm: Arm
     faults: list = field(default_factory=list)
-    notes: list = field(default_factory=list)
 
     def __post_init__(self):
         self.folder.mkdir(parents=True, exist_ok=True)
