@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import robust
 
         return robust.main(argv[1:])
+    if argv and argv[0] == "soak":  # its own options: see benchmarks/soak.py
+        from benchmarks import soak
+
+        return soak.main(argv[1:])
     if argv and argv[0] == "honest-long":  # its own options: see benchmarks/honest_long.py
         from benchmarks import honest_long
 
@@ -88,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("robust", help="robust averaging against a poisoning peer (python -m benchmarks robust -h)")
+    sub.add_parser("soak", help="churn, outages, a straggler, a partition: what survives (soak -h)")
     sub.add_parser("honest-long", help="false positives in a long honest run with churn (honest-long -h)")
     runp = sub.add_parser("run", help="run the benchmarks")
     runp.add_argument("--out", type=Path, required=True, help="where the JSON goes")
