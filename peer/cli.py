@@ -90,9 +90,13 @@ def join_command(
     connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.")] = timeouts.CONNECT,
     progress: Annotated[ProgressMode, typer.Option(help="live panel, plain lines, json event lines, or quiet.")]
     = ProgressMode.auto,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show hivemind's own logs.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show hivemind's and gRPC's logs on the "
+                                          "terminal too (they always go to peer.log in the data dir).")] = False,
 ):
     """Join a run: train with the swarm until the run ends, --max-epochs, or Ctrl-C."""
+    from peer.logfile import quiet_grpc, route_logs
+
+    quiet_grpc(verbose)  # before grpc is imported
     import torch
 
     from peer.checkpoint import state_from_bytes
@@ -110,10 +114,7 @@ def join_command(
     from peer.transport import Endpoint, normalize_fingerprint
     from protos import coordinator_pb2 as pb
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     if not verbose:
-        os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
-        logging.getLogger("hivemind").setLevel(logging.ERROR)
         quiet_handled_retries()
     if ":" not in address:
         raise UserError(f"coordinator address {address!r} must be HOST:PORT, e.g. 127.0.0.1:7450")
@@ -128,6 +129,7 @@ def join_command(
     if threads:
         torch.set_num_threads(threads)
     data_dir.mkdir(parents=True, exist_ok=True)
+    route_logs(data_dir, verbose)  # hivemind's and gRPC's logs: data_dir/peer.log (-v: the terminal too)
     other = running_peer(data_dir)
     if other is not None:
         raise UserError(f"a peer (pid {other['pid']}) is already running from {data_dir}; stop it with "
