@@ -3,6 +3,7 @@ state, and resumes when enough peers are back."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -64,5 +65,5 @@ def test_a_peer_whose_partner_is_killed_pauses_and_resumes_with_a_new_one(procs,
     assert [e["epoch"] for e in events(tmp_path / "c2") if e["event"] == "state_loaded"][0] >= paused_at[-1]
     assert all(e["epoch"] >= paused_at[-1] for e in events(tmp_path / "a") if e["event"] == "state_loaded")
     assert epochs_of(tmp_path / "a")[len(paused_at)] > paused_at[-1]
-    first.signal_group(2)
+    first.popen.send_signal(signal.SIGTERM)
     assert first.wait(60) == 0
