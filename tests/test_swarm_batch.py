@@ -57,3 +57,37 @@ def test_a_peer_computes_its_share_of_the_target_and_counts_itself_before_it_pub
     assert peers_in(records, b"p0") == 2  # our own record is among them
     assert peers_in(records, b"me") == 3  # not yet published: we count too
     assert peers_in({"bad": SimpleNamespace(value=None)}, b"me") == 1
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_hivemind_logs_go_to_the_log_file_and_with_v_to_the_terminal_too(tmp_path, verbose):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = (
+        "import logging, sys, pathlib\n"
+        "from peer.logfile import route_logs\n"
+        f"route_logs(pathlib.Path(sys.argv[1]), {verbose})\n"
+        "from hivemind.utils.logging import get_logger\n"
+        "try:\n"
+        "    raise ValueError('x')\n"
+        "except ValueError:\n"
+        "    get_logger('hivemind.averaging.averager').exception('could not find a group')\n"
+        "logging.getLogger('potluck.peer').warning('coordinator rejected report r1')\n"
+        "class Loud:\n"
+        "    def __del__(self): raise GeneratorExit\n"
+        "Loud()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    logged = (tmp_path / "peer.log").read_text()
+    assert "could not find a group" in logged and "Traceback" in logged
+    assert "warning: coordinator rejected report r1" in result.stderr or verbose  # ours stay on the terminal
+    if verbose:
+        assert "could not find a group" in result.stderr
+    else:
+        assert "could not find a group" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert "GeneratorExit" in logged
