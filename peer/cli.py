@@ -90,7 +90,8 @@ def join_command(
     connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.")] = timeouts.CONNECT,
     progress: Annotated[ProgressMode, typer.Option(help="live panel, plain lines, json event lines, or quiet.")]
     = ProgressMode.auto,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show hivemind's own logs.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show hivemind's and gRPC's logs on the "
+                                          "terminal too (they always go to peer.log in the data dir).")] = False,
 ):
     """Join a run: train with the swarm until the run ends, --max-epochs, or Ctrl-C."""
     from peer.address import normalize_fingerprint, split_address
@@ -106,6 +107,9 @@ def join_command(
                         "(it pins the coordinator's TLS certificate)")
     pinned = None if insecure else normalize_fingerprint(fingerprint)
 
+    from peer.logfile import quiet_grpc, route_logs
+
+    quiet_grpc(verbose)  # before grpc is imported
     import torch
 
     from peer.checkpoint import training_state_from_bytes
@@ -124,10 +128,7 @@ def join_command(
     from peer.transport import Endpoint
     from protos import coordinator_pb2 as pb
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     if not verbose:
-        os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
-        logging.getLogger("hivemind").setLevel(logging.ERROR)
         quiet_handled_retries()
     endpoint = Endpoint(address, pinned, insecure)
     json_mode = progress is ProgressMode.json
@@ -135,6 +136,7 @@ def join_command(
     if threads:
         torch.set_num_threads(threads)
     data_dir.mkdir(parents=True, exist_ok=True)
+    route_logs(data_dir, verbose)  # hivemind's and gRPC's logs: data_dir/peer.log (-v: the terminal too)
     other = running_peer(data_dir)
     if other is not None:
         raise UserError(f"a peer (pid {other['pid']}) is already running from {data_dir}; stop it with "

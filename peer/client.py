@@ -202,10 +202,14 @@ class CoordinatorLink:
         self._wake.set()
         return report_id
 
+    def view_is_fresh(self) -> bool:
+        """Whether the last heartbeat reply is recent enough to act on (a few intervals, one call's deadline)."""
+        return bool(self.view.updated) and (
+            time.monotonic() - self.view.updated < 3 * self.heartbeat_interval + CALL_TIMEOUT)
+
     def epoch_limit(self, slack: int) -> int | None:
         """The highest swarm epoch that is plausible, per the coordinator's fresh view (None: no fresh view)."""
-        fresh = self.view.updated and time.monotonic() - self.view.updated < 3 * self.heartbeat_interval + CALL_TIMEOUT
-        return self.view.epoch + slack if fresh else None
+        return self.view.epoch + slack if self.view_is_fresh() else None
 
     def wait_for_peers_to_catch_up(self, timeout: float) -> bool:
         """After this peer's last epoch, wait (bounded) until no live peer is still behind it.

@@ -1,6 +1,7 @@
 """The run loop of one peer, for every averaging strategy: micro-batches, proofs, reports, eviction, save.
 
-The loop owns everything that is not about combining work: stop handling, the start gate, the
+The loop owns everything that is not about combining work: stop handling, the gate (training
+pauses below ``min_peers``, at the start and at every round after, peer/company.py), the
 micro-batch (always :func:`peer.work.do_micro_batch`, so the auditor can replay any strategy's
 work), the meter, the progress display, evaluation, the signed reports with their proof, eviction
 and the final save. A strategy (peer/strategies/) says only how the swarm combines the work: which
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from peer.company import peers_present, too_few, wait_for_company
 from peer.errors import UserError
 from peer.events import EventLog
 from peer.progress import Progress, ProgressDisplay
@@ -198,6 +200,18 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
             if outcome.message:
                 display.message(outcome.message)
 
+    def company() -> int | None:
+        return peers_present(link.view_is_fresh(), link.view.live_peers, strategy.swarm_peers())
+
+    def pause_for_company() -> None:
+        """Below min_peers after training started: hold, state kept, until enough peers are back."""
+        events.emit("waiting", epoch=strategy.epoch, peers=company(), min_peers=config.min_peers)
+        present = wait_for_company(company, config.min_peers, stop, display.message,
+                                   over=lambda: link.view.run_finished or bool(link.evicted))
+        if not stop.is_set() and not link.view.run_finished and not link.evicted:
+            events.emit("resumed", epoch=strategy.epoch, peers=present)
+            display.message(f"{present} peers in the swarm: training")
+
     with ProgressDisplay(peer_id, config.run_id, options.progress) as display:
         started = strategy.start(link, stop, display, events)
         events.emit("started", epoch=strategy.epoch, device=str(device), strategy=strategy.name, **started)
@@ -225,6 +239,9 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
                 break
             if caught_up:
                 handle(caught_up)
+                continue
+            if gated and config.min_peers > 1 and too_few(company(), config.min_peers):
+                pause_for_company()
                 continue
 
             label = strategy.label()

@@ -8,8 +8,11 @@ a named deadline here, and each caller does one of three defined things when it 
 - SKIP (the round or step is abandoned; training goes on from local state),
 - LEAVE (one ``error:`` line, exit 2, the coordinator told when it can be).
 
-One wait is open on purpose: a peer holds training until ``min_peers`` are in the swarm
-(peer/loop.py ``wait_for_peers``), saying so on screen, until peers come or the volunteer stops it.
+One wait is open on purpose: a peer holds training while fewer than ``min_peers`` are in the swarm
+(peer/loop.py ``wait_for_peers`` at the start, peer/company.py at every round after), saying so on
+screen, until peers come or the volunteer stops it; a coordinator that is unreachable does not hold
+it (the swarm's own count decides then). A sync peer that did its share of the batch holds its step
+for the others at most the run's ``averaging_timeout`` (peer/fair_share.py), then hivemind's rules go on.
 
 Run-specific waits (``matchmaking_time``, ``averaging_timeout``) come from the run config: they
 must be the same for the whole swarm. The values here are per peer and may differ between peers.

@@ -87,16 +87,20 @@ def test_late_peer_loads_state_and_contributes(procs, tmp_path):
     assert samples[late_id] > 0
 
 
-def test_surviving_peer_finishes_after_other_is_killed(procs, tmp_path):
-    run = write_run(tmp_path / "run.toml", epochs=6, averaging_timeout=5.0)
+def test_surviving_peer_goes_on_after_other_is_killed(procs, tmp_path):
+    # min_peers = 1: the survivor may train alone (with 2 it waits for company, tests/test_company.py);
+    # a run without end, so that neither peer can finish it alone before the other has trained
+    run = write_run(tmp_path / "run.toml", epochs=0, averaging_timeout=5.0, min_peers=1)
     coordinator = start_coordinator(procs, tmp_path / "c", run)
     survivor = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "survivor")
     victim = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "victim")
     wait_until(lambda: len(epochs_reported(tmp_path / "victim")) >= 2, 90, "both peers to train 2 epochs")
     victim.kill()
+    at_kill = max(epochs_reported(tmp_path / "survivor"))
+    wait_until(lambda: max(epochs_reported(tmp_path / "survivor")) >= at_kill + 3, 120, "the survivor to go on")
+    survivor.popen.send_signal(signal.SIGTERM)
     assert survivor.wait(PEER_EXIT) == 0, survivor.log()
-    assert load_model(tmp_path / "survivor")["epoch"] == 6
-    assert max(epochs_reported(tmp_path / "survivor")) == 5
+    assert load_model(tmp_path / "survivor")["epoch"] == max(epochs_reported(tmp_path / "survivor")) + 1
 
 
 def test_coordinator_restart_keeps_acknowledged_reports(procs, tmp_path):
@@ -130,7 +134,9 @@ def test_coordinator_restart_keeps_acknowledged_reports(procs, tmp_path):
 
 
 def test_sigterm_leaves_cleanly_and_the_other_peer_goes_on(procs, tmp_path):
-    run = write_run(tmp_path / "run.toml", epochs=6, averaging_timeout=5.0)
+    # min_peers = 1: the stayer may train alone (with 2 it waits for company, tests/test_company.py);
+    # a run without end, so that neither peer can finish it alone before the other has trained
+    run = write_run(tmp_path / "run.toml", epochs=0, averaging_timeout=5.0, min_peers=1)
     coordinator = start_coordinator(procs, tmp_path / "c", run)
     stayer = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "stayer")
     leaver = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "leaver")
@@ -140,8 +146,11 @@ def test_sigterm_leaves_cleanly_and_the_other_peer_goes_on(procs, tmp_path):
     leaver_id = next(e["peer_id"] for e in events(tmp_path / "leaver") if e["event"] == "joined")
     assert [e["reason"] for e in events(tmp_path / "leaver") if e["event"] == "left"] == ["stopped"]
     assert not next(p for p in coordinator.status()["peers"] if p["id"] == leaver_id)["alive"]
+    at_leave = max(epochs_reported(tmp_path / "stayer"))
+    wait_until(lambda: max(epochs_reported(tmp_path / "stayer")) >= at_leave + 3, 120, "the stayer to go on")
+    stayer.popen.send_signal(signal.SIGTERM)
     assert stayer.wait(PEER_EXIT) == 0, stayer.log()
-    assert load_model(tmp_path / "stayer")["epoch"] == 6
+    assert load_model(tmp_path / "stayer")["epoch"] == max(epochs_reported(tmp_path / "stayer")) + 1
 
 
 def test_max_epochs_leaves_after_that_many_epochs(procs, tmp_path):

@@ -32,7 +32,9 @@ def token_id_of(coordinator, org: str) -> str:
 
 
 def test_eviction_reaches_coordinator_and_swarm(procs, tmp_path):
-    run = write_run(tmp_path / "run.toml", epochs=0)  # no end: the peers train until stopped
+    # no end: the peers train until stopped; min_peers = 1 so that the cut-off rogue (and the honest peer
+    # left alone) may go on training rather than wait for company (tests/test_company.py)
+    run = write_run(tmp_path / "run.toml", epochs=0, min_peers=1)
     coordinator = start_coordinator(procs, tmp_path / "c", run)
     info = json.loads((coordinator.data_dir / "coordinator.json").read_text())
     partner_token, rogue_token = coordinator.issue_token("partner"), coordinator.issue_token("rogue")

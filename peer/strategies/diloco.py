@@ -83,6 +83,10 @@ class DiLoCoStrategy:
     def peers(self, link) -> int:
         return link.view.live_peers
 
+    def swarm_peers(self) -> None:
+        """No count of its own (the DHT stays quiet between rounds): with a stale view, train on."""
+        return None
+
     def catch_up(self, display) -> list[Outcome]:
         return []  # a peer behind is caught up inside a round (resync), see peer.diloco
 

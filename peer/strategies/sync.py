@@ -3,11 +3,13 @@
 An epoch is hivemind's: it ends when the swarm has accumulated ``target_batch_size`` samples and
 the Optimizer's step averaged their gradients (and then the parameters). The loop's micro-batch
 leaves its gradient in the model; :meth:`after_micro_batch` hands it to the Optimizer with the
-true sample count (the averaging weight).
+true sample count (the averaging weight). Each peer computes its share of the target and then
+holds its step until the swarm's batch is complete (peer/fair_share.py).
 """
 
 from __future__ import annotations
 
+from peer.fair_share import count_peers, hold_until_swarm_batch, share_of
 from peer.loop import Outcome
 from peer.progress_guard import guard_swarm_epoch
 from peer.swarm import FIRST_FETCH_TIMEOUT, load_state, make_optimizer, needs_state_from_peers, start_at_epoch
@@ -41,6 +43,8 @@ class SyncStrategy:
         return restored
 
     def start(self, link, stop, display, events) -> dict:
+        self.stop = stop
+        self.count = count_peers(self.opt.tracker)  # before the guard: it counts the records the guard kept
         guard_swarm_epoch(self.opt.tracker, lambda: link.epoch_limit(self.config.verification.epoch_slack))
         # learn the swarm's epoch first, so a late joiner loads state before computing anything
         self.opt.tracker.fetched_global_progress_this_epoch.wait(FIRST_FETCH_TIMEOUT)
@@ -51,6 +55,10 @@ class SyncStrategy:
 
     def peers(self, link) -> int:
         return self.opt.tracker.global_progress.num_peers
+
+    def swarm_peers(self) -> int:
+        """The swarm's own count: the peers behind the progress records (the guard kept), this one included."""
+        return self.count.peers
 
     def catch_up(self, display) -> list[Outcome]:
         if not needs_state_from_peers(self.opt):
@@ -68,6 +76,10 @@ class SyncStrategy:
 
     def after_micro_batch(self, done, link) -> list[Outcome]:
         before = self.opt.local_epoch
+        accumulated = self.opt.grad_averager.local_samples_accumulated + done.samples
+        if self.count.peers > 1 and accumulated >= share_of(self.config.target_batch_size, self.count.peers):
+            hold_until_swarm_batch(self.opt.tracker, self.count, self.config.target_batch_size, accumulated,
+                                   self.stop, bound=self.config.averaging_timeout)
         # the averaging weight is the sample count hivemind accumulates: pass the true one
         self.opt.step(batch_size=done.samples)
         self.opt.zero_grad()
