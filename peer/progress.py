@@ -75,8 +75,9 @@ class ProgressDisplay:
             self._live.update(self._table(p))
         elif not self.quiet:
             accuracy = "" if p.accuracy is None else f" accuracy {p.accuracy:.3f}"
+            loss = "-" if p.loss is None else f"{p.loss:.4f}"  # a round can end before any report of this peer's
             print(
-                f"epoch {p.epoch} loss {p.loss:.4f}{accuracy} local {p.local_samples_per_second:.0f} samples/s "
+                f"epoch {p.epoch} loss {loss}{accuracy} local {p.local_samples_per_second:.0f} samples/s "
                 f"swarm {p.swarm_samples_per_second:.0f} samples/s peers {p.peers} credit {p.credit:.0f}",
                 flush=True,
             )

@@ -211,3 +211,12 @@ def test_load_task_version_mismatch():
 def test_load_task_matching_version():
     task = load_task("examples.digits", "1")
     assert task.name == "examples.digits"
+
+
+def test_plain_progress_line_before_any_loss_is_known(capsys):
+    """A DiLoCo round can end before this peer reported anything: the line says so instead of crashing."""
+    from peer.progress import Progress, ProgressDisplay
+
+    with ProgressDisplay("p-1", "run", mode="plain") as display:
+        display.epoch_done(Progress(epoch=3))
+    assert "epoch 3 loss -" in capsys.readouterr().out
