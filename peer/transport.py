@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 
 import grpc
 
 from peer.address import normalize_fingerprint, split_address  # noqa: F401 (re-exported)
 from peer.errors import UserError
+from peer.timeouts import backoff
 
 MAX_MESSAGE_BYTES = 1 << 20
 CHANNEL_OPTIONS = [
@@ -31,27 +33,40 @@ def fingerprint_of_pem(pem: bytes | str) -> str:
 
 
 def fetch_certificate(address: str, timeout: float) -> bytes:
-    """The certificate the server at `address` presents (not verified here: the fingerprint is)."""
+    """The certificate the server at `address` presents (not verified here: the fingerprint is).
+
+    A refused connection (nothing listens yet: a coordinator restarting) is tried again, with jitter,
+    until `timeout` has passed; any other failure answers at once.
+    """
     host, port = split_address(address)
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     context.set_alpn_protocols(["h2"])
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as raw:
-            with context.wrap_socket(raw, server_hostname=host) as tls:
-                der = tls.getpeercert(binary_form=True)
-    except ssl.SSLError:
-        raise UserError(
-            f"the coordinator at {address} does not speak TLS; if its operator really runs it with --insecure, "
-            f"join with --insecure too (traffic is then readable and forgeable by anyone on the path)"
-        ) from None
-    except OSError as error:
-        raise UserError(
-            f"cannot reach a coordinator at {address} ({error.strerror or error}); check the address and that "
-            f"'coordinator serve' is running there"
-        ) from None
-    return ssl.DER_cert_to_PEM_cert(der).encode()
+    deadline, attempt = time.monotonic() + timeout, 0
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(deadline - time.monotonic(), 0.1)) as raw:
+                with context.wrap_socket(raw, server_hostname=host) as tls:
+                    return ssl.DER_cert_to_PEM_cert(tls.getpeercert(binary_form=True)).encode()
+        except ssl.SSLError:
+            raise UserError(
+                f"the coordinator at {address} does not speak TLS; if its operator really runs it with --insecure, "
+                f"join with --insecure too (traffic is then readable and forgeable by anyone on the path)"
+            ) from None
+        except ConnectionRefusedError as error:
+            wait = min(backoff(attempt, 0.25, 2.0), deadline - time.monotonic())
+            if wait <= 0:
+                raise UserError(f"cannot reach a coordinator at {address} within {timeout:.0f}s "
+                                f"({error.strerror or error}); check the address and that 'coordinator serve' "
+                                f"is running there") from None
+            time.sleep(wait)
+            attempt += 1
+        except OSError as error:
+            raise UserError(
+                f"cannot reach a coordinator at {address} ({error.strerror or error}); check the address and that "
+                f"'coordinator serve' is running there"
+            ) from None
 
 
 @dataclass(frozen=True)
