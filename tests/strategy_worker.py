@@ -90,6 +90,8 @@ def main(role: str, workdir: Path, codec: str, rounds: int, width: int) -> None:
             "applied": outcome.applied, "group_size": outcome.group_size, "reason": outcome.reason,
             "resynced": outcome.resynced, "epoch": diloco.epoch,
             "mean_delta": [d.tolist() for d in diloco.deltas],
+            "residual": None if diloco.feedback is None else [r.tolist() for r in diloco.feedback.residual],
+            "payload_bytes": outcome.payload_bytes,
         })
     result["anchor"] = [a.tolist() for a in diloco.anchor]
     result["momentum"] = [m.tolist() for m in diloco.momentum]
