@@ -6,6 +6,8 @@ Unit tests of the pure parts, then two real processes averaging sparse pseudo-gr
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -185,3 +187,21 @@ def test_two_peers_learn_with_the_sparse_codec(procs, tmp_path):
     assert [(r["applied"], r["group_size"]) for r in rounds] == [(True, 2)] * 4, rounds
     dense_fp16 = 2 * sum(t.numel() for t in a["state_dict"].values())
     assert all(0 < r["payload_bytes"] < dense_fp16 / 16 for r in rounds), rounds
+
+
+def test_a_failed_round_gives_back_the_residual(procs, tmp_path):
+    """Its phase's progress stays in the model, so the next delta carries it again: sent once, not twice."""
+    from test_strategies import start_worker
+
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "done").touch()
+    worker = start_worker(procs, workdir, "alone", "sparse", rounds=2, width=64)
+    assert worker.wait(120) == 0, worker.log()[-3000:]
+    result = json.loads((workdir / "alone.json").read_text())
+    assert [r["applied"] for r in result["rounds"]] == [False, False], result["rounds"]
+    for outcome in result["rounds"]:
+        assert all(not any(map(bool, torch.tensor(r).reshape(-1).tolist())) for r in outcome["residual"])
+    # the second round sends what the first did: the same progress, with the residual given back
+    assert result["rounds"][0]["mean_delta"] == result["rounds"][1]["mean_delta"]
+    assert result["model"] != result["anchor"]  # the model keeps its local progress
