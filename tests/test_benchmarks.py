@@ -266,3 +266,21 @@ def test_round_bytes_splits_a_window_by_host_per_round(tmp_path):
         "rounds": 2, "payload_bytes": 1100, "peer_download_per_round": [100, 200],
         "peer_upload_per_round": [1000, 500], "coordinator_host_in_per_round": 2000}
     assert formulas.BITS["sparse"] == 1 / 32 * 12 + 8 / 256  # one gap byte + 4 bits per sent value, a byte per chunk
+
+
+def test_codec_quality_combines_as_the_all_reduce_does():
+    import torch
+
+    from benchmarks.codec_quality import Combine, parse_arm
+    from peer.compression import make_compression, round_trip
+    from peer.sparse_codec import sparsify
+
+    assert parse_arm("sparse:bits=8,density=0.0625,outer_momentum=0.5") == (
+        "sparse", {"bits": 8, "density": 0.0625}, {"outer_momentum": 0.5})
+    deltas = [[torch.randn(300, generator=torch.Generator().manual_seed(seed))] for seed in (1, 2)]
+    combine = Combine("sparse", 2, [(300,)])
+    (got,) = combine(deltas)
+    sent = [sparsify(d[0], 256, 1 / 32, 4) for d in deltas]
+    assert torch.equal(got, round_trip((sent[0] + sent[1]) / 2, make_compression("sparse"))[0])
+    torch.testing.assert_close(combine.feedback[0].residual[0], deltas[0][0] - sent[0])
+    assert 0 < combine.up[0] < 300 and 0 < combine.down[0] < 300
