@@ -65,8 +65,8 @@ import torch
 
 from peer import timeouts
 from peer.compression import codec_of, error_bound, error_figure
-from peer.sparse_codec import ErrorFeedback, SparseCodec
 from peer.runconfig import RunConfig
+from peer.sparse_codec import ErrorFeedback, SparseCodec
 
 log = logging.getLogger("potluck.diloco")
 
