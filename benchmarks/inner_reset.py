@@ -34,7 +34,7 @@ def simulate(task, seed: int, peers: int, inner_steps: int, rounds: int, reset: 
     eval_inputs, eval_targets = task.eval_data()
     models = [task.build_model(seed) for _ in range(peers)]
     anchor = [p.detach().clone() for p in models[0].parameters()]
-    outer = torch.optim.SGD(anchor, lr=outer_lr, momentum=outer_momentum, nesterov=True)
+    outer = torch.optim.SGD(anchor, lr=outer_lr, momentum=outer_momentum, nesterov=outer_momentum > 0)  # as peer.diloco
     inner = [task.make_optimizer(m.parameters()) for m in models]
     for epoch in range(rounds):
         deltas = []
