@@ -155,7 +155,7 @@ def test_no_donor_left_ends_with_one_error_line(procs, tmp_path):
     """The only donor dies mid-transfer: after the (shortened) bound the late peer says so and leaves."""
     from conftest import epochs_reported
 
-    coordinator = start_coordinator(procs, tmp_path / "c", write_run(tmp_path / "run.toml", epochs=60, min_peers=1))
+    coordinator = start_coordinator(procs, tmp_path / "c", write_run(tmp_path / "run.toml", epochs=0, min_peers=1))  # no end: the lone donor must still run when the late peer arrives
     donor = slow_donor(procs, coordinator, tmp_path / "d1")
     wait_until(lambda: len(epochs_reported(tmp_path / "d1")) >= 2, 120, "the donor to finish 2 epochs")
     asked = time.time()
