@@ -24,6 +24,8 @@ def check_serve_args(run_path: Path, data_dir: Path, host: str, ports: dict[str,
     """The run config, once every cheap check passed; ``ports`` maps an option (--port) to its value."""
     if insecure and (cert or key):
         raise UserError("--insecure and --cert/--key contradict each other; pick one")
+    if (cert is None) != (key is None):
+        raise UserError("--cert and --key go together: pass both (PEM files) or neither")
     for option, path in (("--cert", cert), ("--key", key)):
         if path is not None and not Path(path).is_file():
             raise UserError(f"{option} {path} does not exist")
