@@ -35,21 +35,15 @@ from peer.swarm import PROGRESS_EXPIRATION  # a record's lifetime
 RATE_FACTOR = 2.0  # a peer's rate counts for at most this multiple of the median rate
 
 
-def guard_swarm_epoch(tracker, epoch_limit: Callable[[], int | None],
-                      live_peers: Callable[[], int | None] = lambda: None) -> None:
-    """Clean the progress records ``tracker`` parses (a pinned private method of hivemind 1.1.12).
-
-    live_peers: the coordinator's fresh count of live peers (None when it has none), so that peers
-    that have not published a record yet still count in the majority (see ``_majority_epoch``).
-    """
+def guard_swarm_epoch(tracker, epoch_limit: Callable[[], int | None]) -> None:
+    """Clean the progress records ``tracker`` parses (a pinned private method of hivemind 1.1.12)."""
     parse = tracker._parse_swarm_progress_data
     own_id = tracker.dht.peer_id.to_bytes()
 
     def parse_plausible(metadata):
         if isinstance(metadata, dict):
             metadata = without_own_past(metadata, own_id, tracker.local_progress.epoch)
-            metadata = plausible_records(metadata, epoch_limit(), tracker.target_batch_size, time.time(),
-                                         live_peers())
+            metadata = plausible_records(metadata, epoch_limit(), tracker.target_batch_size, time.time())
         return parse(metadata)
 
     tracker._parse_swarm_progress_data = parse_plausible
@@ -74,13 +68,12 @@ def without_own_past(metadata: dict, own_id: bytes, local_epoch: int) -> dict:
                     and isinstance(value.get("epoch"), int) and value["epoch"] > local_epoch)}
 
 
-def plausible_records(metadata: dict, limit: int | None, target_batch_size: int, now: float,
-                      live_peers: int | None = None) -> dict:
+def plausible_records(metadata: dict, limit: int | None, target_batch_size: int, now: float) -> dict:
     """The records of ``metadata`` (subkey -> ValueWithExpiration of a progress dict), cleaned."""
     parsed = ((key, item, _progress(item)) for key, item in metadata.items())
     records = [(key, item, value) for key, item, value in parsed
                if value is not None and (limit is None or value["epoch"] <= limit)]
-    top_epoch = _majority_epoch([value for _, _, value in records], live_peers)
+    top_epoch = _majority_epoch([value for _, _, value in records])
     records = [record for record in records if record[2]["epoch"] <= top_epoch]
     if not records:
         return {}
@@ -100,23 +93,19 @@ def plausible_records(metadata: dict, limit: int | None, target_batch_size: int,
     return cleaned
 
 
-def _majority_epoch(values: list[dict], live_peers: int | None = None) -> int:
-    """The highest epoch that at least half of the swarm's (non-client) peers have reached.
+def _majority_epoch(values: list[dict]) -> int:
+    """The highest epoch that at least half of the (non-client) records have reached.
 
     hivemind takes the max; a peer alone ahead of the others is either one that has just stepped
     (the rest follow on their own counts within moments) or a liar that would make every honest peer
     "load state" in a loop. With two peers the two cannot be told apart, and the max stands.
-    The swarm is the records, or the coordinator's count of live peers when that is larger: peers
-    that joined and have not published yet count too (a liar publishing first must not be the
-    majority of one; then no record stands and each peer goes on from its own epoch).
     """
     epochs = sorted((v["epoch"] for v in values if not v.get("client_mode")), reverse=True)
     if not epochs:
         epochs = sorted((v["epoch"] for v in values), reverse=True)
     if not epochs:
         return -1
-    needed = max(math.ceil(max(len(epochs), live_peers or 0) / 2), 1)
-    return epochs[needed - 1] if needed <= len(epochs) else -1
+    return epochs[max(math.ceil(len(epochs) / 2), 1) - 1]
 
 
 def _progress(item) -> dict | None:

@@ -92,15 +92,3 @@ def test_a_record_of_our_own_previous_life_does_not_put_us_behind():
     # another peer's record ahead, and our own record at our epoch, stay
     kept = {**ghost, "other": record("other", 38, 0), "now": record("me", 30, 64)}
     assert set(without_own_past(kept, b"me", local_epoch=30)) == {"other", "now"}
-
-
-def test_a_liar_publishing_first_is_no_majority_of_the_live_swarm():
-    """3 live peers (the coordinator says), only the liar has published: its epoch is nobody's majority,
-    so the honest peers go on from their own epoch instead of loading state in a loop."""
-    liar = {"liar": record("liar", 2, 0)}
-    assert plausible_records(liar, 3, TARGET, time.time(), live_peers=3) == {}
-    # once the honest peers publish (hivemind does, every half-lifetime), the majority is theirs
-    swarm = {**liar, "h1": record("h1", 0, 0), "h2": record("h2", 0, 0)}
-    assert set(plausible_records(swarm, 3, TARGET, time.time(), live_peers=3)) == {"h1", "h2"}
-    # a late joiner beside one peer that really is ahead: the max stands (two cannot be told apart)
-    assert set(plausible_records({"donor": record("donor", 9, 0)}, 12, TARGET, time.time(), live_peers=2)) == {"donor"}

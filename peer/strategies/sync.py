@@ -45,8 +45,7 @@ class SyncStrategy:
     def start(self, link, stop, display, events) -> dict:
         self.stop = stop
         self.count = count_peers(self.opt.tracker)  # before the guard: it counts the records the guard kept
-        guard_swarm_epoch(self.opt.tracker, lambda: link.epoch_limit(self.config.verification.epoch_slack),
-                          lambda: link.view.live_peers if link.view_is_fresh() else None)
+        guard_swarm_epoch(self.opt.tracker, lambda: link.epoch_limit(self.config.verification.epoch_slack))
         # learn the swarm's epoch first, so a late joiner loads state before computing anything
         self.opt.tracker.fetched_global_progress_this_epoch.wait(FIRST_FETCH_TIMEOUT)
         return {}
