@@ -47,12 +47,14 @@ def guard_swarm_epoch(tracker, epoch_limit: Callable[[], int | None]) -> None:
         return parse(metadata)
 
     tracker._parse_swarm_progress_data = parse_plausible
-    # the tracker read the records once when it was made, unguarded (a restarted peer read the ghost of
-    # its previous life there and went looking for a donor that was itself): read them again, guarded
-    found = tracker.dht.get(tracker.training_progress_key, latest=True)
-    with tracker.lock_global_progress:
-        tracker.global_progress = parse_plausible(getattr(found, "value", None))
-        tracker.fetched_global_progress_this_epoch.set()
+    # the tracker read the records once when it was made, unguarded: when that read put the swarm ahead
+    # of us (a restarted peer read the ghost of its previous life there and went looking for a donor
+    # that was itself), read them again, guarded
+    if tracker.global_progress.epoch > tracker.local_progress.epoch:
+        found = tracker.dht.get(tracker.training_progress_key, latest=True)
+        with tracker.lock_global_progress:
+            tracker.global_progress = parse_plausible(getattr(found, "value", None))
+            tracker.fetched_global_progress_this_epoch.set()
 
 
 def without_own_past(metadata: dict, own_id: bytes, local_epoch: int) -> dict:
