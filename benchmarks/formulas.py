@@ -8,7 +8,15 @@ from __future__ import annotations
 import statistics
 
 TBF_EFFICIENCY = 0.96  # one TCP stream through tbf delivers ~96% of the shaped rate (headers)
-BITS = {"none": 32, "fp32": 32, "fp16": 16, "bf16": 16, "uint8": 8, "int8": 8, "fp4": 4}
+
+
+def sparse_bits(density: float = 1 / 32, bits: int = 4, chunk: int = 256) -> float:
+    """Bits per parameter of peer.sparse_codec's uplink at its defaults: per sent value one gap byte and
+    its code, per chunk one exponent byte (an estimate: gaps over 255 and the header are left out)."""
+    return density * (8 + bits) + 8 / chunk
+
+
+BITS = {"none": 32, "fp32": 32, "fp16": 16, "bf16": 16, "uint8": 8, "int8": 8, "fp4": 4, "sparse": sparse_bits()}
 
 
 def allreduce_bytes(peers: int, payload_bytes: float) -> float:

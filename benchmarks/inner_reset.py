@@ -23,13 +23,18 @@ from peer.task import load_task
 from peer.work import do_micro_batch
 
 
+def exact_mean(deltas: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    return [sum(parts) / len(parts) for parts in zip(*deltas)]
+
+
 def simulate(task, seed: int, peers: int, inner_steps: int, rounds: int, reset: bool, micro_batch: int = 32,
-             outer_lr: float = 0.7, outer_momentum: float = 0.9, warmup: int = 0) -> dict:
+             outer_lr: float = 0.7, outer_momentum: float = 0.9, warmup: int = 0, combine=exact_mean) -> dict:
+    """Final held-out metrics; ``combine`` turns the peers' pseudo-gradients into the applied average."""
     inputs, targets = task.train_data()
     eval_inputs, eval_targets = task.eval_data()
     models = [task.build_model(seed) for _ in range(peers)]
     anchor = [p.detach().clone() for p in models[0].parameters()]
-    outer = torch.optim.SGD(anchor, lr=outer_lr, momentum=outer_momentum, nesterov=True)
+    outer = torch.optim.SGD(anchor, lr=outer_lr, momentum=outer_momentum, nesterov=outer_momentum > 0)  # as peer.diloco
     inner = [task.make_optimizer(m.parameters()) for m in models]
     for epoch in range(rounds):
         deltas = []
@@ -51,8 +56,8 @@ def simulate(task, seed: int, peers: int, inner_steps: int, rounds: int, reset: 
             for group, lr in zip(inner[index].param_groups, base):
                 group["lr"] = lr
             deltas.append([a - p.detach() for a, p in zip(anchor, model.parameters())])
-        for a, *parts in zip(anchor, *deltas):
-            a.grad = sum(parts) / peers
+        for a, mean in zip(anchor, combine(deltas)):
+            a.grad = mean
         outer.step()
     final = task.build_model(seed)
     with torch.no_grad():

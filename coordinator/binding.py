@@ -83,7 +83,8 @@ MAX_GROUPS_PER_EPOCH = 4         # rounds one author may store records for under
 # there: a quarter of the gradient is exact zeros, which 8-bit buckets do not keep). So under uint8
 # only gross lies are caught: a sign flip (2.0; x10: 11, exactly, the sketch being linear), noise of
 # the same norm (1.4); the norm bound still catches any scale-up.
-OWN_TOLERANCE = {"none": 1e-3, "fp16": 1e-2, "uint8": 1.0}
+OWN_TOLERANCE = {"none": 1e-3, "fp16": 1e-2, "uint8": 1.0,
+                 "sparse": 1.0}  # sparse is DiLoCo-only (peer.runconfig), and DiLoCo rounds get no own-report check
 PAIR_TOLERANCE = 1e-3  # both sides sketch the same decoded numbers: only float rounding differs
 WITHHELD_AFTER = 3     # epochs after a round by which a reporting peer's own records of it must be in
 

@@ -41,6 +41,17 @@ largest member's); the reducers' rule (peer.robust) is what limits a poisoning m
 local progress, which the next round's pseudo-gradient then carries. A late joiner downloads the
 anchor, momentum and epoch from a peer (bounded by a timeout; shapes, finiteness and metadata
 checked) before its first phase.
+
+Sparse codec and error feedback (``[averaging] compression = "sparse"``, peer.sparse_codec). The
+peer sends ``sparsify(delta + residual)`` (top-k of each chunk, low-bit values; the wire carries it
+losslessly) and keeps ``residual = delta + residual - sent``, so what one round drops is sent in a
+later one. The residual lives in this object across rounds, beside the anchor and momentum, but
+unlike them it is the peer's own (never averaged, shared or checkpointed):
+- a round that is not applied (no group, a failed or rejected average) restores the residual from
+  before its launch, since the model keeps that phase's progress and the next delta carries it again;
+- a resync (anchors differed, and the run's last round) and a late joiner's state download set it
+  to zero: the model restarts from the swarm's anchor and the local work behind the residual is
+  dropped with the rest of the local progress; a restarted or resumed peer starts from zero too.
 """
 
 from __future__ import annotations
@@ -53,8 +64,9 @@ from dataclasses import dataclass
 import torch
 
 from peer import timeouts
-from peer.compression import make_compression, round_trip
+from peer.compression import codec_of, error_bound, error_figure
 from peer.runconfig import RunConfig
+from peer.sparse_codec import ErrorFeedback, SparseCodec
 
 log = logging.getLogger("potluck.diloco")
 
@@ -182,7 +194,11 @@ class DiLoCo:
             self.momentum.append(buffer)
         self.deltas = [torch.zeros_like(t) for t in self.anchor]
         self.sketch = Sketch(self.anchor)
-        self.codec = settings.compression
+        self.codec = codec_of(settings)
+        # the peer's own residual of the sparse codec (see the module docstring), None for dense codecs
+        self.feedback = None if not isinstance(self.codec, SparseCodec) else ErrorFeedback(
+            [t.shape for t in self.anchor], self.codec.chunk, self.codec.density, self.codec.bits)
+        self._sent_bytes = 0  # the sparse encoding of the last pseudo-gradient sent, measured
         prefix = prefix or config.run_id
         common = dict(
             dht=dht, start=True, min_matchmaking_time=config.matchmaking_time,
@@ -195,7 +211,7 @@ class DiLoCo:
             data_dir, "diloco_delta", config.seed, config.verification.sketch_dims)
         self.delta_averager = GroupSizedAverager(
             self.deltas, prefix=f"{prefix}_diloco_delta_{settings.aggregator}",
-            compression=make_compression(self.codec), allow_state_sharing=False, attestations=attestations, **common,
+            compression=self.codec, allow_state_sharing=False, attestations=attestations, **common,
         )
         self.state_averager = StateAverager(
             [*self.anchor, *self.momentum], prefix=f"{prefix}_diloco_state", allow_state_sharing=True, **common,
@@ -240,6 +256,8 @@ class DiLoCo:
                 have.copy_(got)
             self.epoch = epoch
         self._restart_from_anchor()
+        if self.feedback is not None:
+            self.feedback.reset()
         return True
 
     def start_at(self, epoch: int, momentum: dict | None = None) -> None:
@@ -298,6 +316,10 @@ class DiLoCo:
         with torch.no_grad(), self.delta_averager.get_tensors() as deltas:
             for delta, anchor, x in zip(deltas, self.anchor, snapshot):
                 delta.copy_(anchor - x.to(anchor.dtype))
+            if self.feedback is not None:  # what goes on the wire: the sparsified delta + residual
+                for delta, out in zip(deltas, self.feedback.compress(deltas)):
+                    delta.copy_(out)
+                self._sent_bytes = sum(len(self.codec.compress(d).buffer) for d in deltas)
             sent = {
                 "epoch": self.epoch,
                 "anchor": self.sketch(self.anchor), "anchor_norm": norm(self.anchor),
@@ -318,9 +340,13 @@ class DiLoCo:
             gathered = control.result(timeout=wait)
         except Exception as error:  # no group, a timeout, a peer that failed mid-round
             control.cancel()
+            if self.feedback is not None:
+                self.feedback.restore()
             return RoundOutcome(epoch, applied=False, reason=f"round failed: {type(error).__name__}",
                                 seconds=time.monotonic() - launched)
         outcome = self._apply(gathered, snapshot, sent, epoch)
+        if self.feedback is not None and not outcome.applied and not outcome.resynced:
+            self.feedback.restore()
         outcome.seconds = time.monotonic() - launched
         if final and outcome.group_size >= 2:
             outcome.resynced = self._resync() or outcome.resynced
@@ -361,19 +387,17 @@ class DiLoCo:
                             payload_bytes=self.payload_bytes())
 
     def _codec_error(self, tensors: list[torch.Tensor]) -> float:
-        """L2 norm of what one encode/decode of these tensors loses (0 without a codec)."""
-        if self.codec == "none":
-            return 0.0
-        return norm([round_trip(t, self.codec)[0] - t for t in tensors])
+        """This member's figure of the codec's error on what it sends (peer.compression.error_figure)."""
+        return error_figure(self.codec, tensors)
 
     def _check_average(self, mean_delta, members) -> str:
         if not all(torch.isfinite(d).all() for d in mean_delta):
             return "non-finite average"
         expected = [sum(m["delta"][i] for m in members) / len(members) for i in range(SKETCH_DIM)]
         largest = max(m["delta_norm"] for m in members)
-        # the codec's loss: the parts going up (at most the largest member's own measured loss) plus the
-        # averaged deltas coming down (about twice that); each projection of it is ~N(0, loss^2)
-        codec_loss = 3 * max(m["delta_error"] for m in members)
+        # the codec's loss going up and coming down (peer.compression.error_bound); each projection of
+        # it is ~N(0, loss^2)
+        codec_loss = error_bound(self.codec, [m["delta_error"] for m in members])
         tolerance = SKETCH_SIGMAS * (codec_loss + 1e-5 * largest) + 1e-9
         if self.robust:  # a robust aggregate is not the mean; it is bounded (each part's norm <= sqrt(n) x largest)
             tolerance += SKETCH_SIGMAS * (math.sqrt(len(members)) + 1) * largest
@@ -401,11 +425,15 @@ class DiLoCo:
                 raise RuntimeError("resync produced non-finite anchor values")
             self.epoch = max(epochs)
         self._restart_from_anchor()  # local progress since the last applied round is dropped: rare, and simple
+        if self.feedback is not None:
+            self.feedback.reset()  # ... and so is the residual of that local work
         return True
 
     def payload_bytes(self) -> int:
         """Bytes of one compressed copy of the pseudo-gradient (what a peer uploads per round, ~2(N-1)/N x)."""
-        bits = {"none": 32, "fp16": 16, "uint8": 8}[self.codec]
+        if self.feedback is not None:
+            return self._sent_bytes
+        bits = {"none": 32, "fp16": 16, "uint8": 8}[self.config.averaging.compression]
         return sum(t.numel() for t in self.anchor) * bits // 8
 
     def shutdown(self) -> None:

@@ -15,7 +15,8 @@ from peer.errors import UserError
 
 
 STRATEGIES = ("sync", "diloco")
-COMPRESSIONS = ("none", "fp16", "uint8")
+COMPRESSIONS = ("none", "fp16", "uint8", "sparse")
+SPARSE_BITS = (2, 4, 8)  # peer.sparse_codec.BITS (kept import-free here)
 INNER_STATES = ("reset", "keep")
 AGGREGATORS = ("centered_clip", "trimmed_mean", "mean")  # peer.robust.AGGREGATORS (kept import-free here)
 
@@ -27,7 +28,10 @@ class AveragingConfig:
     - ``sync``: hivemind averages gradients every ``target_batch_size`` samples (and parameters right after).
     - ``diloco``: each peer takes ``inner_steps`` local optimizer steps, then the swarm all-reduces the
       pseudo-gradient (parameters before minus after) and applies an outer Nesterov SGD step.
-    ``compression`` is the codec of every averaged tensor on the wire.
+    ``compression`` is the codec of every averaged tensor on the wire. ``sparse`` (diloco only,
+    peer.sparse_codec) sends the ``sparse_density`` x ``sparse_chunk`` largest values of each chunk of
+    ``sparse_chunk`` values as ``sparse_bits``-bit integers, and each peer keeps what it did not send
+    for its next round (error feedback).
     ``aggregator`` is how each all-reduce part is combined (peer.robust): ``centered_clip`` (default,
     robust, clip radius ``tau`` times the group's median distance to its coordinate-wise median),
     ``trimmed_mean`` or ``mean`` (hivemind's weighted mean, no defence against a poisoning peer).
@@ -45,6 +49,9 @@ class AveragingConfig:
     inner_state: str = "reset"
     aggregator: str = "centered_clip"
     tau: float = 2.0
+    sparse_density: float = 1 / 32
+    sparse_bits: int = 4
+    sparse_chunk: int = 256
 
     @property
     def rule(self):
@@ -123,6 +130,9 @@ _SCHEMA: dict[str, dict[str, tuple[type, object]]] = {
         "inner_state": (str, AveragingConfig.inner_state),
         "aggregator": (str, AveragingConfig.aggregator),
         "tau": (float, AveragingConfig.tau),
+        "sparse_density": (float, AveragingConfig.sparse_density),
+        "sparse_bits": (int, AveragingConfig.sparse_bits),
+        "sparse_chunk": (int, AveragingConfig.sparse_chunk),
     },
     # 2 h: the swarm keeps averaging through a coordinator outage of at least half of it (tokens are
     # renewed at half-life); evictions do not wait for expiry, they go through the deny list
@@ -239,6 +249,26 @@ def _check_averaging(averaging: AveragingConfig, where: str) -> None:
         raise UserError(f"{where}: [averaging] outer_lr must be in (0, 10], got {averaging.outer_lr}")
     if not 0 <= averaging.outer_momentum < 1:
         raise UserError(f"{where}: [averaging] outer_momentum must be in [0, 1), got {averaging.outer_momentum}")
+    _check_sparse(averaging, where)
+
+
+def _check_sparse(averaging: AveragingConfig, where: str) -> None:
+    if averaging.compression == "sparse" and averaging.strategy != "diloco":
+        raise UserError(f"{where}: [averaging] compression = \"sparse\" needs strategy = \"diloco\" (its error "
+                        f"feedback keeps what a round did not send for the next pseudo-gradient; sync gradients "
+                        f"have no next round to carry it); use fp16 or uint8 with sync")
+    chunk = averaging.sparse_chunk
+    if not (16 <= chunk <= 65536 and chunk & (chunk - 1) == 0):
+        raise UserError(f"{where}: [averaging] sparse_chunk must be a power of two from 16 to 65536, got {chunk}")
+    if not 0 < averaging.sparse_density <= 0.5:
+        raise UserError(f"{where}: [averaging] sparse_density must be in (0, 0.5] (the share of each chunk sent, "
+                        f"e.g. 0.03125 for 1/32), got {averaging.sparse_density}")
+    if averaging.sparse_density * chunk < 0.5:
+        raise UserError(f"{where}: [averaging] sparse_density {averaging.sparse_density} keeps no value of a "
+                        f"chunk of {chunk}; use a density of at least 1/{chunk} or a larger sparse_chunk")
+    if averaging.sparse_bits not in SPARSE_BITS:
+        raise UserError(f"{where}: [averaging] sparse_bits must be one of {', '.join(map(str, SPARSE_BITS))}, "
+                        f"got {averaging.sparse_bits}")
 
 
 def load_run_config(path: Path) -> RunConfig:

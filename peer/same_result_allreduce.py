@@ -30,7 +30,7 @@ from typing import AsyncIterator
 
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.partition import AllreduceException, BannedException
-from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, attach_event_on_finished, azip
 from hivemind.utils.timed_storage import get_dht_time
@@ -52,7 +52,9 @@ class SameResultAllReduceRunner(AllReduceRunner):
         self._raw_parts_by_peer = [
             tuple(part for part, _ in parts) for parts in self.tensor_part_container._input_parts_by_peer
         ]
-        self._compression_type = self.tensor_part_container.compression.compression_type
+        # parts are encoded by the averager's own codec object (a codec with parameters, peer.sparse_codec,
+        # is not hivemind's default instance of its CompressionType); decoding goes by the message's type
+        self._codec = self.tensor_part_container.compression
         # where each part starts in the flattened concatenation of the tensors (same on every member)
         self._offsets_by_peer, start = [], 0
         for parts in self._raw_parts_by_peer:
@@ -80,6 +82,10 @@ class SameResultAllReduceRunner(AllReduceRunner):
             except Exception as error:  # records are evidence, never a reason to fail the round
                 log.warning("could not write attestation records: %r", error)
 
+    def _encode(self, tensor):
+        """What serialize_torch_tensor(tensor, codec type) gives, but with this averager's codec object."""
+        return self._codec.compress(tensor, CompressionInfo.from_tensor(tensor))
+
     def _epoch_of(self, peer_id) -> int:
         epoch = self.sender_epochs.get(peer_id)
         return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else -1
@@ -92,7 +98,7 @@ class SameResultAllReduceRunner(AllReduceRunner):
             for reducer_index, reducer in enumerate(self.ordered_peer_ids):
                 for part, offset in zip(self._sent_parts[reducer_index], self._offsets_by_peer[reducer_index]):
                     if reducer != self.peer_id:  # what the reducer decodes (our own part reaches us raw)
-                        part = deserialize_torch_tensor(serialize_torch_tensor(part, self._compression_type))
+                        part = deserialize_torch_tensor(self._encode(part))
                     records.add("sent", me, reducer.to_base58(), self._epoch_of(self.peer_id), part, offset)
         for part_index, received in enumerate(self.tensor_part_reducer.received):
             offset = self._offsets_by_peer[my_index][part_index]
@@ -128,7 +134,7 @@ class SameResultAllReduceRunner(AllReduceRunner):
                 )
                 # decode the very bytes the other senders receive for this part
                 decoded = await loop.run_in_executor(None, lambda: deserialize_torch_tensor(
-                    serialize_torch_tensor(averaged_part, self._compression_type)))
+                    self._encode(averaged_part)))
                 self.tensor_part_container.register_processed_part(peer_index, part_index, decoded)
             return
         try:
@@ -174,8 +180,7 @@ class SameResultAllReduceRunner(AllReduceRunner):
                     part_index += 1
                 except BannedException:
                     break  # sender was banned, we no longer need to aggregate it
-                serialized = await loop.run_in_executor(
-                    None, lambda: serialize_torch_tensor(averaged_part, self._compression_type))
+                serialized = await loop.run_in_executor(None, lambda: self._encode(averaged_part))
                 yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
         finally:
             if part_index != self.tensor_part_reducer.num_parts:

@@ -6,7 +6,8 @@ Peer "a" starts the swarm and writes its address to WORKDIR/a.maddrs; peer "b" j
 sets its model to anchor - delta(ROLE, round), a known pseudo-gradient, runs ROUNDS rounds and
 writes anchor, momentum, the averaged pseudo-gradient and each round's outcome to WORKDIR/ROLE.json,
 then serves its state until WORKDIR/done exists. A peer "late" joins afterwards, downloads the
-state from them and writes what it got to WORKDIR/late.json.
+state from them and writes what it got to WORKDIR/late.json. A peer "alone" has no partner: it
+sends delta("a", 0) in every round, and every round fails.
 """
 
 from __future__ import annotations
@@ -65,8 +66,10 @@ def main(role: str, workdir: Path, codec: str, rounds: int, width: int) -> None:
     text = DIGITS_RUN.read_text().split("[averaging]")[0]
     text += f'[averaging]\nstrategy = "diloco"\ncompression = "{codec}"\n'
     text = text.replace("matchmaking_time = 2.0", "matchmaking_time = 1.0")
+    if role == "alone":  # no partner: every round fails, soon
+        text = text.replace("averaging_timeout = 20.0", "averaging_timeout = 2.0")
     config = parse_run_config(text)
-    dht = join_swarm(role, workdir)
+    dht = join_swarm("a" if role == "alone" else role, workdir)
     model = tiny_model(width)
     diloco = DiLoCo(dht, config, model, prefix="strategytest")
     if role == "late":
@@ -82,7 +85,8 @@ def main(role: str, workdir: Path, codec: str, rounds: int, width: int) -> None:
     shapes = [p.shape for p in model.parameters()]
     for round_index in range(rounds):
         with torch.no_grad():
-            for param, anchor, delta in zip(model.parameters(), diloco.anchor, known_delta(role, round_index, shapes)):
+            deltas = known_delta("a", 0, shapes) if role == "alone" else known_delta(role, round_index, shapes)
+            for param, anchor, delta in zip(model.parameters(), diloco.anchor, deltas):
                 param.copy_(anchor - delta)
         diloco.launch_round(expected_group=2)
         outcome = diloco.complete_round(final=round_index == rounds - 1 and rounds > 1)
@@ -90,6 +94,8 @@ def main(role: str, workdir: Path, codec: str, rounds: int, width: int) -> None:
             "applied": outcome.applied, "group_size": outcome.group_size, "reason": outcome.reason,
             "resynced": outcome.resynced, "epoch": diloco.epoch,
             "mean_delta": [d.tolist() for d in diloco.deltas],
+            "residual": None if diloco.feedback is None else [r.tolist() for r in diloco.feedback.residual],
+            "payload_bytes": outcome.payload_bytes,
         })
     result["anchor"] = [a.tolist() for a in diloco.anchor]
     result["momentum"] = [m.tolist() for m in diloco.momentum]

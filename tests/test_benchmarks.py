@@ -247,3 +247,40 @@ def test_smoke_run_writes_every_figure(tmp_path):
     assert "compute utilization" in output and "wrote" in output
     assert existing_namespaces(f"plk-{bench.pid}-") == []
     _wait_until(lambda: _processes_mentioning(str(tmp_path)) == [], 15, "every process it started to end")
+
+
+def test_round_bytes_splits_a_window_by_host_per_round(tmp_path):
+    from benchmarks.round_bytes import arm_round_bytes
+
+    arm = tmp_path / "arms" / "diloco-sparse-0"
+    for name in ("peer0", "peer1"):
+        (arm / name).mkdir(parents=True)
+    rounds = [{"event": "round", "time": t, "payload_bytes": p} for t, p in ((10.0, 900), (20.0, 1000), (30.0, 1200))]
+    (arm / "peer0" / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in rounds))
+    samples = [  # [into the host, out of the host] per iface, host order: coordinator, peer0, peer1, late
+        {"t": 10.0, "v1": [0, 0], "v2": [100, 50], "v3": [100, 50], "v4": [0, 0]},
+        {"t": 30.1, "v1": [4000, 10], "v2": [300, 2050], "v3": [500, 1050], "v4": [7, 7]},
+    ]
+    (arm / "counters.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    assert arm_round_bytes(arm, peers=2) == {
+        "rounds": 2, "payload_bytes": 1100, "peer_download_per_round": [100, 200],
+        "peer_upload_per_round": [1000, 500], "coordinator_host_in_per_round": 2000}
+    assert formulas.BITS["sparse"] == 1 / 32 * 12 + 8 / 256  # one gap byte + 4 bits per sent value, a byte per chunk
+
+
+def test_codec_quality_combines_as_the_all_reduce_does():
+    import torch
+
+    from benchmarks.codec_quality import Combine, parse_arm
+    from peer.compression import make_compression, round_trip
+    from peer.sparse_codec import sparsify
+
+    assert parse_arm("sparse:bits=8,density=0.0625,outer_momentum=0.5") == (
+        "sparse", {"bits": 8, "density": 0.0625}, {"outer_momentum": 0.5})
+    deltas = [[torch.randn(300, generator=torch.Generator().manual_seed(seed))] for seed in (1, 2)]
+    combine = Combine("sparse", 2, [(300,)])
+    (got,) = combine(deltas)
+    sent = [sparsify(d[0], 256, 1 / 32, 4) for d in deltas]
+    assert torch.equal(got, round_trip((sent[0] + sent[1]) / 2, make_compression("sparse"))[0])
+    torch.testing.assert_close(combine.feedback[0].residual[0], deltas[0][0] - sent[0])
+    assert 0 < combine.up[0] < 300 and 0 < combine.down[0] < 300
