@@ -6,11 +6,13 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 from conftest import (
-    ROOT, Proc, cli, epochs_reported, pin, start_coordinator, start_peer, wait_until, write_run,
+    ROOT, Proc, cli, epochs_reported, events, pin, start_coordinator, start_peer, wait_until, write_run,
 )
 from coordinator.ledger import Ledger
+from peer.attestations import read_records
 
 PEER_EXIT = 240
 
@@ -69,11 +71,13 @@ def test_eviction_reaches_coordinator_and_swarm(procs, tmp_path):
     assert partner.wait(PEER_EXIT) == 3, partner.log()[-3000:]
     assert "evicted from the run" in partner.log()
 
-    # the rogue trains on but is cut off: neither side counts the other in the swarm any more
-    wait_until(lambda: _last_peer_count(tmp_path / "honest") == 1 and _last_peer_count(tmp_path / "rogue") == 1,
-               120, "the honest peer and the rogue to see each other leave the swarm")
-    rogue_reports = len(epochs_reported(tmp_path / "rogue"))
-    wait_until(lambda: len(epochs_reported(tmp_path / "rogue")) >= rogue_reports + 2, 60, "the rogue to go on")
+    # the rogue is cut off: once the honest peer denies it, no round of the honest peer includes it
+    # (its attestation records name every sender and reducer of each round it averaged)
+    cut_off = time.time()
+    wait_until(lambda: sum(1 for e in events(tmp_path / "honest") if e["event"] == "epoch" and e["time"] > cut_off) >= 2,
+               120, "the honest peer to train on after the eviction")
+    late_rounds = [r for r in read_records(tmp_path / "honest") if r.get("time", 0) > cut_off]
+    assert not any(rogue_swarm_id in (r.get("sender"), r.get("reducer")) for r in late_rounds), late_rounds[:3]
     for proc in (honest, rogue):
         proc.popen.send_signal(signal.SIGTERM)
     assert honest.wait(PEER_EXIT) == 0, honest.log()[-3000:]
