@@ -69,12 +69,37 @@ def existing_namespaces(prefix: str) -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.split() and line.split()[0].startswith(prefix)]
 
 
+def reclaim_orphans(prefix: str = "plk-") -> list[str]:
+    """Delete the namespaces of labs whose process is gone (``plk-<pid>-*``): an owner killed with
+    SIGKILL (a CI timeout, a killed test run) cannot run :meth:`NetnsLab.close`, so each new lab
+    removes what dead owners left. Returns the names deleted."""
+    deleted = []
+    for name in existing_namespaces(prefix):
+        owner = name[len(prefix):].split("-", 1)[0]
+        if not owner.isdigit() or _alive(int(owner)):
+            continue
+        _ip("netns", "del", name, check=False)
+        deleted.append(name)
+    return deleted
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class NetnsLab:
     """Namespaces, veths and a bridge, all removed by :meth:`close` (idempotent, also after a failure)."""
 
     mode = "netns"
 
     def __init__(self, prefix: str | None = None):
+        reclaim_orphans()
         self.prefix = prefix or f"plk-{os.getpid()}-"
         self.hub = f"{self.prefix}hub"
         self.hosts: list[Host] = []

@@ -154,6 +154,25 @@ def test_arms_come_from_run_toml_values():
 
 # -- the lab: namespaces, shaping, teardown ------------------------------------------------------------
 @needs_root
+def test_a_new_lab_removes_what_a_killed_lab_left():
+    """A lab whose process was killed (SIGKILL: no close) leaves namespaces; the next lab deletes them,
+    and never a live process's."""
+    from benchmarks.netns import reclaim_orphans
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    orphan, alive = f"plk-{dead.pid}-h1", f"plk-{os.getpid()}-keep"
+    for name in (orphan, alive):
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        assert orphan in reclaim_orphans()
+        assert existing_namespaces(orphan) == [] and existing_namespaces(alive) == [alive]
+    finally:
+        for name in (orphan, alive):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@needs_root
 def test_lab_shapes_links_and_leaves_nothing_behind():
     lab = NetnsLab(prefix=f"plk-{os.getpid()}-t-")
     try:
