@@ -23,7 +23,7 @@ import statistics
 
 import torch
 
-from benchmarks.inner_reset import simulate
+from benchmarks.inner_reset import add_simulation_arguments, simulate
 from peer.compression import make_compression, round_trip
 from peer.sparse_codec import ErrorFeedback
 from peer.task import load_task
@@ -67,13 +67,7 @@ def parse_arm(text: str) -> tuple[str, dict, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="examples.digits")
-    parser.add_argument("--version", default="1")
-    parser.add_argument("--peers", type=int, default=2)
-    parser.add_argument("--inner-steps", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--micro-batch", type=int, default=32)
-    parser.add_argument("--seeds", type=int, default=5)
+    add_simulation_arguments(parser, seeds=5)
     parser.add_argument("--arms", default="none;fp16;uint8;sparse", help="arms separated by ';'")
     args = parser.parse_args()
     torch.set_num_threads(1)

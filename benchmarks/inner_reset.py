@@ -67,15 +67,20 @@ def simulate(task, seed: int, peers: int, inner_steps: int, rounds: int, reset: 
     return task.evaluate(final, eval_inputs, eval_targets)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_simulation_arguments(parser: argparse.ArgumentParser, seeds: int) -> None:
+    """The options of an in-process DiLoCo simulation (task, peers, phase length, rounds, seeds)."""
     parser.add_argument("--task", default="examples.digits")
     parser.add_argument("--version", default="1")
     parser.add_argument("--peers", type=int, default=2)
     parser.add_argument("--inner-steps", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--micro-batch", type=int, default=32)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=seeds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_simulation_arguments(parser, seeds=3)
     parser.add_argument("--warmup", type=int, default=0, help="also try a reset with this many warm-up inner steps")
     args = parser.parse_args()
     torch.set_num_threads(1)
