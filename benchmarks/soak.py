@@ -257,24 +257,22 @@ class Swarm:
         return "full speed"
 
     def link_down(self, target: str, now: float) -> str:
-        peer = self.peers[target]
-        self.links_down.add(target)
-        if peer.host.namespace:
-            subprocess.run(["ip", "-n", self.lab.hub, "link", "set", peer.host.hub_interface, "down"], check=True,
-                           capture_output=True, timeout=20)
-            return f"{peer.host.hub_interface} down"
-        self.processes.signal_group(peer.popen, signal.SIGSTOP)  # loopback: a frozen machine stands in
-        return "loopback: whole process group SIGSTOPped instead"
+        return self._set_link(target, up=False)
 
     def link_up(self, target: str, now: float) -> str:
+        return self._set_link(target, up=True)
+
+    def _set_link(self, target: str, up: bool) -> str:
+        """The peer's link on the hub up or down; on loopback its whole process group is frozen instead."""
         peer = self.peers[target]
-        self.links_down.discard(target)
+        (self.links_down.discard if up else self.links_down.add)(target)
+        state = "up" if up else "down"
         if peer.host.namespace:
-            subprocess.run(["ip", "-n", self.lab.hub, "link", "set", peer.host.hub_interface, "up"], check=True,
+            subprocess.run(["ip", "-n", self.lab.hub, "link", "set", peer.host.hub_interface, state], check=True,
                            capture_output=True, timeout=20)
-            return f"{peer.host.hub_interface} up"
-        self.processes.signal_group(peer.popen, signal.SIGCONT)
-        return "loopback: process group continued"
+            return f"{peer.host.hub_interface} {state}"
+        self.processes.signal_group(peer.popen, signal.SIGCONT if up else signal.SIGSTOP)
+        return "loopback: process group continued" if up else "loopback: whole process group SIGSTOPped instead"
 
     # -- the end -----------------------------------------------------------------------------------
     def release(self) -> None:
