@@ -229,7 +229,8 @@ class Binding:
         for sender in sorted({s for s, _ in sent}):
             records = [r for (s, _), r in sent.items() if s == sender and r["kind"] == "grad"]
             if records and sender in peer_of:
-                evidence += self._own_report(db, group, peer_of[sender], records)
+                seen = [r["weight"] for (s, reducer), r in received.items() if s == sender and reducer != sender]
+                evidence += self._own_report(db, group, peer_of[sender], records, seen)
         for (sender, reducer), mine in sorted(sent.items()):
             theirs = received.get((sender, reducer))
             if sender != reducer and theirs is not None and sender in peer_of and reducer in peer_of:
@@ -246,10 +247,20 @@ class Binding:
                    (kind, group, subject, counterparty, epoch, verdict, finite(error), finite(ratio), detail,
                     time.time()))
 
-    def _own_report(self, db, group: str, peer_id: str, records) -> list[Evidence]:
+    def _own_report(self, db, group: str, peer_id: str, records, weights_seen: list[float]) -> list[Evidence]:
+        """``weights_seen``: the weights the other members' "received" records saw this sender declare."""
         if self._done(db, "own_report", group, peer_id):
             return []
         epoch = records[0]["epoch"]
+        if all(r["weight"] == 0 for r in records):
+            # hivemind tags a peer that is loading state along with weight 0: it sends whatever its buffer
+            # holds, and every rule gives that no influence. Believed once a reducer saw the weight too.
+            if not weights_seen:
+                return []  # no other member's records yet
+            if not any(weights_seen):
+                self._verdict(db, "own_report", group, peer_id, "", epoch, "unchecked", None, None,
+                              "it took part with weight 0 (its vector counts for nothing)")
+                return []
         covered = sum(r["length"] for r in records)
         if covered < self.parameter_count:
             return []  # not all of this sender's records are in yet

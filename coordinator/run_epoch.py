@@ -17,9 +17,10 @@ auditor's settlement and epoch-lie check (Credit.run_epoch / plausible_epoch), t
 checkpoint cadence.
 
 Speed is bounded too: a report beyond ``run epoch + epoch_slack`` is impossible and refused
-(``judge_report``). It is evidence against the peer when it is also a jump no honest peer makes
-(more than slack past both the run epoch and the epoch after its own last report): an honest peer
-that keeps training while the quorum is stalled only moves one epoch at a time.
+(``judge_report``). It is evidence against the peer when it is also a jump no honest peer makes:
+more than slack past the run epoch, the epoch after its own last report and the epoch after the
+highest report accepted from anyone. An honest peer that keeps training while the quorum is stalled
+moves one epoch at a time, and one that loads another's state lands where that peer was.
 """
 
 from __future__ import annotations
@@ -97,5 +98,9 @@ def judge_report(db: sqlite3.Connection, rule: EpochRule, peer_id: str, epoch: i
     if epoch <= run + rule.slack:
         return Verdict(False, False)
     own_next = next_epoch_of(db, peer_id, run)
-    return Verdict(True, epoch > max(run, own_next) + rule.slack,
+    # a peer that loads another's state continues from that peer's epoch: a jump to just past an
+    # accepted report is what an honest catch-up looks like
+    swarm_next = db.execute("SELECT MAX(epoch) FROM reports").fetchone()[0]
+    swarm_next = run if swarm_next is None else swarm_next + 1
+    return Verdict(True, epoch > max(run, own_next, swarm_next) + rule.slack,
                    f"epoch {epoch} is beyond what the run has reached (epoch {run}, at most {rule.slack} ahead)")

@@ -88,7 +88,7 @@ class RoundRecords:
             "v": 1, "role": r.role, "kind": self.config.kind, "group": self.group, "epoch": int(r.epoch),
             "sender": r.sender, "reducer": r.reducer, "length": r.length,
             "sketch": [float(x) for x in r.sketch.tolist()], "norm_sq": r.norm_sq,
-            "weight": r.weight if r.role == "received" else 0.0,
+            "weight": r.weight,  # sent: the weight this sender declared; received: the one the reducer saw
             "score": (r.score if r.score != float("inf") else 1e30) if r.role == "received" else 0.0,
             "clipped": bool(r.clipped) if r.role == "received" else False,
             "time": now,

@@ -53,14 +53,49 @@ def _sync_classes():
         """Gradient averager whose gather carries the optimizer's epoch (the sender's label in records)."""
 
         def __init__(self, *args, epoch_source, **kwargs):
+            import torch
+
             self.epoch_source = epoch_source
+            self._scheduled = (None, None)  # (the last pre-scheduled control, the epoch its gather names)
+            # the epoch whose gradient the averaging buffer holds, -1 once a round has replaced it with an
+            # average; shared with the averager's process, which forks in super().__init__
+            self._fresh_epoch = torch.full((1,), -1, dtype=torch.int64).share_memory_()
             super().__init__(*args, **kwargs)
+
+        def load_accumulators_into_averager_(self):
+            super().load_accumulators_into_averager_()
+            self._fresh_epoch[0] = int(self.epoch_source())
+
+        async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+            from peer.same_result_allreduce import gathered_epochs
+
+            # hivemind can put a buffer into a round that is not the gradient its gather names: a peer
+            # tagging along while it loads state, a pre-scheduled round triggered in a later epoch, a
+            # buffer that already holds the last average. Such a vector takes part with weight 0: it
+            # has no influence, and the binding check does not hold it against the peer's report.
+            if int(self._fresh_epoch[0]) != gathered_epochs(self, group_info).get(self.peer_id):
+                kwargs["weight"] = 0.0
+            await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
+            self._fresh_epoch[0] = -1  # the buffer now holds the average
 
         def schedule_step(self, scheduled_time=None, **kwargs):
             gather = kwargs.pop("gather", None)
             gather = dict(gather) if isinstance(gather, dict) else {}
-            gather["epoch"] = int(self.epoch_source())
-            return super().schedule_step(scheduled_time, gather=gather, **kwargs)
+            gather["epoch"] = epoch = int(self.epoch_source())
+            control = super().schedule_step(scheduled_time, gather=gather, **kwargs)
+            self._scheduled = (control, epoch)
+            return control
+
+        def step(self, *args, control=None, **kwargs):
+            # hivemind keeps a pre-scheduled round across epochs when it could not use it (no partner
+            # seen yet); used later, its gather would name an older epoch than the gradient it averages,
+            # and the binding check would compare that gradient with the wrong report (an honest peer
+            # was banned so). A stale one is cancelled and the round matched afresh under this epoch.
+            scheduled, epoch = self._scheduled
+            if control is not None and control is scheduled and epoch != int(self.epoch_source()):
+                control.cancel()
+                control = None
+            return super().step(*args, control=control, **kwargs)
 
     class TrainingStateAverager(PotluckAveraging, HivemindStateAverager):
         """hivemind's state averager with the robust runner; keeps its class name (RPC handler names)."""

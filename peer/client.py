@@ -211,6 +211,11 @@ class CoordinatorLink:
         """The highest swarm epoch that is plausible, per the coordinator's fresh view (None: no fresh view)."""
         return self.view.epoch + slack if self.view_is_fresh() else None
 
+    def refresh(self) -> None:
+        """Heartbeat now rather than at the next interval (a fresh view is wanted)."""
+        self._next_heartbeat = 0.0
+        self._wake.set()
+
     def wait_for_peers_to_catch_up(self, timeout: float) -> bool:
         """After this peer's last epoch, wait (bounded) until no live peer is still behind it.
 

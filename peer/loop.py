@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from peer.company import peers_present, too_few, wait_for_company
+from peer.pace import hold_for_run
 from peer.errors import UserError
 from peer.events import EventLog
 from peer.progress import Progress, ProgressDisplay
@@ -243,6 +244,10 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
             if gated and config.min_peers > 1 and too_few(company(), config.min_peers):
                 pause_for_company()
                 continue
+            if strategy.label() not in book.chains and hold_for_run(
+                    strategy.label, lambda: link.epoch_limit(config.verification.epoch_slack), stop,
+                    display.message, over=lambda: link.view.run_finished or bool(link.evicted), nudge=link.refresh):
+                continue  # the swarm may have moved (state to load, run finished): look again
 
             label = strategy.label()
             chain, new = book.chain(label, lambda: EpochProof.start(model, config.seed, label, sketch_dims, device))

@@ -178,6 +178,8 @@ def trimmed_mean(parts: torch.Tensor, weights: torch.Tensor, tau: float = DEFAUL
 def weighted_mean(parts: torch.Tensor, weights: torch.Tensor, tau: float = DEFAULT_TAU) -> Aggregate:
     """hivemind's rule: sum_i w_i x_i / sum_i w_i with the declared weights (no evidence computed)."""
     weights = weights.float()
+    if float(weights.sum()) <= 0:  # every member tagged along (weight 0): nothing to average
+        return Aggregate(torch.zeros(parts.shape[1]), [0.0] * len(parts), [False] * len(parts))
     value = weights @ parts.float() / float(weights.sum())
     return Aggregate(value, [0.0] * len(parts), [False] * len(parts))
 

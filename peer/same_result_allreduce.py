@@ -99,7 +99,8 @@ class SameResultAllReduceRunner(AllReduceRunner):
                 for part, offset in zip(self._sent_parts[reducer_index], self._offsets_by_peer[reducer_index]):
                     if reducer != self.peer_id:  # what the reducer decodes (our own part reaches us raw)
                         part = deserialize_torch_tensor(self._encode(part))
-                    records.add("sent", me, reducer.to_base58(), self._epoch_of(self.peer_id), part, offset)
+                    records.add("sent", me, reducer.to_base58(), self._epoch_of(self.peer_id), part, offset,
+                                weight=self.weight)
         for part_index, received in enumerate(self.tensor_part_reducer.received):
             offset = self._offsets_by_peer[my_index][part_index]
             for sender_index, part, weight, score, clipped in received:

@@ -97,20 +97,22 @@ class World:
         self.proofs[name] = Work(proof, request.samples)
         return request, total / MICRO_BATCHES
 
-    def record(self, role: str, sender: str, reducer: str, offset: int, part: torch.Tensor, group: str) -> dict:
+    def record(self, role: str, sender: str, reducer: str, offset: int, part: torch.Tensor, group: str,
+               weight: float = 1.0) -> dict:
         dims = self.config.verification.sketch_dims
         sketch = slice_sketch(part, offset, self.sizes, gradient_seed(self.config.seed, self.epoch), dims)
         return {"v": 1, "role": role, "kind": "grad", "group": group, "epoch": self.epoch, "sender": swarm(sender),
                 "reducer": swarm(reducer), "length": part.numel(), "sketch": list(sketch.projection),
-                "norm_sq": float(part.double().norm() ** 2), "weight": 1.0 if role == "received" else 0.0,
+                "norm_sq": float(part.double().norm() ** 2), "weight": weight,
                 "score": 0.0, "clipped": False, "time": time.time()}
 
-    def round(self, sent=None, claimed=None, received=None) -> dict[str, list[dict]]:
+    def round(self, sent=None, claimed=None, received=None, weights=None) -> dict[str, list[dict]]:
         """One all-reduce of every peer's epoch vector; returns each peer's records and submits nothing.
 
         ``sent(name, vector)``: what a peer really puts in (default: its vector); ``claimed(name, vector)``:
         what its "sent" records describe (default: what it sent); ``received(reducer, sender, part)``:
-        what a reducer's "received" records describe (default: what arrived)."""
+        what a reducer's "received" records describe (default: what arrived); ``weights(name, role)``:
+        the weight a sender's records (role "sent") or its reducers' (role "received") give it (default 1)."""
         names = list(self.peers)
         group = f"{self.rounds:04x}" + "ab" * 14
         self.rounds += 1
@@ -124,9 +126,11 @@ class World:
                 low, high = cuts[j], cuts[j + 1]
                 part, _ = round_trip(put_in[low:high].clone(), self.codec)
                 said, _ = round_trip(described[low:high].clone(), self.codec)
-                records[sender].append(self.record("sent", sender, reducer, low, said, group))
+                weight = weights(sender, "sent") if weights else 1.0
+                records[sender].append(self.record("sent", sender, reducer, low, said, group, weight))
                 seen = received(reducer, sender, part) if received else part
-                records[reducer].append(self.record("received", sender, reducer, low, seen, group))
+                weight = weights(sender, "received") if weights else 1.0
+                records[reducer].append(self.record("received", sender, reducer, low, seen, group, weight))
         return records
 
     def epoch_of_rounds(self, withhold: tuple[str, ...] = (), **round_args) -> None:
@@ -221,6 +225,21 @@ def test_sign_flipped_x10_sender_is_caught_by_its_own_report(world):
     assert rows["poisoner"]["banned"] and rows["poisoner"]["strikes"] == 1
     assert rows["poisoner"]["samples_provisional"] == 0 and rows["poisoner"]["windows_forfeited"] >= 1
     assert all(rows[name]["strikes"] == 0 and not rows[name]["banned"] for name in "abc")
+
+
+def test_a_member_tagging_along_with_weight_0_is_not_bound_to_its_report_unless_it_lied_about_it(world):
+    # hivemind tags a peer that starts loading state along with weight 0: it sends whatever its buffer
+    # holds (the last average), which no rule gives any influence and no report describes
+    world.join("a", "b", "c", "loader")
+    stale = flip_x10("loader")
+    world.epoch_of_rounds(sent=stale, weights=lambda name, role: 0.0 if name == "loader" else 1.0)
+    own = {row["subject"]: row for row in world.checks("own_report")}
+    assert own["loader"]["verdict"] == "unchecked" and "weight 0" in own["loader"]["detail"], own["loader"]
+    assert {own[name]["verdict"] for name in "abc"} == {"pass"}
+    assert world.binding_failures() == {}
+    # a poisoner claiming weight 0 in its own records, while its reducers saw it declare 1, is checked
+    world.epoch_of_rounds(sent=stale, weights=lambda name, role: 0.0 if name == "loader" and role == "sent" else 1.0)
+    assert world.binding_failures() == {"loader": 1}
 
 
 def test_scaled_up_vector_hidden_from_the_sketch_breaks_the_norm_bound(world):

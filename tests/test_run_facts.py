@@ -75,7 +75,9 @@ def test_report_epoch_verdicts_on_a_real_ledger(tmp_path):
     assert ledger.run_epoch() == 1
     verdict = ledger.judge_report_epoch("a", 5)
     assert verdict.refused and not verdict.evidence  # the next epoch of an honest peer that ran ahead
-    assert ledger.judge_report_epoch("b", 5).evidence  # b jumps from 1 to 5: no honest peer does
+    verdict = ledger.judge_report_epoch("b", 5)  # b jumps from 1 to 5: where a's state would take it
+    assert verdict.refused and not verdict.evidence
+    assert ledger.judge_report_epoch("b", 9).evidence  # past anything anyone reported: no honest peer does
     assert ledger.judge_report_epoch("a", 1_000_000).evidence
     assert ledger.judge_report_epoch("a", -1).evidence
     ledger.leave("b", sessions["b"])
