@@ -204,14 +204,23 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
     def company() -> int | None:
         return peers_present(link.view_is_fresh(), link.view.live_peers, strategy.swarm_peers())
 
+    def others_finished() -> bool:
+        """The others completed the run's epochs (and left): no company will come for the last ones.
+
+        The coordinator's run epoch, a quorum of the live peers, can stay below the end then (the
+        peers that finished left), so this peer would wait for company forever."""
+        top = strategy.swarm_epoch()
+        return bool(config.epochs) and top is not None and top >= config.epochs
+
     def pause_for_company() -> None:
         """Below min_peers after training started: hold, state kept, until enough peers are back."""
         events.emit("waiting", epoch=strategy.epoch, peers=company(), min_peers=config.min_peers)
         present = wait_for_company(company, config.min_peers, stop, display.message,
-                                   over=lambda: link.view.run_finished or bool(link.evicted))
+                                   over=lambda: link.view.run_finished or bool(link.evicted) or others_finished())
         if not stop.is_set() and not link.view.run_finished and not link.evicted:
             events.emit("resumed", epoch=strategy.epoch, peers=present)
-            display.message(f"{present} peers in the swarm: training")
+            display.message("the others finished the run: training its last epochs alone" if others_finished()
+                            else f"{present} peers in the swarm: training")
 
     with ProgressDisplay(peer_id, config.run_id, options.progress) as display:
         started = strategy.start(link, stop, display, events)
@@ -241,7 +250,7 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
             if caught_up:
                 handle(caught_up)
                 continue
-            if gated and config.min_peers > 1 and too_few(company(), config.min_peers):
+            if gated and config.min_peers > 1 and too_few(company(), config.min_peers) and not others_finished():
                 pause_for_company()
                 continue
             if strategy.label() not in book.chains and hold_for_run(

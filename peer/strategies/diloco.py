@@ -87,6 +87,10 @@ class DiLoCoStrategy:
         """No count of its own (the DHT stays quiet between rounds): with a stale view, train on."""
         return None
 
+    def swarm_epoch(self) -> None:
+        """No view of the others' epochs between rounds."""
+        return None
+
     def catch_up(self, display) -> list[Outcome]:
         return []  # a peer behind is caught up inside a round (resync), see peer.diloco
 

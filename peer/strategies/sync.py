@@ -56,6 +56,10 @@ class SyncStrategy:
     def peers(self, link) -> int:
         return self.opt.tracker.global_progress.num_peers
 
+    def swarm_epoch(self) -> int:
+        """The swarm's epoch as the (guarded) progress records say."""
+        return self.opt.tracker.global_epoch
+
     def swarm_peers(self) -> int:
         """The swarm's own count: the peers behind the progress records (the guard kept), this one included."""
         return self.count.peers
