@@ -59,9 +59,14 @@ def agreed_key(rule: AveragingRule) -> str:
     return rule.aggregator if rule.aggregator != "centered_clip" else f"{rule.aggregator}:{rule.tau!r}"
 
 
-def agreed_schema_hash(schema_hash: bytes, rule: AveragingRule) -> bytes:
-    """hivemind's schema hash with the rule folded in: a leader refuses joiners with another hash."""
-    return hashlib.sha256(schema_hash + b"|potluck-aggregator|" + agreed_key(rule).encode()).digest()
+def agreed_schema_hash(schema_hash: bytes, rule: AveragingRule, protocol: int | None = None) -> bytes:
+    """hivemind's schema hash with the rule and the averaging protocol's version (peer/protocol.py,
+    read at call time) folded in: a leader refuses joiners with another hash."""
+    from peer import protocol as versions
+
+    version = versions.AVERAGING_PROTOCOL if protocol is None else protocol
+    return hashlib.sha256(schema_hash + b"|potluck-aggregator|" + agreed_key(rule).encode()
+                          + b"|potluck-protocol|" + str(version).encode()).digest()
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """One member of a real all-reduce for tests/test_robust.py, run as its own OS process.
 
-    python tests/robust_worker.py ROLE WORKDIR GROUP AGGREGATOR CODEC SCALE [REDUCER]
+    python tests/robust_worker.py ROLE WORKDIR GROUP AGGREGATOR CODEC SCALE [REDUCER [PROTOCOL]]
 
 Member "a" starts the DHT and writes its address to WORKDIR/a.maddrs; the others join it. Each holds
 the known vector ``known_vector(ROLE)`` times SCALE (a poisoner is an honest member with SCALE -10),
@@ -10,6 +10,8 @@ With REDUCER = 1, the member's reducer returns -10 x its robust result to everyo
 product's ``peer.robust_reducer.aggregate`` wrapped in this process only); with REDUCER = drop, it
 returns no averaged part to the other senders (the runner's own ``_accumulate_parts_streaming``
 wrapped), the round is tried once, and each member records the round's error if it fails.
+With PROTOCOL, the member speaks that averaging protocol version (peer.protocol's constant set in
+this process only) and tries its round for 15 s (a test of skewed versions, where none forms).
 """
 
 from __future__ import annotations
@@ -60,8 +62,13 @@ def drop_as_reducer() -> None:
     SameResultAllReduceRunner._accumulate_parts_streaming = dropping
 
 
-def main(role: str, workdir: Path, group: int, aggregator: str, codec: str, scale: float, reducer: str = "") -> None:
+def main(role: str, workdir: Path, group: int, aggregator: str, codec: str, scale: float, reducer: str = "",
+         protocol: str = "") -> None:
     torch.set_num_threads(1)
+    import peer.protocol
+
+    if protocol:
+        peer.protocol.AVERAGING_PROTOCOL = int(protocol)
     if reducer == "1":
         lie_as_reducer()
     if reducer == "drop":
@@ -91,7 +98,8 @@ def main(role: str, workdir: Path, group: int, aggregator: str, codec: str, scal
     )
     error = ""
     try:
-        gathered = averager.step(gather={"epoch": EPOCH}, timeout=60, allow_retries=reducer != "drop")
+        gathered = averager.step(gather={"epoch": EPOCH}, timeout=15 if protocol else 60,
+                                 allow_retries=reducer != "drop")
     except Exception as failure:  # a round that failed (e.g. a dropped part): the values must be unchanged
         gathered, error = None, f"{type(failure).__name__}: {failure}"
     with averager.get_tensors() as result:
@@ -107,4 +115,4 @@ def main(role: str, workdir: Path, group: int, aggregator: str, codec: str, scal
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], float(sys.argv[6]),
-         sys.argv[7] if len(sys.argv) > 7 else "")
+         sys.argv[7] if len(sys.argv) > 7 else "", sys.argv[8] if len(sys.argv) > 8 else "")

@@ -16,6 +16,7 @@ import torch
 
 from conftest import Proc, wait_until
 from peer.errors import UserError
+from peer.protocol import AVERAGING_PROTOCOL
 from peer.robust import AveragingRule, aggregate, agreed_schema_hash, cap_weights, centered_clip, trimmed_mean
 from peer.runconfig import parse_run_config
 from peer.sketch import count_sketch, gradient_seed
@@ -116,7 +117,8 @@ def test_rules_never_average_together():
     plain = b"schema"
     hashes = {agreed_schema_hash(plain, AveragingRule(name)) for name in ("centered_clip", "trimmed_mean", "mean")}
     hashes.add(agreed_schema_hash(plain, AveragingRule("centered_clip", tau=3.0)))
-    assert len(hashes) == 4
+    hashes.add(agreed_schema_hash(plain, AveragingRule(), protocol=AVERAGING_PROTOCOL - 1))
+    assert len(hashes) == 5
 
 
 def test_aggregator_in_run_toml():
@@ -158,13 +160,14 @@ def test_reducer_waits_for_every_sender_and_handles_a_failed_one():
 # -- a real all-reduce: values and attestation records ------------------------------------------------
 
 def run_group(procs, workdir: Path, roles: str, aggregator: str, codec: str = "none", poisoner: str = "",
-              liar: str = "", dropper: str = ""):
+              liar: str = "", dropper: str = "", protocols: dict | None = None):
     workdir.mkdir(parents=True)
     for role in roles:
         scale = -10.0 if role == poisoner else 1.0
+        protocol = [str(protocols.get(role, AVERAGING_PROTOCOL))] if protocols else []
         procs.append(Proc([sys.executable, str(ROOT / "tests" / "robust_worker.py"), role, str(workdir),
                            str(len(roles)), aggregator, codec, str(scale),
-                           "drop" if role == dropper else str(int(role == liar))],
+                           "drop" if role == dropper else str(int(role == liar)), *protocol],
                           workdir / f"{role}.log"))
     results = {}
     for role in roles:
@@ -248,6 +251,14 @@ def test_a_lying_reducer_is_recorded_by_the_members_it_lied_to(procs, tmp_path):
         assert evidence and {e["reducer"] for e in evidence} == {liar}, evidence
         assert all(e["distance"] > 5 * e["own_norm"] and e["kind"] == "grad" for e in evidence)
     assert not (tmp_path / "w" / "c" / REDUCER_EVIDENCE_FILE).exists()  # honest reducers a and b: no evidence
+
+
+def test_members_of_two_protocol_versions_never_average_together(procs, tmp_path):
+    # b runs a potluck whose averaging protocol is one version older (peer/protocol.py)
+    results = run_group(procs, tmp_path / "g", "ab", "centered_clip", protocols={"b": AVERAGING_PROTOCOL - 1})
+    for role, result in results.items():
+        assert result["group"] == 0 and result["error"], (role, result)
+        assert result["result"] == result["sent"], role  # nothing was averaged into either
 
 
 def test_a_round_with_a_dropped_part_fails_and_changes_nothing(procs, tmp_path):

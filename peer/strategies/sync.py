@@ -9,7 +9,7 @@ holds its step until the swarm's batch is complete (peer/fair_share.py).
 
 from __future__ import annotations
 
-from peer.fair_share import count_peers
+from peer.fair_share import count_peers, hold_until_swarm_batch, share_of
 from peer.loop import Outcome
 from peer.progress_guard import guard_swarm_epoch
 from peer.swarm import FIRST_FETCH_TIMEOUT, load_state, make_optimizer, needs_state_from_peers, start_at_epoch
@@ -80,10 +80,10 @@ class SyncStrategy:
 
     def after_micro_batch(self, done, link) -> list[Outcome]:
         before = self.opt.local_epoch
-        # the fair-share hold (peer/fair_share.py::hold_until_swarm_batch) is off: with it, an honest peer
-        # was banned by the binding check (the vector it averaged held about half of what its report of
-        # that epoch described, 0.52x), in 3 of 4 runs of tests/test_swarm_security.py; until the cause is
-        # found, each peer again processes about the whole target per epoch (issue 14 item 3 open)
+        accumulated = self.opt.grad_averager.local_samples_accumulated + done.samples
+        if self.count.peers > 1 and accumulated >= share_of(self.config.target_batch_size, self.count.peers):
+            hold_until_swarm_batch(self.opt.tracker, self.count, self.config.target_batch_size, accumulated,
+                                   self.stop, bound=self.config.averaging_timeout)
         # the averaging weight is the sample count hivemind accumulates: pass the true one
         self.opt.step(batch_size=done.samples)
         self.opt.zero_grad()
