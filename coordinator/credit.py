@@ -539,8 +539,10 @@ class Credit(SqliteStore):
 
     # --- integrity ----------------------------------------------------------------------------
     def verify(self) -> list[str]:
-        """Problems found in the contribution log and in the tables derived from it (empty: intact)."""
-        with self._lock:
+        """Problems found in the contribution log and in the tables derived from it (empty: intact).
+
+        Read in one snapshot: the auditor and serve keep committing while an operator verifies."""
+        with self._snapshot():
             problems = contribution_log.chain_problems(self._db)
             logged_reports, logged_settlements = {}, {}
             for seq, kind, peer_id, body in self._db.execute(

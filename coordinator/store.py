@@ -37,6 +37,18 @@ class SqliteStore:
                 raise
             self._db.execute("COMMIT")
 
+    @contextmanager
+    def _snapshot(self):
+        """One read transaction: every read in the block sees the same committed state, however many
+        commits other processes make meanwhile (a check across tables read one by one saw a row of
+        one table whose partner row in another was committed after that table was read)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+            finally:
+                self._db.execute("ROLLBACK")
+
     def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()

@@ -220,3 +220,22 @@ def test_plain_progress_line_before_any_loss_is_known(capsys):
     with ProgressDisplay("p-1", "run", mode="plain") as display:
         display.epoch_done(Progress(epoch=3))
     assert "epoch 3 loss -" in capsys.readouterr().out
+
+
+def test_a_snapshot_read_does_not_see_commits_made_during_it(tmp_path):
+    """`coordinator ledger verify` reads several tables while serve and the auditor commit: in one
+    snapshot (coordinator/store.py), or a settlement committed between two reads looks tampered."""
+    import sqlite3
+
+    from coordinator.store import SqliteStore
+
+    store = SqliteStore(tmp_path / "s.sqlite")
+    store._db.execute("CREATE TABLE t (x INTEGER)")
+    other = sqlite3.connect(tmp_path / "s.sqlite", isolation_level=None)
+    with store._snapshot() as db:
+        assert db.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 0
+        other.execute("INSERT INTO t VALUES (1)")  # another process commits meanwhile
+        assert db.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 0
+    assert store._read("SELECT COUNT(*) FROM t")[0][0] == 1
+    other.close()
+    store.close()
