@@ -75,7 +75,7 @@ CREATE TABLE IF NOT EXISTS reports (
     received REAL NOT NULL,
     UNIQUE (peer_id, epoch)
 ) STRICT;
-CREATE INDEX IF NOT EXISTS peers_hivemind_peer_id ON peers (hivemind_peer_id);
+CREATE INDEX IF NOT EXISTS peers_swarm_lists ON peers (hivemind_peer_id, evicted);
 CREATE INDEX IF NOT EXISTS peers_last_seen ON peers (last_seen);
 INSERT OR IGNORE INTO meta VALUES ('lists_changes', '0');
 CREATE TRIGGER IF NOT EXISTS lists_change_on_admit AFTER INSERT ON peers
@@ -305,10 +305,13 @@ class Ledger(SqliteStore):
         cached = self._lists
         if cached is not None and cached[0] == changes:
             return cached[1]
-        rows = self._read("SELECT hivemind_peer_id, evicted FROM peers")
+        with self._lock:  # plain tuples: this reads every peer (a Join's reply carries every id)
+            cursor = self._db.execute("SELECT hivemind_peer_id, evicted FROM peers")
+            cursor.row_factory = None
+            rows = cursor.fetchall()
         internal = json.loads(self.meta("internal_swarm_ids") or "[]")
-        allow = sorted({r["hivemind_peer_id"] for r in rows if r["evicted"] is None} | set(internal))
-        deny = sorted({r["hivemind_peer_id"] for r in rows if r["evicted"] is not None} - set(allow))
+        allow = sorted({swarm_id for swarm_id, evicted in rows if evicted is None} | set(internal))
+        deny = sorted({swarm_id for swarm_id, evicted in rows if evicted is not None} - set(allow))
         version = hashlib.sha256(json.dumps([allow, deny]).encode()).hexdigest()[:16]
         self._lists = (changes, (version, allow, deny))
         return version, allow, deny
@@ -527,9 +530,13 @@ class Ledger(SqliteStore):
         """Whether a live peer other than ``peer_id`` exists (read now: a newcomer must see who joined just
         before it). The index on last_seen keeps it to the recently heard-from peers."""
         now = time.time() if now is None else now
-        rows = self._read(f"SELECT {_PEER_FIELDS} FROM peers p WHERE p.last_seen >= ? AND p.peer_id <> ? "
-                          f"AND p.left_at IS NULL AND p.evicted IS NULL", (now - peer_timeout, peer_id))
-        return any(is_alive(row, now, peer_timeout) for row in rows)
+        with self._lock:  # stops at the first live one
+            cursor = self._db.execute(f"SELECT {_PEER_FIELDS} FROM peers p WHERE p.last_seen >= ? AND p.peer_id <> ? "
+                                      f"AND p.left_at IS NULL AND p.evicted IS NULL", (now - peer_timeout, peer_id))
+            try:
+                return any(is_alive(row, now, peer_timeout) for row in cursor)
+            finally:
+                cursor.close()
 
     def reported_samples(self, peer_id: str) -> int:
         """The samples ``peer_id`` reported (its "samples" in ``snapshot``), by the reports' index."""
