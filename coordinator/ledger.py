@@ -103,22 +103,15 @@ SUMMARY_SECONDS = 1.0  # the swarm figures of heartbeat replies (RunSummary) are
 ADVANCE_SECONDS = 1.0  # a heartbeat of a peer that already votes re-checks the run epoch at most this often
 _SAMPLES = "COALESCE(SUM(r.samples), 0)"  # a peer's reported samples, over its reports r
 _PEER_FIELDS = "p.peer_id, p.org, p.device, p.epoch, p.last_seen, p.left_at, p.evicted, p.samples_per_second"
-
-
-def is_alive(peer, now: float, peer_timeout: float) -> bool:
-    """The one definition of a live peer: not gone, not evicted, heard from within ``peer_timeout``."""
-    return peer["left_at"] is None and peer["evicted"] is None and now - peer["last_seen"] <= peer_timeout
-
-
-def swarm_rate(live_peers) -> float:
-    """The swarm's samples/s: what the live peers last said they process."""
-    return sum(p["samples_per_second"] for p in live_peers)
+# the one definition of a live peer p: not gone, not evicted, heard from since ? (now - peer_timeout)
+_ALIVE = "(p.left_at IS NULL AND p.evicted IS NULL AND p.last_seen >= ?)"
 
 
 @dataclass(frozen=True)
 class RunSummary:
-    """The swarm figures every Heartbeat reply carries, built from one read of the peers table and reused
-    for ``SUMMARY_SECONDS`` (Ledger.run_summary), so a heartbeat costs the same with 10 or 10,000 peers."""
+    """The swarm's figures: live peers, their samples/s (the swarm's rate) and their epochs. One read of
+    the live peers (Ledger.summarize); heartbeats reuse one for ``SUMMARY_SECONDS`` (Ledger.run_summary),
+    so a heartbeat costs the same with 10 or 10,000 peers."""
 
     at: float
     live_peers: int
@@ -437,21 +430,22 @@ class Ledger(SqliteStore):
 
         The run epoch is re-checked (a voter timing out can complete a quorum) when this heartbeat can
         change the voters at once (the peer was gone or silent, or this process let a peer go, evicted
-        one or took a former one back since the last check), else at most every ADVANCE_SECONDS: the check reads every
-        peer's reports, and a live voter's heartbeat only lets time pass for the others.
+        one or took a former one back since the last check), else at most every ADVANCE_SECONDS: the
+        check reads every peer's reports, and a live voter's heartbeat only lets time pass for the others.
         """
         with self._write() as db:
             row = dict(self._check_session(db, peer_id, session))
             now = time.time()
+            rule = self.epoch_rule
+            returning = rule is not None and not db.execute(
+                f"SELECT {_ALIVE} FROM peers p WHERE p.peer_id=?", (now - rule.peer_timeout, peer_id)).fetchone()[0]
             db.execute(
                 "UPDATE peers SET last_seen=?, epoch=MAX(epoch, ?), samples_per_second=?, left_at=NULL "
                 "WHERE peer_id=?",
                 (now, epoch, samples_per_second, peer_id),
             )
-            if self.epoch_rule is not None:
-                returning = not is_alive(row, now, self.epoch_rule.peer_timeout)
-                if returning or self._voters_changed or now - self._advanced_at >= ADVANCE_SECONDS:
-                    self._advance(db, now)
+            if rule is not None and (returning or self._voters_changed or now - self._advanced_at >= ADVANCE_SECONDS):
+                self._advance(db, now)
         return row
 
     @contextmanager
@@ -512,31 +506,39 @@ class Ledger(SqliteStore):
         with self._lock:
             return checked_epoch.judge_report(self._db, self.epoch_rule, peer_id, epoch)
 
-    def run_summary(self, peer_timeout: float, now: float | None = None) -> RunSummary:
-        """The swarm figures of heartbeat replies, read again when older than SUMMARY_SECONDS (one read of
-        the peers table, no reports): live peers, their samples/s and epochs (see ``is_alive``)."""
+    def summarize(self, peer_timeout: float, now: float | None = None) -> RunSummary:
+        """The swarm's figures now: one read of the live peers (by the index on last_seen)."""
         now = time.time() if now is None else now
-        with self._summary_lock:  # one thread reads the table; the others wait for its result
-            summary = self._summary
-            if summary is None or not 0 <= now - summary.at < SUMMARY_SECONDS:
-                live = [row for row in self._read(f"SELECT {_PEER_FIELDS} FROM peers p")
-                        if is_alive(row, now, peer_timeout)]
-                epochs = {row["peer_id"]: row["epoch"] for row in live}
-                summary = self._summary = RunSummary(now, len(live), swarm_rate(live), epochs,
-                                                     tuple(sorted(epochs.values())))
+        with self._lock:  # plain tuples: at 10,000 peers this is most of the read's cost
+            cursor = self._db.execute(f"SELECT p.peer_id, p.epoch, p.samples_per_second FROM peers p WHERE {_ALIVE}",
+                                      (now - peer_timeout,))
+            cursor.row_factory = None
+            live = cursor.fetchall()
+        epochs = {peer: epoch for peer, epoch, _ in live}
+        return RunSummary(now, len(live), sum(rate for _, _, rate in live), epochs, tuple(sorted(epochs.values())))
+
+    def run_summary(self, peer_timeout: float) -> RunSummary:
+        """The swarm's figures for heartbeat replies: ``summarize`` again when older than SUMMARY_SECONDS.
+        While one thread reads them, the others use the previous summary rather than wait."""
+        summary = self._summary
+        if summary is not None and 0 <= time.time() - summary.at < SUMMARY_SECONDS:
             return summary
+        if not self._summary_lock.acquire(blocking=summary is None):
+            return summary
+        try:
+            summary = self._summary
+            if summary is None or not 0 <= time.time() - summary.at < SUMMARY_SECONDS:
+                summary = self._summary = self.summarize(peer_timeout)
+            return summary
+        finally:
+            self._summary_lock.release()
 
     def others_alive(self, peer_id: str, peer_timeout: float, now: float | None = None) -> bool:
         """Whether a live peer other than ``peer_id`` exists (read now: a newcomer must see who joined just
-        before it). The index on last_seen keeps it to the recently heard-from peers."""
+        before it; it stops at the first)."""
         now = time.time() if now is None else now
-        with self._lock:  # stops at the first live one
-            cursor = self._db.execute(f"SELECT {_PEER_FIELDS} FROM peers p WHERE p.last_seen >= ? AND p.peer_id <> ? "
-                                      f"AND p.left_at IS NULL AND p.evicted IS NULL", (now - peer_timeout, peer_id))
-            try:
-                return any(is_alive(row, now, peer_timeout) for row in cursor)
-            finally:
-                cursor.close()
+        return bool(self._read(f"SELECT 1 FROM peers p WHERE {_ALIVE} AND p.peer_id <> ? LIMIT 1",
+                               (now - peer_timeout, peer_id)))
 
     def reported_samples(self, peer_id: str) -> int:
         """The samples ``peer_id`` reported (its "samples" in ``snapshot``), by the reports' index."""
@@ -546,9 +548,9 @@ class Ledger(SqliteStore):
         """The run's state for status displays (JSON-ready); heartbeats read ``run_summary`` instead."""
         now = time.time() if now is None else now
         peers = self._read(
-            f"""SELECT {_PEER_FIELDS}, {_SAMPLES} AS samples, COUNT(r.report_id) AS reports
+            f"""SELECT {_PEER_FIELDS}, {_ALIVE} AS alive, {_SAMPLES} AS samples, COUNT(r.report_id) AS reports
                FROM peers p LEFT JOIN reports r ON r.peer_id = p.peer_id
-               GROUP BY p.peer_id ORDER BY p.joined"""
+               GROUP BY p.peer_id ORDER BY p.joined""", (now - peer_timeout,)
         )
         orgs = self._read(
             """SELECT o.name, COALESCE(SUM(r.samples), 0) AS samples,
@@ -572,7 +574,7 @@ class Ledger(SqliteStore):
                 "reports": row["reports"],
                 "samples_per_second": row["samples_per_second"],
                 "last_seen_seconds_ago": round(now - row["last_seen"], 1),
-                "alive": is_alive(row, now, peer_timeout),
+                "alive": bool(row["alive"]),
                 "evicted": row["evicted"],
             }
             for row in peers
@@ -583,7 +585,7 @@ class Ledger(SqliteStore):
             "samples": totals["samples"],
             "loss": last[0]["loss"] if last else None,
             "metrics": json.loads(metrics_rows[0]["metrics"]) if metrics_rows else {},
-            "swarm_samples_per_second": swarm_rate(p for p in peer_list if p["alive"]),
+            "swarm_samples_per_second": self.summarize(peer_timeout, now).swarm_samples_per_second,
             "peers": peer_list,
             "orgs": [{"name": row["name"], "samples": row["samples"], "peers": row["peers"]} for row in orgs],
         }

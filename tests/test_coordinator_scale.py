@@ -16,3 +16,50 @@ def test_heartbeat_and_join_cost_does_not_grow_with_the_peers(tmp_path):
     for kind in ("heartbeat", "join"):
         ratio = large[kind]["median_ms"] / small[kind]["median_ms"]
         assert ratio < 4, (kind, ratio, figures)
+
+
+def test_heartbeat_replies_agree_with_the_full_views(tmp_path):
+    """What a cheap Heartbeat says equals what snapshot and accounts (which read every row) say; the
+    lists follow an eviction made through another connection (the auditor's process), by version."""
+    import random
+
+    from benchmarks.coordinator_scale import Context, build
+    from coordinator.accounting import accounts
+    from coordinator.credit import FAIL
+    from coordinator.ledger import Ledger
+    from coordinator.service import access_lists
+    from protos import coordinator_pb2 as pb
+
+    rng = random.Random(1)
+    coordinator = build(tmp_path, 30, 2, rng)
+    service, ledger = coordinator.service, coordinator.service.ledger
+    (me, session), (gone, gone_session), (struck, _) = coordinator.sessions[:3]
+    ledger.leave(gone, gone_session)
+    service.credit.record_audit(None, struck, 1, 0, FAIL, 0.9, 1.0, "replay differs")
+    for peer_id, peer_session in coordinator.sessions[3:12]:  # some peers further on, one slower
+        ledger.heartbeat(peer_id, peer_session, rng.choice([2, 4, 6]), rng.choice([10.0, 25.0]))
+    ledger._summary = None  # the figures below are read after every change above
+
+    version = access_lists(ledger).version
+    reply = service.Heartbeat(pb.HeartbeatRequest(peer_id=me, session=session, epoch=4, samples_per_second=5.0,
+                                                  access_lists_version=version), Context())
+    state = ledger.snapshot(service.config.peer_timeout)
+    live = [p for p in state["peers"] if p["alive"]]
+    account = accounts(ledger.query)[me]
+    assert reply.live_peers == len(live)
+    assert reply.swarm_samples_per_second == state["swarm_samples_per_second"]
+    assert reply.peers_behind == sum(p["epoch"] < 4 and p["id"] != me for p in live)
+    assert reply.epoch == state["epoch"] and not reply.run_finished
+    assert reply.samples_recorded == next(p["samples"] for p in state["peers"] if p["id"] == me) == 128
+    assert (reply.credit, reply.credit_verified, reply.audits_passed, reply.audits_failed) == \
+           (account.credit, account.credit_verified, account.audits_passed, account.audits_failed)
+    assert accounts(ledger.query, struck)[struck] == accounts(ledger.query)[struck]
+    assert not reply.HasField("access_lists")  # the peer's lists are current
+
+    other = Ledger(ledger.path)  # another process's connection evicts a peer
+    other.evict(struck, "banned: test")
+    other.close()
+    reply = service.Heartbeat(pb.HeartbeatRequest(peer_id=me, session=session, epoch=4,
+                                                  access_lists_version=version), Context())
+    assert reply.HasField("access_lists") and reply.access_lists.version != version
+    assert f"Qm{int(struck[2:], 16):044x}" in reply.access_lists.deny
