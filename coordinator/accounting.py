@@ -69,9 +69,9 @@ def accounts(query, peer_id: str | None = None) -> dict[str, Account]:
     """
     result: dict[str, Account] = {}
     only, args = ("WHERE peer_id=?", (peer_id,)) if peer_id is not None else ("", ())
-    for row in query("SELECT p.peer_id, COALESCE(SUM(r.samples), 0) FROM peers p "
-                     f"LEFT JOIN reports r ON r.peer_id = p.peer_id {'WHERE p.peer_id=?' if peer_id is not None else ''} "
-                     "GROUP BY p.peer_id", args):
+    own = "WHERE p.peer_id=?" if peer_id is not None else ""
+    for row in query("SELECT p.peer_id, COALESCE(SUM(r.samples), 0) FROM peers p LEFT JOIN reports r "
+                     f"ON r.peer_id = p.peer_id {own} GROUP BY p.peer_id", args):
         result[row[0]] = Account(credit=float(row[1]))
     credit = _first_table(query, _CREDIT_TABLES, {"peer_id"})
     if credit is not None:
