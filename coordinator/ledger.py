@@ -149,6 +149,20 @@ def statements(script: str) -> list[str]:
     return result
 
 
+def _lists_version(allow: list[str], deny: list[str]) -> str:
+    return hashlib.sha256(json.dumps([allow, deny]).encode()).hexdigest()[:16]
+
+
+def _set_member(ordered: list[str], item: str, member: bool) -> None:
+    """Put ``item`` into the sorted list ``ordered`` or take it out."""
+    index = bisect.bisect_left(ordered, item)
+    present = index < len(ordered) and ordered[index] == item
+    if member and not present:
+        ordered.insert(index, item)
+    elif present and not member:
+        del ordered[index]
+
+
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -305,9 +319,38 @@ class Ledger(SqliteStore):
         internal = json.loads(self.meta("internal_swarm_ids") or "[]")
         allow = sorted({swarm_id for swarm_id, evicted in rows if evicted is None} | set(internal))
         deny = sorted({swarm_id for swarm_id, evicted in rows if evicted is not None} - set(allow))
-        version = hashlib.sha256(json.dumps([allow, deny]).encode()).hexdigest()[:16]
+        version = _lists_version(allow, deny)
         self._lists = (changes, (version, allow, deny))
         return version, allow, deny
+
+    @staticmethod
+    def _listing(db: sqlite3.Connection, swarm_ids: set[str]) -> dict[str, tuple[bool, bool]]:
+        """swarm id -> (allowed, denied) now, by swarm_lists' rule: allowed while any admitted peer (or an
+        internal process) has the id, denied while only evicted ones do. Inside the caller's transaction."""
+        row = db.execute("SELECT value FROM meta WHERE key='internal_swarm_ids'").fetchone()
+        internal = set(json.loads(row[0])) if row else set()
+        listing = {}
+        for swarm_id in swarm_ids:
+            allowed = swarm_id in internal or db.execute(
+                "SELECT 1 FROM peers WHERE hivemind_peer_id=? AND evicted IS NULL LIMIT 1", (swarm_id,)).fetchone()
+            denied = not allowed and db.execute(
+                "SELECT 1 FROM peers WHERE hivemind_peer_id=? AND evicted IS NOT NULL LIMIT 1", (swarm_id,)).fetchone()
+            listing[swarm_id] = (bool(allowed), bool(denied))
+        return listing
+
+    def _update_lists(self, before: str, after: str, listing: dict[str, tuple[bool, bool]]) -> None:
+        """After a write that changed only the ids in ``listing``: the cached lists of change ``before``
+        become those of ``after`` without reading every peer (a Join's admission). Without them cached,
+        the next swarm_lists reads them all."""
+        cached = self._lists
+        if cached is None or cached[0] != before:
+            return
+        _, allow, deny = cached[1]
+        allow, deny = list(allow), list(deny)  # callers may still hold the old ones
+        for swarm_id, (allowed, denied) in listing.items():
+            _set_member(allow, swarm_id, allowed)
+            _set_member(deny, swarm_id, denied)
+        self._lists = (after, (_lists_version(allow, deny), allow, deny))
 
     def set_internal_swarm_ids(self, ids: list[str]) -> None:
         """hivemind ids of the coordinator's own swarm processes (DHT node, observers): always admitted."""
@@ -344,7 +387,9 @@ class Ledger(SqliteStore):
             org = db.execute("SELECT * FROM orgs WHERE name=?", (token["org"],)).fetchone()
             if org["removed"] is not None:
                 raise LedgerError("PERMISSION_DENIED", f"org '{org['name']}' was removed from this run")
-            existing = db.execute("SELECT org, evicted FROM peers WHERE peer_id=?", (peer_id,)).fetchone()
+            lists_before = db.execute("SELECT value FROM meta WHERE key='lists_changes'").fetchone()[0]
+            existing = db.execute("SELECT org, evicted, hivemind_peer_id FROM peers WHERE peer_id=?",
+                                  (peer_id,)).fetchone()
             if existing is not None and existing["org"] != token["org"]:
                 raise LedgerError(
                     "PERMISSION_DENIED",
@@ -388,6 +433,10 @@ class Ledger(SqliteStore):
                 (peer_id, token["org"], token["id"], public_key, hivemind_peer_id, swarm_auth_key, device,
                  _sha256(session), now, now),
             )
+            lists_after = db.execute("SELECT value FROM meta WHERE key='lists_changes'").fetchone()[0]
+            changed = {hivemind_peer_id} | ({existing["hivemind_peer_id"]} if existing is not None else set())
+            listing = self._listing(db, changed)
+        self._update_lists(lists_before, lists_after, listing)
         if existing is not None:  # a peer that reported before and comes back votes again
             self._voters_changed = True
         return Admission(peer_id=peer_id, org=token["org"], session=session)

@@ -63,3 +63,42 @@ def test_heartbeat_replies_agree_with_the_full_views(tmp_path):
                                                   access_lists_version=version), Context())
     assert reply.HasField("access_lists") and reply.access_lists.version != version
     assert f"Qm{int(struck[2:], 16):044x}" in reply.access_lists.deny
+
+
+def test_lists_updated_at_admission_equal_the_lists_read_in_full(tmp_path):
+    """A Join's admission updates the cached access lists in place of reading every peer: after a new
+    peer, a rejoin under another swarm id, a swarm id two identities share, and a re-admission after an
+    eviction, they equal the lists built from the whole table."""
+    import random
+
+    from benchmarks.coordinator_scale import build
+    from coordinator import tokens
+
+    coordinator = build(tmp_path, 20, 1, random.Random(2))
+    service, ledger = coordinator.service, coordinator.service.ledger
+    claims = tokens.decode(coordinator.token, service.identity.public_bytes)
+
+    def check():
+        assert ledger._lists[0] == ledger.meta("lists_changes"), "the admission did not update the cached lists"
+        updated = ledger.swarm_lists()
+        ledger._lists = None
+        assert updated == ledger.swarm_lists()
+
+    ledger.swarm_lists()
+    ledger.admit(claims, "p-new", bytes(32), "Qm-new", "cpu")
+    check()
+    ledger.admit(claims, "p-new", bytes(32), "Qm-new-2", "cpu")  # a rejoin under another swarm id
+    check()
+    assert "Qm-new" not in ledger.swarm_lists()[1]
+    ledger.admit(claims, "p-twin", bytes(32), "Qm-new-2", "cpu")  # two identities, one swarm id
+    ledger.admit(claims, "p-new", bytes(32), "Qm-new-3", "cpu")
+    check()
+    assert "Qm-new-2" in ledger.swarm_lists()[1]  # the twin still holds it
+    other, _ = tokens.issue(ledger, service.identity.private_key, service.config.run_id, "volunteers", 0, 0)
+    other_claims = tokens.decode(other, service.identity.public_bytes)
+    ledger.admit(other_claims, "p-revoked", bytes(32), "Qm-revoked", "cpu")
+    ledger.revoke_token(other_claims.id)
+    assert "Qm-revoked" in ledger.swarm_lists()[2]
+    ledger.admit(claims, "p-revoked", bytes(32), "Qm-revoked", "cpu")  # back with a valid token
+    check()
+    assert "Qm-revoked" in ledger.swarm_lists()[1] and "Qm-revoked" not in ledger.swarm_lists()[2]
