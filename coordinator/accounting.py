@@ -62,19 +62,24 @@ def _pick(columns: set[str], choices: tuple[str, ...]) -> str | None:
     return next((c for c in choices if c in columns), None)
 
 
-def accounts(query) -> dict[str, Account]:
-    """peer id -> Account; ``query`` is Ledger.query (or any ``(sql, args) -> rows`` function)."""
+def accounts(query, peer_id: str | None = None) -> dict[str, Account]:
+    """peer id -> Account; ``query`` is Ledger.query (or any ``(sql, args) -> rows`` function).
+
+    With ``peer_id``, only that peer's account (a heartbeat's reply), read by the tables' peer_id indexes.
+    """
     result: dict[str, Account] = {}
-    for row in query("SELECT p.peer_id, COALESCE(SUM(r.samples), 0) FROM peers p "
-                     "LEFT JOIN reports r ON r.peer_id = p.peer_id GROUP BY p.peer_id"):
+    only, args = ("WHERE peer_id=?", (peer_id,)) if peer_id is not None else ("", ())
+    own = "WHERE p.peer_id=?" if peer_id is not None else ""
+    for row in query("SELECT p.peer_id, COALESCE(SUM(r.samples), 0) FROM peers p LEFT JOIN reports r "
+                     f"ON r.peer_id = p.peer_id {own} GROUP BY p.peer_id", args):
         result[row[0]] = Account(credit=float(row[1]))
     credit = _first_table(query, _CREDIT_TABLES, {"peer_id"})
     if credit is not None:
         name, columns = credit
         amount = _pick(columns, ("credit", "verified_samples", "samples"))
         if amount is not None:
-            for peer_id, total in query(f"SELECT peer_id, SUM({amount}) FROM {name} GROUP BY peer_id"):
-                account = result.setdefault(peer_id, Account())
+            for peer, total in query(f"SELECT peer_id, SUM({amount}) FROM {name} {only} GROUP BY peer_id", args):
+                account = result.setdefault(peer, Account())
                 account.credit, account.credit_verified = float(total or 0), True
             for account in result.values():
                 if not account.credit_verified:
@@ -84,27 +89,30 @@ def accounts(query) -> dict[str, Account]:
         name, columns = audits
         verdict = _pick(columns, ("verdict", "result", "status", "outcome"))
         if verdict is not None:
-            for peer_id, value, count in query(
-                f"SELECT peer_id, LOWER({verdict}), COUNT(*) FROM {name} GROUP BY peer_id, LOWER({verdict})"
+            for peer, value, count in query(
+                f"SELECT peer_id, LOWER({verdict}), COUNT(*) FROM {name} {only} GROUP BY peer_id, LOWER({verdict})",
+                args,
             ):
-                account = result.setdefault(peer_id, Account())
+                account = result.setdefault(peer, Account())
                 if value in _PASSED:
                     account.audits_passed += count
                 elif value in _FAILED:
                     account.audits_failed += count
                 else:
                     account.audits_pending += count
-    for peer_id in banned_peers(query):
-        result.setdefault(peer_id, Account()).banned = True
+    for peer in banned_peers(query, peer_id):
+        result.setdefault(peer, Account()).banned = True
     return result
 
 
-def banned_peers(query) -> set[str]:
+def banned_peers(query, peer_id: str | None = None) -> set[str]:
+    """The banned peers (with ``peer_id``: that peer, if banned)."""
+    only, args = (" AND peer_id=?", (peer_id,)) if peer_id is not None else ("", ())
     bans = _first_table(query, _BAN_TABLES, {"peer_id"})
-    banned = {row[0] for row in query(f"SELECT peer_id FROM {bans[0]}")} if bans else set()
+    banned = {row[0] for row in query(f"SELECT peer_id FROM {bans[0]} WHERE 1{only}", args)} if bans else set()
     for table in ("peers", "standing"):  # standing: coordinator/credit.py's strikes and bans
         if "banned" in _columns(query, table):
-            banned |= {row[0] for row in query(f"SELECT peer_id FROM {table} WHERE banned")}
+            banned |= {row[0] for row in query(f"SELECT peer_id FROM {table} WHERE banned{only}", args)}
     return banned
 
 

@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS audits (
 ) STRICT;
 CREATE INDEX IF NOT EXISTS audits_report ON audits (report_id);
 CREATE INDEX IF NOT EXISTS audits_verdict ON audits (verdict);
+CREATE INDEX IF NOT EXISTS audits_peer ON audits (peer_id);
 CREATE TABLE IF NOT EXISTS standing (
     peer_id TEXT PRIMARY KEY, strikes INTEGER NOT NULL DEFAULT 0, banned INTEGER NOT NULL DEFAULT 0,
     reason TEXT, at REAL

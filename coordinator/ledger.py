@@ -7,13 +7,16 @@ on their report id. Several processes (``serve``, ``token issue``, ``status``) o
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import hmac
 import json
 import secrets
 import shlex
 import sqlite3
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +75,17 @@ CREATE TABLE IF NOT EXISTS reports (
     received REAL NOT NULL,
     UNIQUE (peer_id, epoch)
 ) STRICT;
+CREATE INDEX IF NOT EXISTS peers_swarm_lists ON peers (hivemind_peer_id, evicted);
+CREATE INDEX IF NOT EXISTS peers_last_seen ON peers (last_seen);
+INSERT OR IGNORE INTO meta VALUES ('lists_changes', '0');
+CREATE TRIGGER IF NOT EXISTS lists_change_on_admit AFTER INSERT ON peers
+BEGIN UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'lists_changes'; END;
+CREATE TRIGGER IF NOT EXISTS lists_change_on_update AFTER UPDATE OF hivemind_peer_id, evicted ON peers
+BEGIN UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'lists_changes'; END;
+CREATE TRIGGER IF NOT EXISTS lists_change_on_delete AFTER DELETE ON peers
+BEGIN UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'lists_changes'; END;
+CREATE TRIGGER IF NOT EXISTS lists_change_on_internal AFTER INSERT ON meta WHEN NEW.key = 'internal_swarm_ids'
+BEGIN UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'lists_changes'; END;
 """
 
 
@@ -85,6 +99,35 @@ class LedgerError(UserError):
 
 BANNED = "banned"  # an eviction reason starting with this also refuses later joins of the identity
 QUOTA_LIVENESS = 60.0  # seconds: a peer silent longer no longer counts toward its org's quota
+SUMMARY_SECONDS = 1.0  # the swarm figures of heartbeat replies (RunSummary) are at most this old
+ADVANCE_SECONDS = 1.0  # a heartbeat of a peer that already votes re-checks the run epoch at most this often
+_SAMPLES = "COALESCE(SUM(r.samples), 0)"  # a peer's reported samples, over its reports r
+_PEER_FIELDS = "p.peer_id, p.org, p.device, p.epoch, p.last_seen, p.left_at, p.evicted, p.samples_per_second"
+# the one definition of a live peer p: not gone, not evicted, heard from since ? (now - peer_timeout)
+_ALIVE = "(p.left_at IS NULL AND p.evicted IS NULL AND p.last_seen >= ?)"
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """The swarm's figures: live peers, their samples/s (the swarm's rate) and their epochs. One read of
+    the live peers (Ledger.summarize); heartbeats reuse one for ``SUMMARY_SECONDS`` (Ledger.run_summary),
+    so a heartbeat costs the same with 10 or 10,000 peers."""
+
+    at: float
+    live_peers: int
+    swarm_samples_per_second: float
+    live_epochs: dict  # live peer id -> its epoch
+    sorted_epochs: tuple  # the same epochs, sorted
+
+    def live_count(self, peer_id: str) -> int:
+        """Live peers, counting ``peer_id`` (heard from just now) also when the summary predates it."""
+        return self.live_peers + (peer_id not in self.live_epochs)
+
+    def peers_behind(self, epoch: int, peer_id: str) -> int:
+        """Live peers other than ``peer_id`` at an epoch below ``epoch``."""
+        behind = bisect.bisect_left(self.sorted_epochs, epoch)
+        own = self.live_epochs.get(peer_id)
+        return behind - (own is not None and own < epoch)
 
 
 def check_org_name(name: str) -> str:
@@ -92,6 +135,32 @@ def check_org_name(name: str) -> str:
     if not name or len(name) > 64 or not all(c.isalnum() or c in "-_. " for c in name):
         raise UserError(f"invalid org name {name!r}: use 1-64 letters, digits, spaces, '-', '_' or '.'")
     return name
+
+
+def statements(script: str) -> list[str]:
+    """The SQL statements of a script, each whole (a trigger's body holds semicolons of its own)."""
+    result, pending = [], ""
+    for part in script.split(";"):
+        pending += part + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                result.append(pending.strip())
+            pending = ""
+    return result
+
+
+def _lists_version(allow: list[str], deny: list[str]) -> str:
+    return hashlib.sha256(json.dumps([allow, deny]).encode()).hexdigest()[:16]
+
+
+def _set_member(ordered: list[str], item: str, member: bool) -> None:
+    """Put ``item`` into the sorted list ``ordered`` or take it out."""
+    index = bisect.bisect_left(ordered, item)
+    present = index < len(ordered) and ordered[index] == item
+    if member and not present:
+        ordered.insert(index, item)
+    elif present and not member:
+        del ordered[index]
 
 
 def _sha256(text: str) -> str:
@@ -111,11 +180,16 @@ class Ledger(SqliteStore):
         super().__init__(path)
         # set by the serving process (which knows run.toml): reports and heartbeats then advance the run epoch
         self.epoch_rule = epoch_rule
+        # the hot paths' caches (heartbeat, join): see run_summary, swarm_lists and heartbeat
+        self._summary: RunSummary | None = None
+        self._summary_lock = threading.Lock()
+        self._lists: tuple[str, tuple[str, list[str], list[str]]] | None = None
+        self._advanced_at = 0.0
+        self._voters_changed = True
         self._db.execute("PRAGMA foreign_keys=ON")
         with self._write() as db:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+            for statement in statements(SCHEMA):
+                db.execute(statement)
             columns = {row["name"] for row in db.execute("PRAGMA table_info(tokens)")}
             if "expires" not in columns:
                 raise UserError(f"{self.path} was written by an older potluck (unsigned tokens); "
@@ -181,7 +255,7 @@ class Ledger(SqliteStore):
     def remove_org(self, name: str) -> int:
         """Remove an org: revoke its tokens and evict its peers; returns how many peers were evicted."""
         now = time.time()
-        with self._write() as db:
+        with self._voters_write() as db:
             row = db.execute("SELECT removed FROM orgs WHERE name=?", (name,)).fetchone()
             if row is None or row["removed"] is not None:
                 raise UserError(f"no org named {name!r}; 'coordinator org list' shows the orgs")
@@ -212,7 +286,7 @@ class Ledger(SqliteStore):
 
     def revoke_token(self, token_id: str) -> int:
         """Revoke a token and evict the peers it admitted; returns how many peers were evicted."""
-        with self._write() as db:
+        with self._voters_write() as db:
             row = db.execute("SELECT revoked FROM tokens WHERE id=?", (token_id,)).fetchone()
             if row is None:
                 raise UserError(f"no token with id {token_id!r}; 'coordinator token list' shows the ids")
@@ -225,19 +299,58 @@ class Ledger(SqliteStore):
 
     def evict(self, peer_id: str, reason: str) -> bool:
         """Withdraw one peer's admission (a ban); its further calls are refused and its swarm access ends."""
-        with self._write() as db:
+        with self._voters_write() as db:
             return db.execute(
                 "UPDATE peers SET evicted=? WHERE peer_id=? AND evicted IS NULL", (reason[:200], peer_id)
             ).rowcount > 0
 
     def swarm_lists(self) -> tuple[str, list[str], list[str]]:
         """(version, allowed, denied) hivemind peer ids: who may average with the swarm, who is shut out."""
-        rows = self._read("SELECT hivemind_peer_id, evicted FROM peers ORDER BY hivemind_peer_id")
+        # built again only when they may have changed: triggers count every write that can change them
+        # (admission, eviction, the internal ids), whichever process made it
+        changes = self.meta("lists_changes")  # read before the lists, so a change in between is seen next time
+        cached = self._lists
+        if cached is not None and cached[0] == changes:
+            return cached[1]
+        with self._lock:  # plain tuples: this reads every peer (a Join's reply carries every id)
+            cursor = self._db.execute("SELECT hivemind_peer_id, evicted FROM peers")
+            cursor.row_factory = None
+            rows = cursor.fetchall()
         internal = json.loads(self.meta("internal_swarm_ids") or "[]")
-        allow = sorted({r["hivemind_peer_id"] for r in rows if r["evicted"] is None} | set(internal))
-        deny = sorted({r["hivemind_peer_id"] for r in rows if r["evicted"] is not None} - set(allow))
-        version = hashlib.sha256(json.dumps([allow, deny]).encode()).hexdigest()[:16]
+        allow = sorted({swarm_id for swarm_id, evicted in rows if evicted is None} | set(internal))
+        deny = sorted({swarm_id for swarm_id, evicted in rows if evicted is not None} - set(allow))
+        version = _lists_version(allow, deny)
+        self._lists = (changes, (version, allow, deny))
         return version, allow, deny
+
+    @staticmethod
+    def _listing(db: sqlite3.Connection, swarm_ids: set[str]) -> dict[str, tuple[bool, bool]]:
+        """swarm id -> (allowed, denied) now, by swarm_lists' rule: allowed while any admitted peer (or an
+        internal process) has the id, denied while only evicted ones do. Inside the caller's transaction."""
+        row = db.execute("SELECT value FROM meta WHERE key='internal_swarm_ids'").fetchone()
+        internal = set(json.loads(row[0])) if row else set()
+        listing = {}
+        for swarm_id in swarm_ids:
+            allowed = swarm_id in internal or db.execute(
+                "SELECT 1 FROM peers WHERE hivemind_peer_id=? AND evicted IS NULL LIMIT 1", (swarm_id,)).fetchone()
+            denied = not allowed and db.execute(
+                "SELECT 1 FROM peers WHERE hivemind_peer_id=? AND evicted IS NOT NULL LIMIT 1", (swarm_id,)).fetchone()
+            listing[swarm_id] = (bool(allowed), bool(denied))
+        return listing
+
+    def _update_lists(self, before: str, after: str, listing: dict[str, tuple[bool, bool]]) -> None:
+        """After a write that changed only the ids in ``listing``: the cached lists of change ``before``
+        become those of ``after`` without reading every peer (a Join's admission). Without them cached,
+        the next swarm_lists reads them all."""
+        cached = self._lists
+        if cached is None or cached[0] != before:
+            return
+        _, allow, deny = cached[1]
+        allow, deny = list(allow), list(deny)  # callers may still hold the old ones
+        for swarm_id, (allowed, denied) in listing.items():
+            _set_member(allow, swarm_id, allowed)
+            _set_member(deny, swarm_id, denied)
+        self._lists = (after, (_lists_version(allow, deny), allow, deny))
 
     def set_internal_swarm_ids(self, ids: list[str]) -> None:
         """hivemind ids of the coordinator's own swarm processes (DHT node, observers): always admitted."""
@@ -274,7 +387,9 @@ class Ledger(SqliteStore):
             org = db.execute("SELECT * FROM orgs WHERE name=?", (token["org"],)).fetchone()
             if org["removed"] is not None:
                 raise LedgerError("PERMISSION_DENIED", f"org '{org['name']}' was removed from this run")
-            existing = db.execute("SELECT org, evicted FROM peers WHERE peer_id=?", (peer_id,)).fetchone()
+            lists_before = db.execute("SELECT value FROM meta WHERE key='lists_changes'").fetchone()[0]
+            existing = db.execute("SELECT org, evicted, hivemind_peer_id FROM peers WHERE peer_id=?",
+                                  (peer_id,)).fetchone()
             if existing is not None and existing["org"] != token["org"]:
                 raise LedgerError(
                     "PERMISSION_DENIED",
@@ -318,6 +433,12 @@ class Ledger(SqliteStore):
                 (peer_id, token["org"], token["id"], public_key, hivemind_peer_id, swarm_auth_key, device,
                  _sha256(session), now, now),
             )
+            lists_after = db.execute("SELECT value FROM meta WHERE key='lists_changes'").fetchone()[0]
+            changed = {hivemind_peer_id} | ({existing["hivemind_peer_id"]} if existing is not None else set())
+            listing = self._listing(db, changed)
+        self._update_lists(lists_before, lists_after, listing)
+        if existing is not None:  # a peer that reported before and comes back votes again
+            self._voters_changed = True
         return Admission(peer_id=peer_id, org=token["org"], session=session)
 
     @staticmethod
@@ -354,21 +475,41 @@ class Ledger(SqliteStore):
             return self._check_session(self._db, peer_id, session)["public_key"]
 
     def heartbeat(self, peer_id: str, session: str, epoch: int, samples_per_second: float) -> dict:
-        """Record liveness; returns the peer's row."""
+        """Record liveness; returns the peer's row.
+
+        The run epoch is re-checked (a voter timing out can complete a quorum) when this heartbeat can
+        change the voters at once (the peer was gone or silent, or this process let a peer go, evicted
+        one or took a former one back since the last check), else at most every ADVANCE_SECONDS: the
+        check reads every peer's reports, and a live voter's heartbeat only lets time pass for the others.
+        """
         with self._write() as db:
             row = dict(self._check_session(db, peer_id, session))
             now = time.time()
+            rule = self.epoch_rule
+            returning = rule is not None and not db.execute(
+                f"SELECT {_ALIVE} FROM peers p WHERE p.peer_id=?", (now - rule.peer_timeout, peer_id)).fetchone()[0]
             db.execute(
                 "UPDATE peers SET last_seen=?, epoch=MAX(epoch, ?), samples_per_second=?, left_at=NULL "
                 "WHERE peer_id=?",
                 (now, epoch, samples_per_second, peer_id),
             )
-            if self.epoch_rule is not None:  # a voter timing out can complete a quorum
-                checked_epoch.advance(db, self.epoch_rule, now)
+            if rule is not None and (returning or self._voters_changed or now - self._advanced_at >= ADVANCE_SECONDS):
+                self._advance(db, now)
         return row
 
-    def leave(self, peer_id: str, session: str) -> None:
+    @contextmanager
+    def _voters_write(self):
+        """A write that can take voters away (leave, evict, revoke, remove org): the next heartbeat re-checks."""
         with self._write() as db:
+            yield db
+        self._voters_changed = True  # after the commit, so the check that clears it sees this change
+
+    def _advance(self, db: sqlite3.Connection, now: float) -> None:
+        checked_epoch.advance(db, self.epoch_rule, now)
+        self._voters_changed, self._advanced_at = False, now
+
+    def leave(self, peer_id: str, session: str) -> None:
+        with self._voters_write() as db:
             self._check_session(db, peer_id, session)
             db.execute("UPDATE peers SET left_at=? WHERE peer_id=?", (time.time(), peer_id))
 
@@ -397,7 +538,7 @@ class Ledger(SqliteStore):
                 (now, epoch + 1, peer_id),
             )
             if self.epoch_rule is not None:
-                checked_epoch.advance(db, self.epoch_rule, now)
+                self._advance(db, now)
         return True
 
     def report_ids(self) -> set[str]:
@@ -414,14 +555,51 @@ class Ledger(SqliteStore):
         with self._lock:
             return checked_epoch.judge_report(self._db, self.epoch_rule, peer_id, epoch)
 
+    def summarize(self, peer_timeout: float, now: float | None = None) -> RunSummary:
+        """The swarm's figures now: one read of the live peers (by the index on last_seen)."""
+        now = time.time() if now is None else now
+        with self._lock:  # plain tuples: at 10,000 peers this is most of the read's cost
+            cursor = self._db.execute(f"SELECT p.peer_id, p.epoch, p.samples_per_second FROM peers p WHERE {_ALIVE}",
+                                      (now - peer_timeout,))
+            cursor.row_factory = None
+            live = cursor.fetchall()
+        epochs = {peer: epoch for peer, epoch, _ in live}
+        return RunSummary(now, len(live), sum(rate for _, _, rate in live), epochs, tuple(sorted(epochs.values())))
+
+    def run_summary(self, peer_timeout: float) -> RunSummary:
+        """The swarm's figures for heartbeat replies: ``summarize`` again when older than SUMMARY_SECONDS.
+        While one thread reads them, the others use the previous summary rather than wait."""
+        summary = self._summary
+        if summary is not None and 0 <= time.time() - summary.at < SUMMARY_SECONDS:
+            return summary
+        if not self._summary_lock.acquire(blocking=summary is None):
+            return summary
+        try:
+            summary = self._summary
+            if summary is None or not 0 <= time.time() - summary.at < SUMMARY_SECONDS:
+                summary = self._summary = self.summarize(peer_timeout)
+            return summary
+        finally:
+            self._summary_lock.release()
+
+    def others_alive(self, peer_id: str, peer_timeout: float, now: float | None = None) -> bool:
+        """Whether a live peer other than ``peer_id`` exists (read now: a newcomer must see who joined just
+        before it; it stops at the first)."""
+        now = time.time() if now is None else now
+        return bool(self._read(f"SELECT 1 FROM peers p WHERE {_ALIVE} AND p.peer_id <> ? LIMIT 1",
+                               (now - peer_timeout, peer_id)))
+
+    def reported_samples(self, peer_id: str) -> int:
+        """The samples ``peer_id`` reported (its "samples" in ``snapshot``), by the reports' index."""
+        return self._read(f"SELECT {_SAMPLES} AS samples FROM reports r WHERE r.peer_id=?", (peer_id,))[0]["samples"]
+
     def snapshot(self, peer_timeout: float, now: float | None = None) -> dict:
-        """The run's state for status displays and heartbeats (JSON-ready)."""
+        """The run's state for status displays (JSON-ready); heartbeats read ``run_summary`` instead."""
         now = time.time() if now is None else now
         peers = self._read(
-            """SELECT p.peer_id, p.org, p.device, p.epoch, p.last_seen, p.left_at, p.evicted, p.samples_per_second,
-                      COALESCE(SUM(r.samples), 0) AS samples, COUNT(r.report_id) AS reports
+            f"""SELECT {_PEER_FIELDS}, {_ALIVE} AS alive, {_SAMPLES} AS samples, COUNT(r.report_id) AS reports
                FROM peers p LEFT JOIN reports r ON r.peer_id = p.peer_id
-               GROUP BY p.peer_id ORDER BY p.joined"""
+               GROUP BY p.peer_id ORDER BY p.joined""", (now - peer_timeout,)
         )
         orgs = self._read(
             """SELECT o.name, COALESCE(SUM(r.samples), 0) AS samples,
@@ -445,7 +623,7 @@ class Ledger(SqliteStore):
                 "reports": row["reports"],
                 "samples_per_second": row["samples_per_second"],
                 "last_seen_seconds_ago": round(now - row["last_seen"], 1),
-                "alive": row["left_at"] is None and row["evicted"] is None and now - row["last_seen"] <= peer_timeout,
+                "alive": bool(row["alive"]),
                 "evicted": row["evicted"],
             }
             for row in peers
@@ -456,7 +634,7 @@ class Ledger(SqliteStore):
             "samples": totals["samples"],
             "loss": last[0]["loss"] if last else None,
             "metrics": json.loads(metrics_rows[0]["metrics"]) if metrics_rows else {},
-            "swarm_samples_per_second": sum(p["samples_per_second"] for p in peer_list if p["alive"]),
+            "swarm_samples_per_second": self.summarize(peer_timeout, now).swarm_samples_per_second,
             "peers": peer_list,
             "orgs": [{"name": row["name"], "samples": row["samples"], "peers": row["peers"]} for row in orgs],
         }

@@ -101,7 +101,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 self.on_admitted()  # admission is in effect at the bootstrap node before the peer hears of it
             except Exception:  # a busy ledger: the keeper's 1 s tick carries it, the peer's bootstrap retries
                 log.exception("could not push the access lists to the DHT node at join")
-        state = self.ledger.snapshot(self.config.peer_timeout)
         reply = pb.JoinReply(
             peer_id=peer_id,
             session=admission.session,
@@ -110,12 +109,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             run_config_toml=self.config.text,
             run_config_hash=self.config.config_hash,
             initial_peers=self.initial_peers,
-            epoch=state["epoch"],
+            epoch=self.ledger.run_epoch(),
             coordinator_public_key=self.identity.public_bytes,
             access_token=self._access_token(request.hivemind_peer_id, request.swarm_auth_key),
             access_lists=access_lists(self.ledger),
         )
-        others_alive = any(p["alive"] and p["id"] != peer_id for p in state["peers"])
+        others_alive = self.ledger.others_alive(peer_id, self.config.peer_timeout)
         reply.swarm_empty = not others_alive
         checkpoint = latest_checkpoint(self.data_dir) if self.data_dir is not None else None
         if checkpoint is not None and checkpoint.run_id == self.config.run_id:
@@ -215,28 +214,29 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             peer = self.ledger.heartbeat(request.peer_id, request.session, epoch, request.samples_per_second)
         except LedgerError as error:
             _abort(context, error)
-        state = self.ledger.snapshot(self.config.peer_timeout)
-        lists = access_lists(self.ledger)
-        account = accounts(self.ledger.query).get(request.peer_id)
-        me = next((p for p in state["peers"] if p["id"] == request.peer_id), None)
+        # O(1) in the run's size: the swarm figures are a summary at most a second old, the epoch, lists
+        # version and this peer's own account are read by key
+        summary = self.ledger.run_summary(self.config.peer_timeout)
+        run_epoch = self.ledger.run_epoch()
+        lists_version = self.ledger.swarm_lists()[0]
+        account = accounts(self.ledger.query, request.peer_id).get(request.peer_id)
         return pb.HeartbeatReply(
             credit=account.credit if account else 0.0,
             credit_verified=bool(account and account.credit_verified),
             audits_passed=account.audits_passed if account else 0,
             audits_failed=account.audits_failed if account else 0,
-            samples_recorded=me["samples"] if me else 0,
+            samples_recorded=self.ledger.reported_samples(request.peer_id),
             access_token=(
                 self._access_token(peer["hivemind_peer_id"], peer["swarm_auth_key"])
                 if request.renew_access_token else b""
             ),
-            access_lists=lists if lists.version != request.access_lists_version else None,
-            epoch=state["epoch"],
-            live_peers=sum(p["alive"] for p in state["peers"]),
-            swarm_samples_per_second=state["swarm_samples_per_second"],
-            run_finished=self._run_finished(state["epoch"]),
-            peers_behind=sum(
-                p["alive"] and p["epoch"] < request.epoch and p["id"] != request.peer_id for p in state["peers"]
-            ),
+            # the lists themselves (O(peers) bytes) only when the peer's copy is out of date
+            access_lists=access_lists(self.ledger) if lists_version != request.access_lists_version else None,
+            epoch=run_epoch,
+            live_peers=summary.live_count(request.peer_id),
+            swarm_samples_per_second=summary.swarm_samples_per_second,
+            run_finished=self._run_finished(run_epoch),
+            peers_behind=summary.peers_behind(request.epoch, request.peer_id),
         )
 
     def Leave(self, request: pb.LeaveRequest, context):
