@@ -75,6 +75,10 @@ CREATE TABLE IF NOT EXISTS reports (
     received REAL NOT NULL,
     UNIQUE (peer_id, epoch)
 ) STRICT;
+CREATE TABLE IF NOT EXISTS epoch_claims (
+    peer_id TEXT PRIMARY KEY REFERENCES peers(peer_id),
+    epoch INTEGER NOT NULL
+) STRICT;
 CREATE INDEX IF NOT EXISTS peers_swarm_lists ON peers (hivemind_peer_id, evicted);
 CREATE INDEX IF NOT EXISTS peers_last_seen ON peers (last_seen);
 INSERT OR IGNORE INTO meta VALUES ('lists_changes', '0');
@@ -551,9 +555,15 @@ class Ledger(SqliteStore):
             return checked_epoch.current(self._db)
 
     def judge_report_epoch(self, peer_id: str, epoch: int) -> checked_epoch.Verdict:
-        """Whether a Report of ``epoch`` is possible now (needs ``epoch_rule``)."""
+        """Whether a Report of ``epoch`` is possible now (needs ``epoch_rule``). A report refused for now
+        (not evidence) is remembered as the peer's claim: its next epoch is no jump."""
         with self._lock:
-            return checked_epoch.judge_report(self._db, self.epoch_rule, peer_id, epoch)
+            verdict = checked_epoch.judge_report(self._db, self.epoch_rule, peer_id, epoch)
+        if verdict.refused and not verdict.evidence:
+            with self._write() as db:
+                db.execute("INSERT INTO epoch_claims VALUES (?, ?) ON CONFLICT (peer_id) DO UPDATE SET "
+                           "epoch = MAX(epoch, excluded.epoch)", (peer_id, epoch))
+        return verdict
 
     def summarize(self, peer_timeout: float, now: float | None = None) -> RunSummary:
         """The swarm's figures now: one read of the live peers (by the index on last_seen)."""

@@ -18,7 +18,8 @@ checkpoint cadence.
 
 Speed is bounded too: a report beyond ``run epoch + epoch_slack`` is impossible and refused
 (``judge_report``). It is evidence against the peer when it is also a jump no honest peer makes:
-more than slack past the run epoch, the epoch after its own last report and the epoch after the
+more than slack past the run epoch, the epoch after its own last report (accepted, or refused for
+now: an honest peer ahead keeps counting, one epoch at a time) and the epoch after the
 highest report accepted from anyone. An honest peer that keeps training while the quorum is stalled
 moves one epoch at a time, and one that loads another's state lands where that peer was.
 """
@@ -98,6 +99,9 @@ def judge_report(db: sqlite3.Connection, rule: EpochRule, peer_id: str, epoch: i
     if epoch <= run + rule.slack:
         return Verdict(False, False)
     own_next = next_epoch_of(db, peer_id, run)
+    claimed = db.execute("SELECT epoch FROM epoch_claims WHERE peer_id=?", (peer_id,)).fetchone()
+    if claimed is not None:  # its last report refused for now: the one after it is no jump either
+        own_next = max(own_next, claimed[0] + 1)
     # a peer that loads another's state continues from that peer's epoch: a jump to just past an
     # accepted report is what an honest catch-up looks like
     swarm_next = db.execute("SELECT MAX(epoch) FROM reports").fetchone()[0]

@@ -20,6 +20,7 @@ from coordinator.checkpoints import find_checkpoint, latest_checkpoint, read_che
 from coordinator.ledger import BANNED, Ledger, LedgerError
 from coordinator.probe import probe_requester
 from coordinator.run_epoch import EpochRule
+from peer.client import NOT_YET
 from peer.identity import Identity, peer_id_of
 from peer.runconfig import RunConfig
 from peer.swarm_access import issue_access_token
@@ -186,8 +187,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 self.credit.record_check_failure(request.peer_id, request.epoch, verdict.reason)
                 context.abort(grpc.StatusCode.OUT_OF_RANGE, f"report refused: {verdict.reason}")
             # an honest peer ahead of a stalled quorum (or of a coordinator that was down): its outbox
-            # keeps the report and sends it again once the run's epoch has caught up
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"report not yet accepted, retry later: {verdict.reason}")
+            # keeps the report and sends it again once the run's epoch has caught up (NOT_YET: the
+            # coordinator is reachable, so the peer's heartbeats go on)
+            context.abort(NOT_YET, f"report not yet accepted, retry later: {verdict.reason}")
         try:
             fresh = self.ledger.record_report(
                 request.peer_id, request.session, request.report_id, request.epoch, request.samples,

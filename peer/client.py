@@ -30,6 +30,10 @@ CALL_TIMEOUT = timeouts.CALL  # seconds; every RPC has a deadline (peer/timeouts
 # a report beyond the run's checked epoch + slack (coordinator/run_epoch.py) is "not yet", not "never":
 # the coordinator answers it UNAVAILABLE, so it stays in the outbox and is sent again later
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# a report the coordinator cannot accept yet (beyond the run's epoch + slack): kept and sent again, but the
+# coordinator answered, so heartbeats go on (treated as unreachable, a peer lost its view of the run,
+# stopped pacing itself and raced hundreds of epochs ahead)
+NOT_YET = grpc.StatusCode.ABORTED
 SERVICE = "/potluck.v1.Coordinator/"
 
 
@@ -242,6 +246,8 @@ class CoordinatorLink:
                 self._stub.call("Report", pb.ReportRequest.FromString(payload), pb.ReportReply, CALL_TIMEOUT)
                 self.outbox.mark_acked(report_id)
             except grpc.RpcError as error:
+                if error.code() == NOT_YET:
+                    return True  # reachable; this report and the ones after it wait, in order
                 if error.code() in RETRYABLE:
                     return False
                 if self._note_eviction(error):

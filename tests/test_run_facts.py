@@ -75,9 +75,12 @@ def test_report_epoch_verdicts_on_a_real_ledger(tmp_path):
     assert ledger.run_epoch() == 1
     verdict = ledger.judge_report_epoch("a", 5)
     assert verdict.refused and not verdict.evidence  # the next epoch of an honest peer that ran ahead
+    assert ledger.judge_report_epoch("b", 9).evidence  # past anything anyone reported: no honest peer does
     verdict = ledger.judge_report_epoch("b", 5)  # b jumps from 1 to 5: where a's state would take it
     assert verdict.refused and not verdict.evidence
-    assert ledger.judge_report_epoch("b", 9).evidence  # past anything anyone reported: no honest peer does
+    for epoch in (6, 7, 8, 9, 10):  # from where a's state took it, b counts on: refused for now, one by one
+        verdict = ledger.judge_report_epoch("b", epoch)
+        assert verdict.refused and not verdict.evidence, epoch
     assert ledger.judge_report_epoch("a", 1_000_000).evidence
     assert ledger.judge_report_epoch("a", -1).evidence
     ledger.leave("b", sessions["b"])
@@ -135,6 +138,9 @@ class Member:
         return self.rpc("Heartbeat", pb.HeartbeatRequest(peer_id=self.peer_id, session=self.session, epoch=epoch))
 
     def report(self, epoch: int) -> pb.ReportReply:
+        return self.rpc("Report", self.report_request(epoch))
+
+    def report_request(self, epoch: int) -> pb.ReportRequest:
         """A well-formed, signed report (2 micro-batches of 32 samples; no snapshot exists to audit it)."""
         request = pb.ReportRequest(peer_id=self.peer_id, session=self.session, report_id=uuid.uuid4().hex,
                                    epoch=epoch, samples=64, loss=1.0, compute_seconds=1.0)
@@ -145,7 +151,7 @@ class Member:
             request.sketches.add(index=index, samples=32, norm=1.0,
                                  projection=[random.gauss(0, 1) for _ in range(self.sketch_dims)])
         sign_report(request, RUN_ID, self.identity.private_key)
-        return self.rpc("Report", request)
+        return request
 
 
 def call(channel, name: str, body: bytes, metadata):
@@ -180,6 +186,45 @@ def served(procs, tmp_path):
 
 
 # --- the run's epoch ---------------------------------------------------------------------------
+
+def test_a_report_refused_for_now_waits_in_the_outbox_while_heartbeats_go_on(served, tmp_path):
+    """A report beyond the run's epoch + slack is "not yet": the peer keeps it, in order, and goes on
+    heartbeating (treated as an outage, a peer lost its view of the run, stopped pacing itself and
+    raced hundreds of epochs ahead); once the run catches up, it is accepted."""
+    from peer.client import Admission, CoordinatorLink
+    from peer.outbox import Outbox
+    from peer.swarm_access import AccessFiles
+    from peer.transport import Endpoint
+
+    coordinator, channel, dims = served
+    stalled = Member(channel, coordinator.issue_token("other"), dims)  # a voter of a second org
+    stalled.report(0)
+    ahead = Member(channel, coordinator.token, dims)
+    data_dir = tmp_path / "ahead"
+    data_dir.mkdir()
+    outbox = Outbox(data_dir)
+    ids = []
+    for epoch in range(7):  # the run stays at 1 (both orgs must support): 0-4 are accepted, 5 and 6 wait
+        request = ahead.report_request(epoch)
+        outbox.put(request.report_id, request.SerializeToString())
+        ids.append(request.report_id)
+    admission = Admission(ahead.identity, ahead.peer_id, ahead.session, RUN_ID, AccessFiles(data_dir), 300.0)
+    link = CoordinatorLink(Endpoint(coordinator.address, coordinator.fingerprint), admission, outbox, 0.5).start()
+    try:
+        wait_until(lambda: [i for i, _ in outbox.pending()] == ids[5:], 30, "epochs 0-4 accepted, 5 and 6 kept")
+        seen = link.view.updated
+        wait_until(lambda: link.view.updated > seen + 1.0, 30, "heartbeats to go on while reports wait")
+        assert link.view.reachable and link.view.epoch == 1 and link.epoch_limit(3) == 4
+        assert not rows(coordinator, "SELECT * FROM audits WHERE peer_id=?", (ahead.peer_id,))  # no evidence
+        for epoch in range(1, 5):  # the stalled voter catches up: the run reaches 5
+            stalled.report(epoch)
+        wait_until(lambda: not outbox.pending(), 30, "the kept reports to be accepted")
+        assert rows(coordinator, "SELECT epoch FROM reports WHERE peer_id=? ORDER BY epoch",
+                    (ahead.peer_id,)) == [(epoch,) for epoch in range(7)]
+    finally:
+        link.close("test over", flush_timeout=2)
+        outbox.close()
+
 
 def test_a_huge_report_epoch_is_refused_counted_as_evidence_and_moves_nothing(served):
     coordinator, channel, dims = served
