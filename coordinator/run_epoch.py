@@ -74,9 +74,14 @@ def reached(voters: list[tuple[str, int]], min_peers: int) -> int:
 def advance(db: sqlite3.Connection, rule: EpochRule, now: float | None = None) -> int:
     """Recompute the run epoch from the ledger's reports (inside the caller's write transaction)."""
     now = time.time() if now is None else now
+    # a voter's top: its highest accepted report, or its claim (a report refused for now, within the
+    # bounds of judge_report) when higher: a peer that loaded another's state never reports the epochs it
+    # skipped, and without its claim a quorum that needs its org would wait for it forever
     voters = [(row[0], row[1]) for row in db.execute(
-        "SELECT p.org, MAX(r.epoch) FROM peers p JOIN reports r ON r.peer_id = p.peer_id "
-        "WHERE p.evicted IS NULL AND p.left_at IS NULL AND p.last_seen >= ? GROUP BY p.peer_id",
+        "SELECT org, top FROM (SELECT p.org AS org, MAX("
+        "COALESCE((SELECT MAX(r.epoch) FROM reports r WHERE r.peer_id = p.peer_id), -1), "
+        "COALESCE((SELECT c.epoch FROM epoch_claims c WHERE c.peer_id = p.peer_id), -1)) AS top "
+        "FROM peers p WHERE p.evicted IS NULL AND p.left_at IS NULL AND p.last_seen >= ?) WHERE top >= 0",
         (now - rule.peer_timeout,))]
     stored = current(db)
     epoch = max(stored, reached(voters, rule.min_peers))

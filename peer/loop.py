@@ -230,6 +230,7 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
             wait_for_peers(lambda: strategy.peers(link), config.min_peers, stop, display,
                            over=lambda: link.view.run_finished or bool(link.evicted))
             gated = True
+        held = None  # the epoch this peer last held before (peer/pace.py)
         while True:
             if stop.is_set():
                 break
@@ -253,9 +254,11 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
             if gated and config.min_peers > 1 and too_few(company(), config.min_peers) and not others_finished():
                 pause_for_company()
                 continue
-            if strategy.label() not in book.chains and hold_for_run(
+            if strategy.label() not in book.chains and strategy.label() != held and hold_for_run(
                     strategy.label, lambda: link.epoch_limit(config.verification.epoch_slack), stop,
-                    display.message, over=lambda: link.view.run_finished or bool(link.evicted), nudge=link.refresh):
+                    display.message, over=lambda: link.view.run_finished or bool(link.evicted), nudge=link.refresh,
+                    bound=config.averaging_timeout):
+                held = strategy.label()  # at most one (bounded) hold per epoch
                 continue  # the swarm may have moved (state to load, run finished): look again
 
             label = strategy.label()

@@ -11,12 +11,16 @@ state jumped 13 epochs and was banned for an impossible report).
 So before an epoch's first micro-batch a peer at the bound holds until the run
 catches up (the others report, or a stalled voter drops out after ``peer_timeout``). Held at the bound,
 its progress record stays visible to the peers behind, who load its state and come level. Only a fresh
-view of the coordinator holds a peer: during an outage the swarm trains on.
+view of the coordinator holds a peer (during an outage the swarm trains on), and for at most
+``averaging_timeout`` per epoch: peers that loaded the holder's state hold at the same bound, and the
+run moves only once their reports (refused for now, counted as their claims) come in.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from typing import Callable
 
 
@@ -28,7 +32,7 @@ def ahead_of_run(label: int, limit: int | None) -> bool:
 
 
 def hold_for_run(label: Callable[[], int], limit: Callable[[], int | None], stop: threading.Event, say,
-                 over=lambda: False, nudge=lambda: None, poll: float = 0.2) -> bool:
+                 over=lambda: False, nudge=lambda: None, poll: float = 0.2, bound: float = math.inf) -> bool:
     """Hold while ``ahead_of_run(label(), limit())``, unless ``stop`` or ``over()``; True if it held.
 
     ``say(text)`` is called once; ``nudge()`` asks the coordinator for a fresh view (once: the
@@ -38,6 +42,7 @@ def hold_for_run(label: Callable[[], int], limit: Callable[[], int | None], stop
         return False
     nudge()
     say(f"epoch {label()} is as far ahead of the run as the coordinator accepts: waiting for the swarm")
-    while not stop.is_set() and not over() and ahead_of_run(label(), limit()):
+    deadline = time.monotonic() + bound
+    while not stop.is_set() and not over() and ahead_of_run(label(), limit()) and time.monotonic() < deadline:
         stop.wait(poll)
     return True

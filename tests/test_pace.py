@@ -34,3 +34,10 @@ def test_no_hold_below_the_bound_and_a_stop_or_the_run_s_end_releases_a_hold():
     assert hold_for_run(lambda: 6, lambda: 6, stop, lambda text: None, over=over.is_set, poll=0.01)
     stop.set()
     assert hold_for_run(lambda: 6, lambda: 6, stop, lambda text: None, poll=0.01)
+
+
+def test_a_hold_ends_at_its_bound_when_the_run_does_not_move():
+    # peers that loaded the holder's state hold at the same bound; the run moves only once they report
+    stop = threading.Event()
+    assert hold_for_run(lambda: 6, lambda: 6, stop, lambda text: None, poll=0.01, bound=0.2)
+    assert not stop.is_set()

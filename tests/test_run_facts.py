@@ -85,10 +85,10 @@ def test_report_epoch_verdicts_on_a_real_ledger(tmp_path):
     assert ledger.judge_report_epoch("a", -1).evidence
     ledger.leave("b", sessions["b"])
     ledger.heartbeat("a", sessions["a"], 5, 1.0)
-    assert ledger.run_epoch() == 5  # a is the only voter left
+    assert ledger.run_epoch() == 6  # a is the only voter left: its report of 5, refused for now, is its claim
     ledger.admit(tokens.decode(tokens.issue(ledger, key, "run", "o", 3600, 0)[0],
                                key.public_key().public_bytes_raw()), "b", bytes(32), "Qmb", "cpu")
-    assert ledger.run_epoch() == 5  # never goes back
+    assert ledger.run_epoch() == 6  # never goes back
     ledger.close()
 
 
