@@ -201,6 +201,10 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
             if outcome.message:
                 display.message(outcome.message)
 
+    def run_over() -> bool:
+        """The run ended for this peer (finished, or evicted): no wait should outlast it."""
+        return link.view.run_finished or bool(link.evicted)
+
     def company() -> int | None:
         return peers_present(link.view_is_fresh(), link.view.live_peers, strategy.swarm_peers())
 
@@ -216,7 +220,7 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
         """Below min_peers after training started: hold, state kept, until enough peers are back."""
         events.emit("waiting", epoch=strategy.epoch, peers=company(), min_peers=config.min_peers)
         present = wait_for_company(company, config.min_peers, stop, display.message,
-                                   over=lambda: link.view.run_finished or bool(link.evicted) or others_finished())
+                                   over=lambda: run_over() or others_finished())
         if not stop.is_set() and not link.view.run_finished and not link.evicted:
             events.emit("resumed", epoch=strategy.epoch, peers=present)
             display.message("the others finished the run: training its last epochs alone" if others_finished()
@@ -228,7 +232,7 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
         gated = config.min_peers <= 1 or not strategy.needs_gate()
         if not gated and not strategy.gate_after_first_step:
             wait_for_peers(lambda: strategy.peers(link), config.min_peers, stop, display,
-                           over=lambda: link.view.run_finished or bool(link.evicted))
+                           over=run_over)
             gated = True
         held = None  # the epoch this peer last held before (peer/pace.py)
         while True:
@@ -256,7 +260,7 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
                 continue
             if strategy.label() not in book.chains and strategy.label() != held and hold_for_run(
                     strategy.label, lambda: link.epoch_limit(config.verification.epoch_slack), stop,
-                    display.message, over=lambda: link.view.run_finished or bool(link.evicted), nudge=link.refresh,
+                    display.message, over=run_over, nudge=link.refresh,
                     bound=config.averaging_timeout):
                 held = strategy.label()  # at most one (bounded) hold per epoch
                 continue  # the swarm may have moved (state to load, run finished): look again
@@ -281,7 +285,7 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
                 break
             if not gated:  # after one step, so hivemind announces this peer (sync)
                 wait_for_peers(lambda: strategy.peers(link), config.min_peers, stop, display,
-                           over=lambda: link.view.run_finished or bool(link.evicted))
+                           over=run_over)
                 gated = True
 
             link.samples_per_second = progress.local_samples_per_second = (
