@@ -56,7 +56,6 @@ def _sync_classes():
             import torch
 
             self.epoch_source = epoch_source
-            self._scheduled = (None, None)  # (the last pre-scheduled control, the epoch its gather names)
             # the epoch whose gradient the averaging buffer holds, -1 once a round has replaced it with an
             # average; shared with the averager's process, which forks in super().__init__
             self._fresh_epoch = torch.full((1,), -1, dtype=torch.int64).share_memory_()
@@ -79,23 +78,14 @@ def _sync_classes():
             self._fresh_epoch[0] = -1  # the buffer now holds the average
 
         def schedule_step(self, scheduled_time=None, **kwargs):
+            # hivemind can keep a pre-scheduled round across epochs and use it later: its gather then names
+            # an older epoch than the gradient it averages, and _run_allreduce_inplace_ gives it weight 0.
+            # It is not cancelled: a control may already be in a group, and cancelling it there broke the
+            # partners' round (they applied an average this peer did not: the parameters drifted apart).
             gather = kwargs.pop("gather", None)
             gather = dict(gather) if isinstance(gather, dict) else {}
-            gather["epoch"] = epoch = int(self.epoch_source())
-            control = super().schedule_step(scheduled_time, gather=gather, **kwargs)
-            self._scheduled = (control, epoch)
-            return control
-
-        def step(self, *args, control=None, **kwargs):
-            # hivemind keeps a pre-scheduled round across epochs when it could not use it (no partner
-            # seen yet); used later, its gather would name an older epoch than the gradient it averages,
-            # and the binding check would compare that gradient with the wrong report (an honest peer
-            # was banned so). A stale one is cancelled and the round matched afresh under this epoch.
-            scheduled, epoch = self._scheduled
-            if control is not None and control is scheduled and epoch != int(self.epoch_source()):
-                control.cancel()
-                control = None
-            return super().step(*args, control=control, **kwargs)
+            gather["epoch"] = int(self.epoch_source())
+            return super().schedule_step(scheduled_time, gather=gather, **kwargs)
 
     class TrainingStateAverager(PotluckAveraging, HivemindStateAverager):
         """hivemind's state averager with the robust runner; keeps its class name (RPC handler names)."""
