@@ -34,6 +34,26 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
         time.sleep(interval)
 
 
+def descendants_of(pid: int) -> list[int]:
+    """The pids of every live descendant of ``pid`` (from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # it ended meanwhile
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 class Proc:
     """A child process in its own process group, its output in a log file."""
 
@@ -57,8 +77,16 @@ class Proc:
             pass
 
     def kill(self) -> None:
-        """SIGKILL the whole group (the process and the hivemind children it started)."""
+        """SIGKILL the whole group (the process and the hivemind children it started), and every
+        descendant in another group (serve starts its auditor and observer in sessions of their own):
+        one that outlived the test would take CPU from every later test."""
+        descendants = descendants_of(self.pid)
         self.signal_group(signal.SIGKILL)
+        for pid in descendants:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         try:
             self.popen.wait(timeout=10)
         except subprocess.TimeoutExpired:

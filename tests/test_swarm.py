@@ -197,7 +197,9 @@ def test_a_coordinator_outage_does_not_stop_averaging_and_evictions_work_after_i
     stayer = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "a")
     partner = start_peer(procs, coordinator.address, partner_token, tmp_path / "b")
     peer_dirs = [tmp_path / "a", tmp_path / "b"]
-    wait_until(lambda: all(len(epochs_reported(d)) >= 2 for d in peer_dirs), 120, "both peers to train 2 epochs")
+    # from a swarm that averages (alone at first, min_peers = 1, each may race through epochs unseen)
+    wait_until(lambda: all(len(epochs_reported(d)) >= 2 and averaged_since(d, 0) for d in peer_dirs), 120,
+               "both peers to train 2 epochs and average together")
 
     coordinator.proc.signal_group(signal.SIGKILL)
     coordinator.proc.wait(10)
