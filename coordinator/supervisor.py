@@ -3,9 +3,11 @@
 A `kill -9` of serve runs no teardown, so the children must notice on their own. The parent side
 (Supervisor) starts every child in one place and stops them in one place: SIGTERM, then SIGKILL
 after each child's grace. The child side (die_with_parent, called first thing in a child's main)
-asks Linux to send it SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG), and a thread checks
-the parent's pid as a fallback where no such signal exists (and hard-exits a child whose graceful
-stop hangs). Forks of either side (hivemind's DHT processes) get SIGKILL when their parent dies
+asks Linux to SIGKILL it when its parent dies (prctl PR_SET_PDEATHSIG), and a thread checks the
+parent's pid as a fallback where no such signal exists (and hard-exits a child whose graceful stop
+hangs). SIGKILL, not SIGTERM: an auditor stuck in C code that holds the GIL (torch's shared-memory
+manager handshake, spinning) never ran its SIGTERM handler nor that thread, and outlived serve at
+100% CPU. Nothing is lost by it: the ledger is a transactional store. Forks of either side (hivemind's DHT processes) get SIGKILL when their parent dies
 (their p2p daemons then exit on their own), so the whole tree goes with serve.
 
 Caveats: the death signal follows the *thread* that started the child, so children are started
@@ -79,7 +81,7 @@ def die_with_parent() -> None:
     if not value:
         return
     parent = int(value)
-    set_death_signal(signal.SIGTERM)
+    set_death_signal(signal.SIGKILL)
     forks_die_with_this_process()
     if os.getppid() != parent:  # the parent died before the death signal was asked for
         os._exit(1)

@@ -171,6 +171,12 @@ CHILD = textwrap.dedent("""
     fork = multiprocessing.get_context("fork").Process(target=threading.Event().wait, daemon=True)
     fork.start()  # stands for hivemind's DHT process
     print(os.getpid(), fork.pid, flush=True)
+    if sys.argv[1] == "stuck":  # the auditor seen spinning in torch's shm-manager handshake: C code
+        import ctypes           # that holds the GIL, so neither a Python SIGTERM handler nor a thread runs
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        libc, mutex = ctypes.PyDLL(None), ctypes.create_string_buffer(64)  # PyDLL: the GIL stays held
+        libc.pthread_mutex_lock(mutex)
+        libc.pthread_mutex_lock(mutex)  # a normal mutex locked twice: blocked for good, signals or not
     threading.Event().wait()
 """)
 
@@ -192,10 +198,10 @@ def _tree_of_a_supervised_child(mode: str) -> tuple[subprocess.Popen, dict[int, 
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("mode", ["plain", "stubborn"])
+@pytest.mark.parametrize("mode", ["plain", "stubborn", "stuck"])
 def test_a_supervised_child_and_its_forks_die_with_a_killed_parent(mode):
-    """The death signal ends a plain child at once; a child that ignores it is ended by its parent-pid
-    check after HARD_EXIT_GRACE; either way its fork (SIGKILL on its forker's death) goes too."""
+    """The death signal (SIGKILL) ends the child at once, whether it ignores SIGTERM or is stuck in C
+    code holding the GIL; its fork (SIGKILL on its forker's death) goes too."""
     parent, tree = _tree_of_a_supervised_child(mode)
     try:
         assert all(_alive(pid, started) for pid, started in tree.items())
