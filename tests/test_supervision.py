@@ -192,7 +192,7 @@ def _tree_of_a_supervised_child(mode: str) -> tuple[subprocess.Popen, dict[int, 
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("mode", ["plain", "stubborn"])
+@pytest.mark.parametrize("mode", ["plain", pytest.param("stubborn", marks=pytest.mark.slow)])
 def test_a_supervised_child_and_its_forks_die_with_a_killed_parent(mode):
     """The death signal ends a plain child at once; a child that ignores it is ended by its parent-pid
     check after HARD_EXIT_GRACE; either way its fork (SIGKILL on its forker's death) goes too."""
