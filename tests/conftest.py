@@ -101,8 +101,8 @@ class Proc:
 
 
 # Two tiers. The full tier (what `.ci/run` and the README's test command run) is everything. The fast
-# tier, for the inner loop, leaves out every test that starts a swarm or a server: run it with
-# `bash tests/run.sh -m "not swarm"` (a few minutes on 2 cores).
+# tier, for the inner loop, leaves out every test that starts a swarm or a server (marked `swarm` here)
+# and the few others marked `slow` in their files: `bash tests/run.sh --fast` (~2.5 minutes on 2 cores).
 PROCESS_FIXTURES = {"procs", "coordinator", "swarm"}
 
 

@@ -227,6 +227,7 @@ def _wait_until(predicate, timeout: float, what: str):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 @needs_root
 def test_ctrl_c_removes_every_namespace_and_process(tmp_path):
     bench = _bench(tmp_path, "--smoke", "--out", str(tmp_path / "out.json"))
@@ -244,6 +245,7 @@ def test_ctrl_c_removes_every_namespace_and_process(tmp_path):
     _wait_until(lambda: _processes_mentioning(str(tmp_path)) == [], 15, "every process it started to end")
 
 
+@pytest.mark.slow
 @needs_root
 def test_smoke_run_writes_every_figure(tmp_path):
     out = tmp_path / "out.json"

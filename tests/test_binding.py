@@ -346,6 +346,7 @@ def test_records_for_others_unknown_ids_and_bad_shapes_are_ignored(world):
     assert not world.checks("pair") and world.binding_failures() == {}
 
 
+@pytest.mark.slow
 def test_the_ledger_shows_binding_verdicts(world, tmp_path):
     from conftest import cli
 

@@ -103,6 +103,7 @@ def test_serve_wrong_type(tmp_path):
 
 # --- join: unreachable, refused, unusable run ----------------------------------------------------
 
+@pytest.mark.slow
 def test_join_unreachable_address(tmp_path):
     address = f"127.0.0.1:{free_port()}"
     result = cli("peer", "join", address, "--token", "x", "--fingerprint", "0" * 64, "--data-dir", str(tmp_path / "p"),

@@ -7,9 +7,12 @@ cached, a Heartbeat at 2,000 peers cost about 10x one at 200.
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.coordinator_scale import measure
 
 
+@pytest.mark.slow
 def test_heartbeat_and_join_cost_does_not_grow_with_the_peers(tmp_path):
     figures = measure([200, 2000], calls=120, reports=3, workdir=tmp_path)
     small, large = figures["200"], figures["2000"]

@@ -6,6 +6,8 @@ import json
 import sys
 import time
 
+import pytest
+
 from conftest import Proc, pin, start_coordinator, wait_until, write_run
 
 JOINS = 20
@@ -197,6 +199,7 @@ def test_backoff_is_jittered_doubling_and_capped():
         assert all(most / 2 <= wait <= most for wait in waits) and len(waits) > 1
 
 
+@pytest.mark.slow
 def test_bootstrap_retries_then_starts_or_gives_up_with_one_error():
     import pytest
 

@@ -70,6 +70,7 @@ def test_straggler_duty_cycle_runs_a_tenth_of_the_time():
     assert sum(running) == 100
 
 
+@pytest.mark.slow
 def test_soak_cli_refuses_bad_input(tmp_path):
     bad = tmp_path / "s.json"
     bad.write_text(json.dumps([{"at_s": 1, "action": "kill_peer", "target": "peer9"}]))
@@ -171,6 +172,7 @@ def _wait_until(predicate, timeout: float, what: str):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 @needs_root
 @pytest.mark.timeout(600)
 def test_short_soak_of_both_strategies_loses_no_report_and_leaves_nothing(tmp_path):
@@ -205,6 +207,7 @@ def test_short_soak_of_both_strategies_loses_no_report_and_leaves_nothing(tmp_pa
     _wait_until(lambda: _processes_mentioning(str(tmp_path / "work")) == [], 15, "every process it started to end")
 
 
+@pytest.mark.slow
 @needs_root
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("moment", ["starting", "faults in effect"])

@@ -198,7 +198,7 @@ def _tree_of_a_supervised_child(mode: str) -> tuple[subprocess.Popen, dict[int, 
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("mode", ["plain", "stubborn", "stuck"])
+@pytest.mark.parametrize("mode", ["plain", "stubborn", "stuck"])  # each dies at once: all in the fast tier
 def test_a_supervised_child_and_its_forks_die_with_a_killed_parent(mode):
     """The death signal (SIGKILL) ends the child at once, whether it ignores SIGTERM or is stuck in C
     code holding the GIL; its fork (SIGKILL on its forker's death) goes too."""

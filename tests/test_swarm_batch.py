@@ -57,6 +57,7 @@ def test_a_peer_computes_its_share_of_the_target_and_counts_itself_before_it_pub
     assert peers_in({"bad": SimpleNamespace(value=None)}, b"me") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("verbose", [False, True])
 def test_hivemind_logs_go_to_the_log_file_and_with_v_to_the_terminal_too(tmp_path, verbose):
     import subprocess

@@ -261,6 +261,7 @@ def test_ban_forfeits_unsettled_credit_and_calls_revocation(world):
     assert row["banned"] and row["samples_provisional"] == 0 and row["samples_settled"] == 0
 
 
+@pytest.mark.slow
 def test_ledger_cli_and_tampering_detected(world):
     run_epochs(world, Cheat("noise"))
     data_dir = str(world.data_dir)
@@ -310,6 +311,7 @@ def split_micro_batch(chunks: int):
     return work
 
 
+@pytest.mark.slow
 def test_no_false_positives_over_1000_honest_audits(world):
     """Catalogue row 11: honest peers with other thread counts and micro-batch splits always pass."""
     identity = world.join("honest")
@@ -358,6 +360,7 @@ def test_bf16_peers_pass_under_the_bf16_tolerance(world):
     print(f"bf16 vs fp32 worst relative error {worst:.2e}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fraction", [0.1, 0.3])
 def test_detection_rate_matches_theory(world, fraction):
     """Seeded cheaters faking a fraction f of micro-batches; k audited: P(caught) = 1 - (1-f)^k."""
@@ -385,6 +388,7 @@ def test_detection_rate_matches_theory(world, fraction):
     assert abs(caught / trials - p) < 3.5 * sigma
 
 
+@pytest.mark.slow
 def test_credit_settles_per_window_and_the_cli_agrees(world):
     """window_epochs = 2: after epoch 2 the first window (epochs 0, 1) is settled, epoch 2 stays provisional."""
     world.join("honest")
@@ -503,6 +507,7 @@ def test_report_matching_no_snapshot_is_never_failed_nor_paid(world):
     assert [w["state"] for w in unseen["windows"]] == ["provisional"] and unseen["windows"][0]["verifiable"] == 0
 
 
+@pytest.mark.slow
 def test_window_stays_provisional_until_its_audits_reach_the_confidence(world, monkeypatch):
     """Two reports of 8 with 7 audited each reach only 1 - 1/64: the window waits; the ledger shows it.
     With the snapshots back, the top-up audits reach 99% and the window settles."""
@@ -533,6 +538,7 @@ def test_window_stays_provisional_until_its_audits_reach_the_confidence(world, m
     assert world.rows()["honest"]["samples_settled"] == 2 * MICRO_BATCHES * 32
 
 
+@pytest.mark.slow
 def test_ban_revokes_the_token_strikes_the_org_and_forfeits_open_windows(world):
     """A ban reaches what admitted the peer; other peers' settled windows are untouched."""
     from coordinator.ledger import LedgerError
