@@ -194,6 +194,8 @@ def measure(peers: int, seconds: float = 60.0, interval: float = 2.0, epoch_seco
     from peer.runconfig import load_run_config
     from peer.timeouts import CALL
 
+    t0 = time.monotonic()
+    say = lambda line: log(f"[{time.monotonic() - t0:6.1f}s] {line}")  # noqa: E731
     generators = max(1, min(generators, peers))
     warmup = max(2 * interval, 4.0) if warmup is None else warmup
     with tempfile.TemporaryDirectory(prefix="capacity-", dir=workdir) as tmp:
@@ -211,12 +213,13 @@ def measure(peers: int, seconds: float = 60.0, interval: float = 2.0, epoch_seco
                                      str(data), "--port", "0", "--dashboard-port", "0"], "serve")
             info = wait_for(lambda: (i := _read_json(data / "coordinator.json")) and i.get("pid") == serve.pid and i,
                             120, "coordinator.json", processes, [serve])
-            log(f"serve (pid {serve.pid}) up in {time.monotonic() - started:.1f}s at {info['address']}")
+            say(f"serve (pid {serve.pid}) up in {time.monotonic() - started:.1f}s at {info['address']}")
             tokens = [(data / "default-org.token").read_text().strip()]
             for index in range(1, orgs):
                 cli("org", "add", f"org-{index}", "--data-dir", str(data))
                 tokens.append(json.loads(cli("token", "issue", "--org", f"org-{index}", "--max-peers", "0",
                                              "--format", "json", "--data-dir", str(data)))["token"])
+            say(f"{orgs} orgs with their tokens")
             share, first = [peers // generators + (g < peers % generators) for g in range(generators)], 0
             for g, count in enumerate(share):
                 spec = {"name": f"g{g}", "control": str(control), "address": info["address"],
@@ -235,7 +238,7 @@ def measure(peers: int, seconds: float = 60.0, interval: float = 2.0, epoch_seco
             join_seconds = time.monotonic() - started
             admitted = sum(j["admitted"] for j in joined)
             join_latencies = [x for j in joined for x in j["join_latencies"]]
-            log(f"{admitted} of {peers} peers admitted in {join_seconds:.1f}s"
+            say(f"{admitted} of {peers} peers admitted in {join_seconds:.1f}s"
                 + "".join(f"; refused: {e}" for j in joined for e in j["errors"][:1]))
             start = time.time() + warmup
             end = start + seconds
@@ -258,7 +261,7 @@ def measure(peers: int, seconds: float = 60.0, interval: float = 2.0, epoch_seco
             tree = process_tree(serve.pid)
             serve_after, gen_after = cpu_seconds(tree), cpu_seconds(gen_pids)
             metrics_after = scrape(info.get("dashboard"))
-            log(f"measured {seconds:.0f}s; waiting for the load generators' last replies")
+            say(f"measured {seconds:.0f}s; waiting for the load generators' last replies")
             results = wait_for(lambda: (r := [_read_json(control / f"result-g{g}.json") for g in range(generators)])
                                and all(r) and r, CALL + 60, "the load generators' results", processes,
                                [serve])
@@ -268,6 +271,7 @@ def measure(peers: int, seconds: float = 60.0, interval: float = 2.0, epoch_seco
             if serve is not None:
                 tree = sorted(set(tree) | set(process_tree(serve.pid)))
                 left = stop_serve(processes, serve, tree)
+                say(f"serve stopped{f'; still running: {left}' if left else ''}")
             processes.close()
         counts: dict[str, int] = {}
         details = []

@@ -93,12 +93,10 @@ def report_request(peer: SimPeer, epoch: int, micro_batch_size: int, run_id: str
 
 class Generator:
     def __init__(self, spec: dict):
-        import grpc
-
         from peer.client import NOT_YET, SignedStub
         from peer.transport import Endpoint
 
-        self.spec, self.grpc, self.not_yet = spec, grpc, NOT_YET
+        self.spec, self.not_yet = spec, NOT_YET
         self.rng = random.Random(spec["seed"])
         self.endpoint = Endpoint(spec["address"], spec["fingerprint"])
         self.channel = self.endpoint.open(30)  # opened first: the joins' channels share its connection
