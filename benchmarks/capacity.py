@@ -346,8 +346,12 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, interrupted)  # the finally blocks end every process started
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    sqlite = measure(args.peers, args.seconds, args.interval, args.epoch_seconds, args.generators, args.orgs,
-                     args.warmup, args.workdir, log=say)
+    try:
+        sqlite = measure(args.peers, args.seconds, args.interval, args.epoch_seconds, args.generators, args.orgs,
+                         args.warmup, args.workdir, log=say)
+    except KeyboardInterrupt:
+        print("interrupted: every process this benchmark started was stopped", file=sys.stderr)
+        return 130
     print(f"sqlite, {sqlite['peers']} peers: {sqlite['heartbeats_per_s']} heartbeats/s "
           f"(offered {sqlite['offered_heartbeats_per_s']}), p50 {sqlite['heartbeat_p50_ms']} ms, "
           f"p99 {sqlite['heartbeat_p99_ms']} ms; {sqlite['reports_per_s']} reports/s "
