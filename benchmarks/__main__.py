@@ -93,12 +93,17 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import coordinator_scale
 
         return coordinator_scale.main(argv[1:])
+    if argv and argv[0] == "capacity":  # its own options: see benchmarks/capacity.py
+        from benchmarks import capacity
+
+        return capacity.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("robust", help="robust averaging against a poisoning peer (python -m benchmarks robust -h)")
     sub.add_parser("soak", help="churn, outages, a straggler, a partition: what survives (soak -h)")
     sub.add_parser("honest-long", help="false positives in a long honest run with churn (honest-long -h)")
     sub.add_parser("coordinator_scale", help="Heartbeat and Join cost per call vs peers (coordinator_scale -h)")
+    sub.add_parser("capacity", help="a real serve driven by N simulated peers: calls/s, latency, CPU (capacity -h)")
     runp = sub.add_parser("run", help="run the benchmarks")
     runp.add_argument("--out", type=Path, required=True, help="where the JSON goes")
     mode = runp.add_mutually_exclusive_group()

@@ -1,0 +1,369 @@
+"""``python -m benchmarks capacity --peers N --out F.json``: how many peers one real coordinator holds
+(issue 12, figure e), measured against a real ``coordinator serve`` process.
+
+It starts ``coordinator serve`` (TLS, the real CLI, a temp data dir, a copy of examples/digits/run.toml
+with the chosen heartbeat interval and no last epoch), adds ``--orgs`` orgs with the CLI, and starts
+``--generators`` load-generator processes (benchmarks/capacity_load.py) on loopback that join N
+simulated peers (each its own Ed25519 identity, its org's token) and then heartbeat at the run's
+interval and report once per ``--epoch-seconds``, through the peer's own signing and TLS code.
+After every peer joined and a warm-up (each peer's first heartbeat fetches the access lists that
+the later joins changed), it measures ``--seconds``: acknowledged heartbeats/s and reports/s (calls
+started in the window), their p50/p99 latency as the peer sees it, the CPU (cores) and RSS of serve
+and its children (auditor, observer, DHT daemon) from /proc, and the load generators' own CPU: on a
+small machine they compete with the coordinator for the same cores.
+
+Only the sqlite store exists; the JSON's ``"postgresql"`` is null until a PostgreSQL store does.
+Every process started here is ended by PID, also on Ctrl-C or an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from benchmarks.procs import ROOT, Processes, child_env
+
+BIN = Path(sys.executable).parent
+RUN_TOML = ROOT / "examples" / "digits" / "run.toml"
+TICKS = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# --- /proc ------------------------------------------------------------------------------------------
+def process_tree(root: int) -> list[int]:
+    """``root`` and every descendant alive now."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat(int(entry))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if _stat(pid) is not None:
+            tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat fields after the command name (state, ppid, ...), or None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """utime + stime of each live pid, in seconds."""
+    seconds = {}
+    for pid in pids:
+        fields = _stat(pid)
+        if fields is not None:
+            seconds[pid] = (int(fields[11]) + int(fields[12])) / TICKS
+    return seconds
+
+
+def rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            pass
+    return total / 2 ** 20
+
+
+def cores(before: dict[int, float], after: dict[int, float], seconds: float) -> float:
+    """Cores used over the window by the processes seen at its end (one that started meanwhile from 0)."""
+    return sum(after[pid] - before.get(pid, 0.0) for pid in after) / seconds
+
+
+# --- figures ------------------------------------------------------------------------------------------
+def percentile_ms(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(1000 * ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))], 2)
+
+
+def server_latency(before: str, after: str, method: str) -> dict:
+    """p50/p99 of one handler's time inside serve over the window (the interceptor's histogram, so each
+    figure is a bucket's upper bound), from two scrapes of /metrics."""
+    def buckets(text: str) -> dict[float, float]:
+        found = {}
+        for match in re.finditer(r'potluck_rpc_latency_seconds_bucket\{code="OK",le="([^"]+)",method="'
+                                 + method + r'"\} (\S+)', text):
+            found[float(match.group(1))] = float(match.group(2))
+        return found
+
+    start, end = buckets(before), buckets(after)
+    counts = sorted((le, end[le] - start.get(le, 0.0)) for le in end)
+    total = counts[-1][1] if counts else 0
+    figures = {"calls": int(total)}
+    for name, q in (("p50_ms_at_most", 0.5), ("p99_ms_at_most", 0.99)):
+        bound = next((le for le, n in counts if total and n >= q * total), None)
+        figures[name] = None if bound is None else (1000 * bound if bound != float("inf") else "over 10000")
+    return figures
+
+
+# --- the run ----------------------------------------------------------------------------------------
+def write_run(path: Path, interval: float) -> Path:
+    """examples/digits/run.toml with the heartbeat interval asked for, no last epoch (a long window must
+    not end the run) and a peer timeout of at least 5 intervals."""
+    text = RUN_TOML.read_text()
+    text = re.sub(r"(?m)^epochs = \d+", "epochs = 0", text)
+    text = re.sub(r"(?m)^heartbeat_interval = [0-9.]+", f"heartbeat_interval = {interval}", text)
+    text = re.sub(r"(?m)^peer_timeout = [0-9.]+", f"peer_timeout = {max(10.0, 5 * interval)}", text)
+    path.write_text(text)
+    return path
+
+
+def cli(*args: str) -> str:
+    done = subprocess.run([str(BIN / "coordinator"), *args], capture_output=True, text=True, env=child_env(),
+                          timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"coordinator {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def wait_for(predicate, timeout: float, what: str, processes: Processes, watched=()):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        for popen in watched:
+            if popen.poll() is not None:
+                raise RuntimeError(f"{popen.name} exited with {popen.returncode} while waiting for {what}:\n"
+                                   + processes.log(popen.name)[-3000:])
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+        processes.sleep(0.2)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def scrape(url: str | None) -> str:
+    if not url:
+        return ""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=30) as response:
+            return response.read().decode()
+    except OSError:
+        return ""
+
+
+def stop_serve(processes: Processes, serve, tree: list[int]) -> list[int]:
+    """SIGINT to serve (its own teardown stops its children), then SIGKILL by PID whatever of its tree
+    is left; returns the PIDs still there after that (should be none)."""
+    processes.stop([serve], grace=30)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_stat(pid) for pid in tree):
+        time.sleep(0.2)
+    for pid in tree:
+        if _stat(pid) is not None and _stat(pid)[0] != "Z":
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    time.sleep(0.5)
+    return [pid for pid in tree if _stat(pid) is not None and _stat(pid)[0] != "Z"]
+
+
+def measure(peers: int, seconds: float = 60.0, interval: float = 2.0, epoch_seconds: float = 10.0,
+            generators: int = 2, orgs: int = 2, warmup: float | None = None, workdir: Path | None = None,
+            log=lambda line: None) -> dict:
+    """The figures of one coordinator on sqlite holding ``peers`` simulated peers (see the module doc)."""
+    from peer.runconfig import load_run_config
+    from peer.timeouts import CALL
+
+    t0 = time.monotonic()
+    say = lambda line: log(f"[{time.monotonic() - t0:6.1f}s] {line}")  # noqa: E731
+    generators = max(1, min(generators, peers))
+    warmup = max(2 * interval, 4.0) if warmup is None else warmup
+    with tempfile.TemporaryDirectory(prefix="capacity-", dir=workdir) as tmp:
+        folder = Path(tmp)
+        control = folder / "control"
+        control.mkdir()
+        run_file = write_run(folder / "run.toml", interval)
+        config = load_run_config(run_file)
+        processes = Processes(folder / "logs")
+        serve, tree, gens, left = None, [], [], []
+        try:
+            data = folder / "coordinator"
+            started = time.monotonic()
+            serve = processes.start([str(BIN / "coordinator"), "serve", "--run", str(run_file), "--data-dir",
+                                     str(data), "--port", "0", "--dashboard-port", "0"], "serve")
+            info = wait_for(lambda: (i := _read_json(data / "coordinator.json")) and i.get("pid") == serve.pid and i,
+                            120, "coordinator.json", processes, [serve])
+            say(f"serve (pid {serve.pid}) up in {time.monotonic() - started:.1f}s at {info['address']}")
+            tokens = [(data / "default-org.token").read_text().strip()]
+            for index in range(1, orgs):
+                cli("org", "add", f"org-{index}", "--data-dir", str(data))
+                tokens.append(json.loads(cli("token", "issue", "--org", f"org-{index}", "--max-peers", "0",
+                                             "--format", "json", "--data-dir", str(data)))["token"])
+            say(f"{orgs} orgs with their tokens")
+            share, first = [peers // generators + (g < peers % generators) for g in range(generators)], 0
+            for g, count in enumerate(share):
+                spec = {"name": f"g{g}", "control": str(control), "address": info["address"],
+                        "fingerprint": info["tls_fingerprint"], "run_id": config.run_id, "tokens": tokens,
+                        "peers": count, "first": first, "seed": g, "interval": interval,
+                        "epoch_seconds": epoch_seconds, "micro_batch_size": config.micro_batch_size,
+                        "call_timeout": CALL, "access_token_ttl": config.access_token_ttl}
+                first += count
+                (control / f"spec-g{g}.json").write_text(json.dumps(spec))
+                gens.append(processes.start([sys.executable, "-m", "benchmarks.capacity_load",
+                                             str(control / f"spec-g{g}.json")], f"g{g}"))
+            started = time.monotonic()
+            joined = wait_for(lambda: (j := [_read_json(control / f"joined-g{g}.json") for g in range(generators)])
+                              and all(j) and j, max(120.0, peers * 0.1), "the simulated peers to join",
+                              processes, [serve, *gens])
+            join_seconds = time.monotonic() - started
+            admitted = sum(j["admitted"] for j in joined)
+            join_latencies = [x for j in joined for x in j["join_latencies"]]
+            say(f"{admitted} of {peers} peers admitted in {join_seconds:.1f}s"
+                + "".join(f"; refused: {e}" for j in joined for e in j["errors"][:1]))
+            start = time.time() + warmup
+            end = start + seconds
+            tmp_go = control / "go.json.tmp"
+            tmp_go.write_text(json.dumps({"start": start, "end": end}))
+            tmp_go.rename(control / "go.json")
+            processes.sleep(max(0.0, start - time.time() - 1.5))
+            metrics_before = scrape(info.get("dashboard"))
+            processes.sleep(max(0.0, start - time.time()))
+            tree = process_tree(serve.pid)
+            gen_pids = [pid for popen in gens for pid in process_tree(popen.pid)]
+            serve_before, gen_before = cpu_seconds(tree), cpu_seconds(gen_pids)
+            rss_peak = {"serve": 0.0, "tree": 0.0}
+            load_average = os.getloadavg()  # the machine's other work: this box may be shared
+            while time.time() < end:
+                processes.sleep(min(1.0, max(0.0, end - time.time())))
+                rss_peak["serve"] = max(rss_peak["serve"], rss_mb([serve.pid]))
+                rss_peak["tree"] = max(rss_peak["tree"], rss_mb(process_tree(serve.pid)))
+            load_average = [max(a, b) for a, b in zip(load_average, os.getloadavg())]
+            tree = process_tree(serve.pid)
+            serve_after, gen_after = cpu_seconds(tree), cpu_seconds(gen_pids)
+            metrics_after = scrape(info.get("dashboard"))
+            say(f"measured {seconds:.0f}s; waiting for the load generators' last replies")
+            results = wait_for(lambda: (r := [_read_json(control / f"result-g{g}.json") for g in range(generators)])
+                               and all(r) and r, CALL + 60, "the load generators' results", processes,
+                               [serve])
+            for popen in gens:
+                popen.wait(timeout=30)
+        finally:
+            if serve is not None:
+                tree = sorted(set(tree) | set(process_tree(serve.pid)))
+                left = stop_serve(processes, serve, tree)
+                say(f"serve stopped{f'; still running: {left}' if left else ''}")
+            processes.close()
+        counts: dict[str, int] = {}
+        details = []
+        for result in results:
+            for key, value in result["counts"].items():
+                if key == "error_details":
+                    details.extend(value)
+                else:
+                    counts[key] = counts.get(key, 0) + value
+        heartbeats = [x for r in results for x in r["heartbeat_latencies"]]
+        reports = [x for r in results for x in r["report_latencies"]]
+        serve_only = {serve.pid: serve_after.get(serve.pid, 0.0)}
+        children = {pid: s for pid, s in serve_after.items() if pid != serve.pid}
+        return {
+            "peers": peers,
+            "admitted": admitted,
+            "heartbeats_per_s": round(counts.get("Heartbeat_ok", 0) / seconds, 1),
+            "heartbeat_p50_ms": percentile_ms(heartbeats, 0.5),
+            "heartbeat_p99_ms": percentile_ms(heartbeats, 0.99),
+            "reports_per_s": round(counts.get("Report_ok", 0) / seconds, 1),
+            "report_p50_ms": percentile_ms(reports, 0.5),
+            "report_p99_ms": percentile_ms(reports, 0.99),
+            "coordinator_cpu": round(cores(serve_before, serve_after, seconds), 2),
+            "rss_mb": round(rss_peak["tree"], 1),
+            "offered_heartbeats_per_s": round(admitted / interval, 1),
+            "offered_reports_per_s": round(admitted / epoch_seconds, 1),
+            "serve_cpu": round(cores(serve_before, serve_only, seconds), 2),
+            "serve_children_cpu": round(cores(serve_before, children, seconds), 2),
+            "serve_rss_mb": round(rss_peak["serve"], 1),
+            "load_generator_cpu": round(cores(gen_before, gen_after, seconds), 2),
+            "server_side": {"heartbeat": server_latency(metrics_before, metrics_after, "Heartbeat"),
+                            "report": server_latency(metrics_before, metrics_after, "Report")},
+            "join_seconds": round(join_seconds, 1),
+            "join_p50_ms": percentile_ms(join_latencies, 0.5),
+            "join_p99_ms": percentile_ms(join_latencies, 0.99),
+            "counts": counts,
+            "errors": details,
+            "pending_reports_at_end": sum(r["pending_reports_at_end"] for r in results),
+            "load_average": [round(x, 1) for x in load_average],
+            "seconds": seconds, "warmup_seconds": warmup, "heartbeat_interval": interval,
+            "epoch_seconds": epoch_seconds, "generators": generators, "orgs": orgs, "cpus": os.cpu_count(),
+            "processes": {"serve_tree": tree, "load_generators": [p.pid for p in gens], "left_behind": left},
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks capacity",
+                                     description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    parser.add_argument("--peers", type=int, required=True, help="simulated peers")
+    parser.add_argument("--out", type=Path, required=True, help="where the JSON goes")
+    parser.add_argument("--seconds", type=float, default=60.0, help="measured window (default %(default)s)")
+    parser.add_argument("--interval", type=float, default=2.0, help="the run's heartbeat interval (default %(default)s)")
+    parser.add_argument("--epoch-seconds", type=float, default=10.0,
+                        help="seconds per epoch: each peer reports once per epoch (default %(default)s)")
+    parser.add_argument("--generators", type=int, default=2, help="load-generator processes (default %(default)s)")
+    parser.add_argument("--orgs", type=int, default=2, help="orgs the peers are spread over (default %(default)s)")
+    parser.add_argument("--warmup", type=float, help="seconds between the last join and the window "
+                                                     "(default: 2 intervals, at least 4)")
+    parser.add_argument("--workdir", type=Path, help="where the temp data dir goes (default: the system's)")
+    args = parser.parse_args(argv)
+    if args.peers < 1 or args.seconds <= 0 or args.interval <= 0 or args.epoch_seconds <= 0 or \
+            args.generators < 1 or args.orgs < 1:
+        print("error: --peers, --generators and --orgs must be >= 1; --seconds, --interval and --epoch-seconds > 0",
+              file=sys.stderr)
+        return 2
+    if not args.out.parent.exists():
+        print(f"error: the folder of --out ({args.out.parent}) does not exist", file=sys.stderr)
+        return 2
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)  # the finally blocks end every process started
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        sqlite = measure(args.peers, args.seconds, args.interval, args.epoch_seconds, args.generators, args.orgs,
+                         args.warmup, args.workdir, log=say)
+    except KeyboardInterrupt:
+        print("interrupted: every process this benchmark started was stopped", file=sys.stderr)
+        return 130
+    print(f"sqlite, {sqlite['peers']} peers: {sqlite['heartbeats_per_s']} heartbeats/s "
+          f"(offered {sqlite['offered_heartbeats_per_s']}), p50 {sqlite['heartbeat_p50_ms']} ms, "
+          f"p99 {sqlite['heartbeat_p99_ms']} ms; {sqlite['reports_per_s']} reports/s "
+          f"(offered {sqlite['offered_reports_per_s']}), p99 {sqlite['report_p99_ms']} ms; coordinator "
+          f"{sqlite['coordinator_cpu']} cores (serve {sqlite['serve_cpu']}), {sqlite['rss_mb']} MB; load "
+          f"generators {sqlite['load_generator_cpu']} cores")
+    args.out.write_text(json.dumps({"sqlite": sqlite, "postgresql": None,
+                                    "note": "postgresql: null, no PostgreSQL store exists yet (issue 12 item 4)"},
+                                   indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
