@@ -191,7 +191,9 @@ OUTAGE = 45.0  # seconds the coordinator stays down (the default access token li
 def test_a_coordinator_outage_does_not_stop_averaging_and_evictions_work_after_it(procs, tmp_path):
     # default [security]: the token outlives the outage; min_peers = 1: the stayer trains on alone after
     # the eviction (with 2 it would rightly wait for company)
-    run = write_run(tmp_path / "run.toml", epochs=0, min_peers=1)
+    # averaging_timeout = 5: two peers that raced apart at the start (alone, epochs of milliseconds) pay a
+    # failed round (grad + state: 2 x the timeout) per epoch until one loads the other's state
+    run = write_run(tmp_path / "run.toml", epochs=0, min_peers=1, averaging_timeout=5.0)
     coordinator = start_coordinator(procs, tmp_path / "c", run)
     partner_token = coordinator.issue_token("acme")
     stayer = start_peer(procs, coordinator.address, coordinator.token, tmp_path / "a")

@@ -239,3 +239,18 @@ def test_a_snapshot_read_does_not_see_commits_made_during_it(tmp_path):
     assert store._read("SELECT COUNT(*) FROM t")[0][0] == 1
     other.close()
     store.close()
+
+
+def test_peers_and_coordinators_share_tensors_without_torchs_shm_manager():
+    """hivemind's default ("file_system") needs a torch_shm_manager helper per process, whose handshake
+    was seen spinning forever holding the GIL; importing either package first picks file descriptors."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "HIVEMIND_MEMORY_SHARING_STRATEGY"}
+    for package in ("peer.swarm", "coordinator.auditor"):
+        out = subprocess.run([sys.executable, "-c", f"import {package}, hivemind, torch.multiprocessing as m; "
+                              "print(m.get_sharing_strategy())"], capture_output=True, text=True, timeout=120,
+                             env=env)
+        assert out.stdout.strip() == "file_descriptor", (package, out.stderr[-2000:])
