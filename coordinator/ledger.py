@@ -485,8 +485,10 @@ class Ledger(SqliteStore):
         change the voters at once (the peer was gone or silent, or this process let a peer go, evicted
         one or took a former one back since the last check), else at most every ADVANCE_SECONDS: the
         check reads every peer's reports, and a live voter's heartbeat only lets time pass for the others.
+        Not fsynced (liveness; the run epoch is recomputed from the reports): the fsync was most of a
+        Heartbeat's cost (benchmarks/capacity.py).
         """
-        with self._write() as db:
+        with self._write(durable=False) as db:
             row = dict(self._check_session(db, peer_id, session))
             now = time.time()
             rule = self.epoch_rule

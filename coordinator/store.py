@@ -1,7 +1,7 @@
 """One durable sqlite connection shared by a process's threads: the plumbing of the ledger's stores.
 
 WAL, ``synchronous=FULL`` and one ``BEGIN IMMEDIATE`` transaction per change, so what a store
-acknowledged survives ``kill -9``; several processes (serve, the auditor, the CLIs) open one file.
+acknowledged survives ``kill -9`` and a power cut (liveness alone skips the fsync: ``_write(durable=False)``); several processes (serve, the auditor, the CLIs) open one file.
 """
 
 from __future__ import annotations
@@ -26,16 +26,26 @@ class SqliteStore:
             self._db.close()
 
     @contextmanager
-    def _write(self):
-        """One IMMEDIATE transaction: committed when the block ends, rolled back on any exception."""
+    def _write(self, durable: bool = True):
+        """One IMMEDIATE transaction: committed when the block ends, rolled back on any exception.
+
+        ``durable=False`` is for what may be lost with the machine's power but not with the process
+        (a heartbeat's liveness): its commit skips the fsync (WAL, ``synchronous=NORMAL``), the next
+        durable commit syncs it too. A kill -9 of the process loses nothing either way."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     @contextmanager
     def _snapshot(self):
