@@ -396,8 +396,10 @@ def main() -> None:
     import threading
 
     from coordinator.supervisor import die_with_parent, hold_exclusive_lock
+    from coordinator.tensor_sharing import share_tensors_by_file_descriptor
 
     die_with_parent()  # a kill -9 of serve ends this process too
+    share_tensors_by_file_descriptor()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s auditor %(message)s")
     os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
     stop = threading.Event()

@@ -78,6 +78,9 @@ def serve_command(
     check_serve_args(run, data_dir, host, {"--port": port, "--dht-port": dht_port,
                                            "--dashboard-port": dashboard_port if dashboard else 0},
                      insecure, cert, key)
+    from coordinator.tensor_sharing import share_tensors_by_file_descriptor
+
+    share_tensors_by_file_descriptor()  # before hivemind loads (and for the children serve starts)
     from coordinator.server import Transport, serve
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(message)s")

@@ -123,8 +123,10 @@ class FailureLine:
 
 def main(argv: list[str] | None = None) -> None:
     from coordinator.supervisor import die_with_parent
+    from coordinator.tensor_sharing import share_tensors_by_file_descriptor
 
     die_with_parent()  # a kill -9 of serve ends this process too
+    share_tensors_by_file_descriptor()
     parser = argparse.ArgumentParser(prog="python -m coordinator.observer", description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--data-dir", type=Path, required=True)

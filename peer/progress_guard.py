@@ -30,6 +30,7 @@ import math
 import time
 from typing import Callable
 
+from peer.progress_reread import reread_swarm_progress
 from peer.swarm import PROGRESS_EXPIRATION  # a record's lifetime
 
 RATE_FACTOR = 2.0  # a peer's rate counts for at most this multiple of the median rate
@@ -51,10 +52,7 @@ def guard_swarm_epoch(tracker, epoch_limit: Callable[[], int | None]) -> None:
     # of us (a restarted peer read the ghost of its previous life there and went looking for a donor
     # that was itself), read them again, guarded
     if tracker.global_progress.epoch > tracker.local_progress.epoch:
-        found = tracker.dht.get(tracker.training_progress_key, latest=True)
-        with tracker.lock_global_progress:
-            tracker.global_progress = parse_plausible(getattr(found, "value", None))
-            tracker.fetched_global_progress_this_epoch.set()
+        reread_swarm_progress(tracker)
 
 
 def without_own_past(metadata: dict, own_id: bytes, local_epoch: int) -> dict:

@@ -72,6 +72,16 @@ def _apply(averager, loaded) -> None:
     averager._update_scheduler()
 
 
+def _anyone_ahead(opt) -> bool:
+    """Whether the swarm's progress records, read now, still put a peer ahead of this one."""
+    from peer.progress_reread import reread_swarm_progress
+
+    try:
+        return reread_swarm_progress(opt.tracker, paused=True).epoch > opt.local_epoch  # inside pause_updates
+    except Exception:  # the DHT did not answer: keep trying the donors until the bound
+        return True
+
+
 def _fetch(averager, timeout: float):
     """One try over the donors; (metadata, tensors), or None when no donor delivered."""
     from hivemind.averaging import DecentralizedAverager
@@ -113,6 +123,13 @@ def load_state(opt, say=lambda text: None, bound: float | None = None) -> int:
             if loaded is not None and problem is None:
                 _apply(averager, loaded)
                 break
+            # the tracker's updates are paused here: a donor that died (its progress record expires after
+            # PROGRESS_EXPIRATION) kept a peer resumed from the run's checkpoint "behind", retrying until the
+            # bound and leaving. A peer with trained state (epoch > 0) trains on from it once nobody is
+            # ahead; a fresh one (initial weights) must not, and leaves after the bound as before.
+            if opt.local_epoch > 0 and not _anyone_ahead(opt):
+                say(f"no peer ahead of epoch {opt.local_epoch} is left in the swarm: training on from this state")
+                return tries
             wait = min(timeouts.backoff(tries - 1, 1.0, 8.0), max(deadline - time.monotonic(), 0))
             say(f"state download try {tries} failed ({problem}); trying the donors again in {wait:.1f}s")
             time.sleep(wait)

@@ -241,16 +241,18 @@ def test_a_snapshot_read_does_not_see_commits_made_during_it(tmp_path):
     store.close()
 
 
-def test_peers_and_coordinators_share_tensors_without_torchs_shm_manager():
+def test_the_coordinators_processes_share_tensors_without_torchs_shm_manager():
     """hivemind's default ("file_system") needs a torch_shm_manager helper per process, whose handshake
-    was seen spinning forever holding the GIL; importing either package first picks file descriptors."""
+    was seen spinning forever holding the GIL in an auditor: serve, the auditor and the observer pick
+    file descriptors first thing, whether hivemind was imported before or not."""
     import os
     import subprocess
     import sys
 
     env = {key: value for key, value in os.environ.items() if key != "HIVEMIND_MEMORY_SHARING_STRATEGY"}
-    for package in ("peer.swarm", "coordinator.auditor"):
-        out = subprocess.run([sys.executable, "-c", f"import {package}, hivemind, torch.multiprocessing as m; "
-                              "print(m.get_sharing_strategy())"], capture_output=True, text=True, timeout=120,
-                             env=env)
-        assert out.stdout.strip() == "file_descriptor", (package, out.stderr[-2000:])
+    for first in ("", "import hivemind; "):
+        out = subprocess.run([sys.executable, "-c", first + "from coordinator.tensor_sharing import "
+                              "share_tensors_by_file_descriptor as s; s(); import hivemind, os, torch.multiprocessing"
+                              " as m; print(m.get_sharing_strategy(), os.environ['HIVEMIND_MEMORY_SHARING_STRATEGY'])"],
+                             capture_output=True, text=True, timeout=120, env=env)
+        assert out.stdout.split() == ["file_descriptor", "file_descriptor"], (first, out.stderr[-2000:])
