@@ -36,16 +36,28 @@ from peer.swarm import PROGRESS_EXPIRATION  # a record's lifetime
 RATE_FACTOR = 2.0  # a peer's rate counts for at most this multiple of the median rate
 
 
-def guard_swarm_epoch(tracker, epoch_limit: Callable[[], int | None]) -> None:
-    """Clean the progress records ``tracker`` parses (a pinned private method of hivemind 1.1.12)."""
+@dataclasses.dataclass
+class HighestEpoch:
+    """The highest swarm epoch the guarded records ever showed. The records of peers that finished the
+    run and left expire after PROGRESS_EXPIRATION: a peer that was busy then (a failed round lasts up to
+    2 x averaging_timeout) must still know that the others completed the run's epochs."""
+    epoch: int = -1
+
+
+def guard_swarm_epoch(tracker, epoch_limit: Callable[[], int | None]) -> HighestEpoch:
+    """Clean the progress records ``tracker`` parses (a pinned private method of hivemind 1.1.12);
+    returns what keeps the highest swarm epoch they showed."""
     parse = tracker._parse_swarm_progress_data
     own_id = tracker.dht.peer_id.to_bytes()
+    highest = HighestEpoch()
 
     def parse_plausible(metadata):
         if isinstance(metadata, dict):
             metadata = without_own_past(metadata, own_id, tracker.local_progress.epoch)
             metadata = plausible_records(metadata, epoch_limit(), tracker.target_batch_size, time.time())
-        return parse(metadata)
+        progress = parse(metadata)
+        highest.epoch = max(highest.epoch, progress.epoch)
+        return progress
 
     tracker._parse_swarm_progress_data = parse_plausible
     # the tracker read the records once when it was made, unguarded: when that read put the swarm ahead
@@ -53,6 +65,7 @@ def guard_swarm_epoch(tracker, epoch_limit: Callable[[], int | None]) -> None:
     # that was itself), read them again, guarded
     if tracker.global_progress.epoch > tracker.local_progress.epoch:
         reread_swarm_progress(tracker)
+    return highest
 
 
 def without_own_past(metadata: dict, own_id: bytes, local_epoch: int) -> dict:

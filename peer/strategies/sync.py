@@ -45,7 +45,8 @@ class SyncStrategy:
     def start(self, link, stop, display, events) -> dict:
         self.stop = stop
         self.count = count_peers(self.opt.tracker)  # before the guard: it counts the records the guard kept
-        guard_swarm_epoch(self.opt.tracker, lambda: link.epoch_limit(self.config.verification.epoch_slack))
+        self.highest = guard_swarm_epoch(self.opt.tracker,
+                                         lambda: link.epoch_limit(self.config.verification.epoch_slack))
         # learn the swarm's epoch first, so a late joiner loads state before computing anything
         self.opt.tracker.fetched_global_progress_this_epoch.wait(FIRST_FETCH_TIMEOUT)
         return {}
@@ -57,8 +58,9 @@ class SyncStrategy:
         return self.opt.tracker.global_progress.num_peers
 
     def swarm_epoch(self) -> int:
-        """The swarm's epoch as the (guarded) progress records say."""
-        return self.opt.tracker.global_epoch
+        """The swarm's epoch as the (guarded) progress records say, or said at their highest (the records
+        of peers that finished the run and left expire)."""
+        return max(self.opt.tracker.global_epoch, self.highest.epoch)
 
     def swarm_peers(self) -> int:
         """The swarm's own count: the peers behind the progress records (the guard kept), this one included."""
