@@ -30,7 +30,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchmarks.procs import ROOT, Processes, child_env
+from benchmarks.procs import ROOT, Processes, child_env, process_tree
+from benchmarks.procs import proc_stat as _stat
 
 BIN = Path(sys.executable).parent
 RUN_TOML = ROOT / "examples" / "digits" / "run.toml"
@@ -39,32 +40,6 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 # --- /proc ------------------------------------------------------------------------------------------
-def process_tree(root: int) -> list[int]:
-    """``root`` and every descendant alive now."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat(int(entry))
-            if fields is not None:
-                children.setdefault(int(fields[1]), []).append(int(entry))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        if _stat(pid) is not None:
-            tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
-
-
-def _stat(pid: int) -> list[str] | None:
-    """/proc/PID/stat fields after the command name (state, ppid, ...), or None when it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return text.rsplit(")", 1)[1].split()
-
-
 def cpu_seconds(pids: list[int]) -> dict[int, float]:
     """utime + stime of each live pid, in seconds."""
     seconds = {}

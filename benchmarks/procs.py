@@ -24,6 +24,32 @@ def child_env(extra: dict | None = None) -> dict:
     return {**os.environ, "PYTHONPATH": path, **(extra or {})}
 
 
+def proc_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat fields after the command name (state, ppid, ...), or None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every descendant alive now (root first when it is alive)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = proc_stat(int(entry))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if proc_stat(pid) is not None:
+            tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
 class Processes:
     def __init__(self, log_dir: Path):
         self.log_dir = Path(log_dir)

@@ -35,23 +35,10 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
 
 
 def descendants_of(pid: int) -> list[int]:
-    """The pids of every live descendant of ``pid`` (from /proc; empty where there is none)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # it ended meanwhile
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+    """The pids of every live descendant of ``pid`` (empty where there is none)."""
+    from benchmarks.procs import process_tree
+
+    return [found for found in process_tree(pid) if found != pid]
 
 
 class Proc:

@@ -10,21 +10,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from conftest import ROOT
+
+from benchmarks.procs import proc_stat
 
 FIELDS = ("peers", "heartbeats_per_s", "heartbeat_p50_ms", "heartbeat_p99_ms", "reports_per_s", "report_p99_ms",
           "coordinator_cpu", "rss_mb", "load_generator_cpu")
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 @pytest.mark.swarm

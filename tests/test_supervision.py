@@ -18,14 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import DIGITS_RUN, ROOT, start_coordinator, wait_until
 
-
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (state first), or None when there is no such process."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return text.rsplit(")", 1)[1].split()
+from benchmarks.procs import proc_stat as _stat
 
 
 def _alive(pid: int, started: str) -> bool:
