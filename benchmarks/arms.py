@@ -146,17 +146,7 @@ class ArmRunner:
         return self.processes.start(self.lab.counter_command() + args, f"{folder.name}-counters")
 
     def _wait(self, predicate, timeout: float, what: str, watch=()):
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            for popen in watch:
-                if popen.poll() is not None:
-                    raise RuntimeError(f"{popen.name} exited with {popen.returncode} while waiting for {what}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-            self.processes.sleep(0.1)
+        return self.processes.wait_for(predicate, timeout, what, watch, interval=0.1)
 
     def run(self, arm: Arm, workload: Workload, hosts: list[Host]) -> ArmRun:
         folder = self.workdir / arm.name

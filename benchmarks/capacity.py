@@ -113,21 +113,6 @@ def cli(*args: str) -> str:
     return done.stdout
 
 
-def wait_for(predicate, timeout: float, what: str, processes: Processes, watched=()):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        for popen in watched:
-            if popen.poll() is not None:
-                raise RuntimeError(f"{popen.name} exited with {popen.returncode} while waiting for {what}:\n"
-                                   + processes.log(popen.name)[-3000:])
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-        processes.sleep(0.2)
-
-
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
@@ -186,8 +171,9 @@ def measure(peers: int, seconds: float = 60.0, interval: float = 2.0, epoch_seco
             started = time.monotonic()
             serve = processes.start([str(BIN / "coordinator"), "serve", "--run", str(run_file), "--data-dir",
                                      str(data), "--port", "0", "--dashboard-port", "0"], "serve")
-            info = wait_for(lambda: (i := _read_json(data / "coordinator.json")) and i.get("pid") == serve.pid and i,
-                            120, "coordinator.json", processes, [serve])
+            info = processes.wait_for(
+                lambda: (i := _read_json(data / "coordinator.json")) and i.get("pid") == serve.pid and i,
+                120, "coordinator.json", [serve], with_log=True)
             say(f"serve (pid {serve.pid}) up in {time.monotonic() - started:.1f}s at {info['address']}")
             tokens = [(data / "default-org.token").read_text().strip()]
             for index in range(1, orgs):
@@ -207,9 +193,9 @@ def measure(peers: int, seconds: float = 60.0, interval: float = 2.0, epoch_seco
                 gens.append(processes.start([sys.executable, "-m", "benchmarks.capacity_load",
                                              str(control / f"spec-g{g}.json")], f"g{g}"))
             started = time.monotonic()
-            joined = wait_for(lambda: (j := [_read_json(control / f"joined-g{g}.json") for g in range(generators)])
-                              and all(j) and j, max(120.0, peers * 0.1), "the simulated peers to join",
-                              processes, [serve, *gens])
+            joined = processes.wait_for(
+                lambda: (j := [_read_json(control / f"joined-g{g}.json") for g in range(generators)]) and all(j) and j,
+                max(120.0, peers * 0.1), "the simulated peers to join", [serve, *gens], with_log=True)
             join_seconds = time.monotonic() - started
             admitted = sum(j["admitted"] for j in joined)
             join_latencies = [x for j in joined for x in j["join_latencies"]]
@@ -237,9 +223,9 @@ def measure(peers: int, seconds: float = 60.0, interval: float = 2.0, epoch_seco
             serve_after, gen_after = cpu_seconds(tree), cpu_seconds(gen_pids)
             metrics_after = scrape(info.get("dashboard"))
             say(f"measured {seconds:.0f}s; waiting for the load generators' last replies")
-            results = wait_for(lambda: (r := [_read_json(control / f"result-g{g}.json") for g in range(generators)])
-                               and all(r) and r, CALL + 60, "the load generators' results", processes,
-                               [serve])
+            results = processes.wait_for(
+                lambda: (r := [_read_json(control / f"result-g{g}.json") for g in range(generators)]) and all(r) and r,
+                CALL + 60, "the load generators' results", [serve], with_log=True)
             for popen in gens:
                 popen.wait(timeout=30)
         finally:

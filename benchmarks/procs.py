@@ -63,6 +63,22 @@ class Processes:
         if self.stopping.wait(max(seconds, 0)):
             raise RuntimeError("the benchmark is stopping")
 
+    def wait_for(self, predicate, timeout: float, what: str, watch=(), interval: float = 0.2, with_log: bool = False):
+        """Poll ``predicate`` until it is truthy (returned); raise when a watched process exits (its log's
+        tail with ``with_log``), when ``timeout`` seconds pass, or when the run is torn down."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            for popen in watch:
+                if popen.poll() is not None:
+                    tail = ":\n" + self.log(popen.name)[-3000:] if with_log else ""
+                    raise RuntimeError(f"{popen.name} exited with {popen.returncode} while waiting for {what}{tail}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+            self.sleep(interval)
+
     def start(self, args: list[str], name: str, env: dict | None = None) -> subprocess.Popen:
         if self.stopping.is_set():
             raise RuntimeError("the benchmark is stopping")
