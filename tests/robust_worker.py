@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from strategy_worker import join_swarm, wait_for_done  # noqa: E402  (tests/ is this script's folder)
+from strategy_worker import join_swarm, wait_for_done, wait_for_members  # noqa: E402  (tests/ is this script's folder)
 
 SHAPES = [(40, 30), (30,), (7, 5)]  # 1,465 coordinates in three tensors
 EPOCH = 5
@@ -96,6 +96,7 @@ def main(role: str, workdir: Path, group: int, aggregator: str, codec: str, scal
         target_group_size=group, min_group_size=group, min_matchmaking_time=3.0, request_timeout=1.0,
         allreduce_timeout=30, next_chunk_timeout=10,
     )
+    wait_for_members(role, workdir, group)
     error = ""
     try:
         gathered = averager.step(gather={"epoch": EPOCH}, timeout=15 if protocol else 60,

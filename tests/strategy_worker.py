@@ -46,6 +46,15 @@ def wait_for_done(workdir: Path, timeout: float = 60.0) -> None:
         time.sleep(0.1)
 
 
+def wait_for_members(role: str, workdir: Path, count: int, timeout: float = 120.0) -> None:
+    """Members start their first round together: on a loaded machine one process can take longer
+    than a whole averaging window to import torch and start its averagers."""
+    (workdir / f"{role}.ready").touch()
+    deadline = time.monotonic() + timeout
+    while len(list(workdir.glob("*.ready"))) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def known_delta(role: str, round_index: int, shapes) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(ord(role) * 100 + round_index)
     return [torch.randn(shape, generator=generator) * 0.01 for shape in shapes]
@@ -81,6 +90,8 @@ def main(role: str, workdir: Path, codec: str, rounds: int, width: int) -> None:
         diloco.shutdown()
         dht.shutdown()
         return
+    if role in ("a", "b"):
+        wait_for_members(role, workdir, 2)
     result = {"rounds": []}
     shapes = [p.shape for p in model.parameters()]
     for round_index in range(rounds):
