@@ -300,7 +300,8 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
             handle(outcomes)
 
     if reason != "stopped" and not link.evicted and failure is None:
-        link.wait_for_peers_to_catch_up(timeout=config.averaging_timeout)
+        # a laggard may first sit out a failed round (averaging_timeout), then loads this peer's final state
+        link.wait_for_peers_to_catch_up(timeout=2 * config.averaging_timeout)
     torch.save({"epoch": strategy.epoch, "state_dict": model.state_dict()}, Path(options.data_dir) / MODEL_FILE)
     model.eval()
     final = task.evaluate(model, eval_inputs, eval_targets)

@@ -68,8 +68,9 @@ def test_two_peers_average_and_learn(procs, tmp_path):
 
 def test_late_peer_loads_state_and_contributes(procs, tmp_path):
     # two early peers pace the run (each epoch waits for their averaging round), so it is still
-    # going when the third arrives
-    run = write_run(tmp_path / "run.toml", epochs=9)
+    # going when the third arrives (a loaded machine took the late peer 20-30 s from its
+    # start to its first step, while the early peers did 6 epochs)
+    run = write_run(tmp_path / "run.toml", epochs=16)
     coordinator = start_coordinator(procs, tmp_path / "c", run)
     early = [start_peer(procs, coordinator.address, coordinator.token, tmp_path / name) for name in ("e1", "e2")]
     wait_until(lambda: len(epochs_reported(tmp_path / "e1")) >= 2, 90, "the early peers to finish 2 epochs")

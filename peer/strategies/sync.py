@@ -12,6 +12,7 @@ from __future__ import annotations
 from peer.fair_share import count_peers
 from peer.loop import Outcome
 from peer.progress_guard import guard_swarm_epoch
+from peer.progress_reread import reread_swarm_progress
 from peer.swarm import FIRST_FETCH_TIMEOUT, load_state, make_optimizer, needs_state_from_peers, start_at_epoch
 
 
@@ -43,7 +44,7 @@ class SyncStrategy:
         return restored
 
     def start(self, link, stop, display, events) -> dict:
-        self.stop = stop
+        self.stop, self.display = stop, display
         self.count = count_peers(self.opt.tracker)  # before the guard: it counts the records the guard kept
         self.highest = guard_swarm_epoch(self.opt.tracker,
                                          lambda: link.epoch_limit(self.config.verification.epoch_slack))
@@ -67,11 +68,31 @@ class SyncStrategy:
         return self.count.peers
 
     def catch_up(self, display) -> list[Outcome]:
+        if self._others_ended_the_run():
+            return self._load_final_state(display)
         if not needs_state_from_peers(self.opt):
             return []
         display.message(f"behind the swarm (epoch {self.opt.local_epoch} < {self.opt.tracker.global_epoch}): "
                         f"loading state from peers")
         load_state(self.opt, self.model, display.message)  # StateUnavailable after its bound: the loop ends
+        return [Outcome(discard=True, epoch=self.opt.local_epoch)]
+
+    def _others_ended_the_run(self) -> bool:
+        """Peers still announced in the swarm reached the run's last epoch while this one is behind.
+
+        Its next step would average with nobody (they finished and only wait, bounded, for the
+        laggards before leaving): measured, a peer one epoch behind ran its last epoch alone and ended
+        with other parameters than the swarm's. It downloads the swarm's final state instead."""
+        epochs = self.config.epochs
+        return bool(epochs) and self.opt.tracker.global_epoch >= epochs > self.opt.local_epoch
+
+    def _load_final_state(self, display) -> list[Outcome]:
+        display.message(f"the others finished the run (epoch {self.opt.tracker.global_epoch}): "
+                        f"loading their final state")
+        before = self.opt.local_epoch
+        load_state(self.opt, self.model, display.message)  # no donor left: trains its last epochs alone
+        if self.opt.local_epoch == before:
+            return []
         return [Outcome(discard=True, epoch=self.opt.local_epoch)]
 
     def label(self) -> int:
@@ -87,6 +108,15 @@ class SyncStrategy:
         # peer's progress record still in the DHT every micro-batch past the share paid the hold's bound
         # (averaging_timeout) and a survivor took over 120 s for 3 epochs; until a hold that ran out is
         # not repeated within the epoch, each peer processes about the whole target (issue 14 item 3 open)
+        if self.config.epochs and self.opt.local_epoch == self.config.epochs - 1 and self.opt.tracker.ready_to_update_epoch:
+            # the run's last step: read the records now (the tracker's may be seconds old) in case the
+            # others already finished it, so this peer loads their state instead of stepping alone
+            try:
+                reread_swarm_progress(self.opt.tracker)
+            except Exception:  # the DHT did not answer: the tracker's view stands
+                pass
+            if self._others_ended_the_run():
+                return self._load_final_state(self.display)
         # the averaging weight is the sample count hivemind accumulates: pass the true one
         self.opt.step(batch_size=done.samples)
         self.opt.zero_grad()
