@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import DecodeError
 
-from coordinator.store import SqliteStore
+from coordinator.books.store import SqliteStore
 from peer.signing import SignatureError, verify_request
 
 CLOCK_WINDOW = 120.0  # seconds a request's timestamp may differ from the coordinator's clock

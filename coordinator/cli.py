@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from coordinator.ledger import Ledger
+from coordinator.books.ledger import Ledger
 from peer.cli_support import new_app, run_app
 from peer.errors import UserError
 
@@ -174,7 +174,7 @@ def org_list(
 ):
     """List organizations with their quota, peers, active tokens and strikes (one per banned peer)."""
     ledger = Ledger.open_existing(data_dir)  # first: a wrong --data-dir answers before torch loads
-    from coordinator.credit import org_strikes
+    from coordinator.books.credit import org_strikes
 
     strikes = org_strikes(ledger.query)
     rows = [
@@ -279,7 +279,7 @@ def ledger_verify(data_dir: DataDir = DEFAULT_DATA_DIR):
 def open_credit(data_dir: Path):
     """The credit tables of an existing ledger (the run's [verification] settings come from its meta)."""
     ledger = Ledger.open_existing(data_dir)  # first: a wrong --data-dir answers before torch loads
-    from coordinator.credit import Credit
+    from coordinator.books.credit import Credit
     from peer.runconfig import VerificationConfig
 
     verification = VerificationConfig(**json.loads(ledger.meta("verification") or "{}"))

@@ -2,7 +2,7 @@
 
 Per peer of the org: samples, device-hours (the compute time its reports declare), credit and audits;
 in total: the org's share of the run. Credit is verified credit when the verification tables exist
-(coordinator/accounting.py), else reported samples, and the statement says which. ``--since`` counts
+(coordinator/books/accounting.py), else reported samples, and the statement says which. ``--since`` counts
 reports received from that moment on (verified credit is settled for the whole run and is shown whole).
 """
 
@@ -15,8 +15,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from coordinator.accounting import accounts
-from coordinator.ledger import Ledger
+from coordinator.books.accounting import accounts
+from coordinator.books.ledger import Ledger
 from peer.errors import UserError
 
 CSV_COLUMNS = ["org", "peer_id", "device", "first_report", "last_report", "reports", "samples", "device_hours",

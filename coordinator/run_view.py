@@ -1,7 +1,7 @@
 """The run as the dashboard, /api/v1/state and /metrics show it: one JSON-ready dict built from the ledger.
 
 It adds to Ledger.snapshot what operators and partners look at: credit and audit status per peer
-(coordinator/accounting.py), a per-org leaderboard with shares of the run, the loss and throughput
+(coordinator/books/accounting.py), a per-org leaderboard with shares of the run, the loss and throughput
 history per epoch, the latest checkpoint, and recent audits and bans.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from coordinator.accounting import accounts, recent_audits, recent_bans
+from coordinator.books.accounting import accounts, recent_audits, recent_bans
 from coordinator.checkpoints import last_failure, latest_checkpoint
-from coordinator.ledger import Ledger
+from coordinator.books.ledger import Ledger
 
 HISTORY_EPOCHS = 500  # the charts show at most this many recent epochs
 THROUGHPUT_WINDOW = 5  # epochs averaged into one throughput point

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import grpc
 
-from coordinator.binding import Binding, malformed, run_binding
-from coordinator.credit import Credit
+from coordinator.books.binding import Binding, malformed, run_binding
+from coordinator.books.credit import Credit
 from coordinator import tokens
-from coordinator.accounting import accounts
+from coordinator.books.accounting import accounts
 from coordinator.checkpoints import find_checkpoint, latest_checkpoint, read_checkpoint_bytes
-from coordinator.ledger import BANNED, Ledger, LedgerError
+from coordinator.books.ledger import BANNED, Ledger, LedgerError
 from coordinator.probe import probe_requester
-from coordinator.run_epoch import EpochRule
+from coordinator.books.run_epoch import EpochRule
 from peer.client import NOT_YET
 from peer.identity import Identity, peer_id_of
 from peer.runconfig import RunConfig

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from coordinator.ledger import Ledger
+from coordinator.books.ledger import Ledger
 from coordinator.status import status_renderable
 from peer.events import read_events
 

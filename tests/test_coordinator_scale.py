@@ -27,9 +27,9 @@ def test_heartbeat_replies_agree_with_the_full_views(tmp_path):
     import random
 
     from benchmarks.coordinator_scale import Context, build
-    from coordinator.accounting import accounts
-    from coordinator.credit import FAIL
-    from coordinator.ledger import Ledger
+    from coordinator.books.accounting import accounts
+    from coordinator.books.credit import FAIL
+    from coordinator.books.ledger import Ledger
     from coordinator.service import access_lists
     from protos import coordinator_pb2 as pb
 

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import cli
 from coordinator import tokens
-from coordinator.accounting import accounts
-from coordinator.ledger import LEDGER_FILE, Ledger
+from coordinator.books.accounting import accounts
+from coordinator.books.ledger import LEDGER_FILE, Ledger
 from peer.identity import load_or_create_identity
 
 

@@ -17,7 +17,7 @@ that went between them (peer/attestation_reader.py brings the records in with it
 
 A peer can only attest for itself: "sent" records must name it as sender, "received" ones as reducer,
 and records naming a swarm id the ledger does not know are ignored. Evidence becomes a failed audit
-of kind "binding" (micro-batch ``BINDING``), so coordinator/credit.py turns two independent ones
+of kind "binding" (micro-batch ``BINDING``), so coordinator/books/credit.py turns two independent ones
 into a strike, a ban and forfeited credit; passes stay in this module's own table.
 
 The tables and all their SQL live here; the credit store calls :meth:`Binding.record` inside the

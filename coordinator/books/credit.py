@@ -22,11 +22,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator import contribution_log
-from coordinator import run_epoch as checked_epoch
-from coordinator.binding import BINDING
+from coordinator.books import contribution_log
+from coordinator.books import run_epoch as checked_epoch
+from coordinator.books.binding import BINDING
 from coordinator.confidence import required_audits, window_confidence
-from coordinator.store import SqliteStore
+from coordinator.books.store import SqliteStore
 from peer.report import canonical_body, canonical_bytes, signature_valid
 from peer.runconfig import VerificationConfig
 
@@ -128,7 +128,7 @@ class Credit(SqliteStore):
             db.execute("INSERT OR REPLACE INTO meta VALUES ('verification', ?)",
                        (json.dumps(dataclasses.asdict(verification)),))
         self.on_ban = None  # on_ban(peer_id, reason): revocation hook (token + swarm access)
-        self.binding = None  # coordinator/binding.py: the averaged vector against the report (use_binding)
+        self.binding = None  # coordinator/books/binding.py: the averaged vector against the report (use_binding)
 
     def use_binding(self, binding) -> None:
         """Check the attestation records reports carry (their tables commit with the report)."""
@@ -146,12 +146,12 @@ class Credit(SqliteStore):
         return self.run_epoch() + self.v.epoch_slack
 
     def next_epoch_of(self, peer_id: str) -> int:
-        """The epoch after the last one ``peer_id`` reported (0 before any; coordinator/run_epoch.py)."""
+        """The epoch after the last one ``peer_id`` reported (0 before any; coordinator/books/run_epoch.py)."""
         with self._lock:
             return checked_epoch.next_epoch_of(self._db, peer_id)
 
     def run_epoch(self) -> int:
-        """The epoch the run has reached as a quorum of peers reported it (coordinator/run_epoch.py)."""
+        """The epoch the run has reached as a quorum of peers reported it (coordinator/books/run_epoch.py)."""
         with self._lock:
             return checked_epoch.current(self._db)
 

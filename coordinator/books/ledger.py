@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator import run_epoch as checked_epoch
-from coordinator.store import SqliteStore
+from coordinator.books import run_epoch as checked_epoch
+from coordinator.books.store import SqliteStore
 from peer.errors import EVICTED_PREFIX, UserError
 
 LEDGER_FILE = "ledger.sqlite"
@@ -552,7 +552,7 @@ class Ledger(SqliteStore):
 
     # --- the run as a whole -------------------------------------------------------------------
     def run_epoch(self) -> int:
-        """The run's checked epoch (coordinator/run_epoch.py): the one number every view shows."""
+        """The run's checked epoch (coordinator/books/run_epoch.py): the one number every view shows."""
         with self._lock:
             return checked_epoch.current(self._db)
 

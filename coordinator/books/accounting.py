@@ -13,7 +13,7 @@ import sqlite3
 from dataclasses import asdict, dataclass
 
 _AUDIT_TABLES = ("audits", "audit_verdicts")
-_CREDIT_TABLES = ("settlements", "credit", "credits", "settled_credit")  # settlements: coordinator/credit.py
+_CREDIT_TABLES = ("settlements", "credit", "credits", "settled_credit")  # settlements: coordinator/books/credit.py
 _BAN_TABLES = ("bans", "banned_peers")
 _PASSED = {"pass", "passed", "ok", "verified", "honest"}
 _FAILED = {"fail", "failed", "strike", "cheat", "mismatch", "rejected"}
@@ -110,7 +110,7 @@ def banned_peers(query, peer_id: str | None = None) -> set[str]:
     only, args = (" AND peer_id=?", (peer_id,)) if peer_id is not None else ("", ())
     bans = _first_table(query, _BAN_TABLES, {"peer_id"})
     banned = {row[0] for row in query(f"SELECT peer_id FROM {bans[0]} WHERE 1{only}", args)} if bans else set()
-    for table in ("peers", "standing"):  # standing: coordinator/credit.py's strikes and bans
+    for table in ("peers", "standing"):  # standing: coordinator/books/credit.py's strikes and bans
         if "banned" in _columns(query, table):
             banned |= {row[0] for row in query(f"SELECT peer_id FROM {table} WHERE banned{only}", args)}
     return banned
