@@ -1,32 +1,34 @@
-"""Credit, audits and bans per peer, for the displays (dashboard, heartbeat panel, org reports).
+"""A peer's account (credit, audits, ban), read from the ledger's own tables: the one definition that the
+heartbeat panel, `coordinator status`, `coordinator report` and the dashboard all show.
 
-The verification work (audits, settled credit) and admission work (bans) own their ledger tables;
-this module only reads them, and tolerates their absence: without audit data a peer's credit is its
-reported samples, marked unverified, and its audit status is "not audited". It recognises the tables
-by name and the columns it needs (see ``_AUDIT_TABLES`` and friends), so it keeps working while
-those schemas grow.
+Credit is *settled* (windows the auditor settled: coordinator/books/credit.py's settlements) plus
+*pending*: the samples of reports in windows not yet decided (credited samples once the credit store
+has checked the report, reported samples until then). Pending credit is not verified, so an account
+is ``credit_verified`` only when nothing is pending and some window was decided; before the first
+window settles a peer's account shows its reported samples as pending, not "credit 0, verified".
+A banned peer has nothing pending (its open windows are forfeited with the ban).
 """
 
 from __future__ import annotations
 
-import sqlite3
+import json
 from dataclasses import asdict, dataclass
 
-_AUDIT_TABLES = ("audits", "audit_verdicts")
-_CREDIT_TABLES = ("settlements", "credit", "credits", "settled_credit")  # settlements: coordinator/books/credit.py
-_BAN_TABLES = ("bans", "banned_peers")
-_PASSED = {"pass", "passed", "ok", "verified", "honest"}
-_FAILED = {"fail", "failed", "strike", "cheat", "mismatch", "rejected"}
-_TIME_COLUMNS = ("at", "created", "time", "decided", "recorded", "banned_at", "received")
+from peer.runconfig import VerificationConfig
+
+_PASSED, _FAILED = "pass", "fail"  # audit verdicts (coordinator/books/credit.py); any other is inconclusive
 
 
 @dataclass
 class Account:
-    credit: float = 0.0
+    credit: float = 0.0  # settled + pending
     credit_verified: bool = False
+    credit_settled: float = 0.0
+    credit_pending: float = 0.0
+    windows_decided: int = 0  # settled or forfeited
     audits_passed: int = 0
     audits_failed: int = 0
-    audits_pending: int = 0
+    audits_pending: int = 0  # inconclusive verdicts
     banned: bool = False
 
     @property
@@ -43,96 +45,67 @@ class Account:
         return {**asdict(self), "audit_status": self.audit_status}
 
 
-def _columns(query, table: str) -> set[str]:
-    try:
-        return {row[1] for row in query(f"PRAGMA table_info({table})")}
-    except sqlite3.Error:
-        return set()
+def window_epochs(read) -> int:
+    """The run's settlement window (the [verification] the credit store recorded in meta, else the default)."""
+    rows = read("SELECT value FROM meta WHERE key='verification'")
+    settings = json.loads(rows[0]["value"]) if rows else {}
+    return int(settings.get("window_epochs", VerificationConfig().window_epochs))
 
 
-def _first_table(query, names: tuple[str, ...], needs: set[str]) -> tuple[str, set[str]] | None:
-    for name in names:
-        columns = _columns(query, name)
-        if needs <= columns:
-            return name, columns
-    return None
+def accounts(read, peer_id: str | None = None) -> dict[str, Account]:
+    """peer id -> Account for every admitted peer; ``read`` is a store's ``_read`` (Ledger.accounts).
 
-
-def _pick(columns: set[str], choices: tuple[str, ...]) -> str | None:
-    return next((c for c in choices if c in columns), None)
-
-
-def accounts(query, peer_id: str | None = None) -> dict[str, Account]:
-    """peer id -> Account; ``query`` is Ledger.query (or any ``(sql, args) -> rows`` function).
-
-    With ``peer_id``, only that peer's account (a heartbeat's reply), read by the tables' peer_id indexes.
-    """
+    With ``peer_id``, only that peer's account (a heartbeat's reply), read by the tables' peer_id keys."""
+    own, args = ("WHERE p.peer_id=?", (peer_id,)) if peer_id is not None else ("", ())
+    rows = read(
+        f"""SELECT p.peer_id, COALESCE(st.banned, 0) AS banned,
+               (SELECT COALESCE(SUM(s.samples), 0) FROM settlements s WHERE s.peer_id = p.peer_id) AS settled,
+               (SELECT COUNT(*) FROM settlements s WHERE s.peer_id = p.peer_id) AS decided,
+               (SELECT COALESCE(SUM(c.credited_samples), 0) FROM credit_reports c WHERE c.peer_id = p.peer_id
+                  AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.peer_id = c.peer_id AND s.window = c.epoch / ?))
+               + (SELECT COALESCE(SUM(r.samples), 0) FROM reports r WHERE r.peer_id = p.peer_id
+                  AND NOT EXISTS (SELECT 1 FROM credit_reports c WHERE c.report_id = r.report_id)
+                  AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.peer_id = r.peer_id AND s.window = r.epoch / ?))
+                 AS pending
+           FROM peers p LEFT JOIN standing st ON st.peer_id = p.peer_id {own}""",
+        (window_epochs(read),) * 2 + args,
+    )
     result: dict[str, Account] = {}
-    only, args = ("WHERE peer_id=?", (peer_id,)) if peer_id is not None else ("", ())
-    own = "WHERE p.peer_id=?" if peer_id is not None else ""
-    for row in query("SELECT p.peer_id, COALESCE(SUM(r.samples), 0) FROM peers p LEFT JOIN reports r "
-                     f"ON r.peer_id = p.peer_id {own} GROUP BY p.peer_id", args):
-        result[row[0]] = Account(credit=float(row[1]))
-    credit = _first_table(query, _CREDIT_TABLES, {"peer_id"})
-    if credit is not None:
-        name, columns = credit
-        amount = _pick(columns, ("credit", "verified_samples", "samples"))
-        if amount is not None:
-            for peer, total in query(f"SELECT peer_id, SUM({amount}) FROM {name} {only} GROUP BY peer_id", args):
-                account = result.setdefault(peer, Account())
-                account.credit, account.credit_verified = float(total or 0), True
-            for account in result.values():
-                if not account.credit_verified:
-                    account.credit, account.credit_verified = 0.0, True  # nothing verified yet
-    audits = _first_table(query, _AUDIT_TABLES, {"peer_id"})
-    if audits is not None:
-        name, columns = audits
-        verdict = _pick(columns, ("verdict", "result", "status", "outcome"))
-        if verdict is not None:
-            for peer, value, count in query(
-                f"SELECT peer_id, LOWER({verdict}), COUNT(*) FROM {name} {only} GROUP BY peer_id, LOWER({verdict})",
-                args,
-            ):
-                account = result.setdefault(peer, Account())
-                if value in _PASSED:
-                    account.audits_passed += count
-                elif value in _FAILED:
-                    account.audits_failed += count
-                else:
-                    account.audits_pending += count
-    for peer in banned_peers(query, peer_id):
-        result.setdefault(peer, Account()).banned = True
+    for row in rows:
+        pending = 0.0 if row["banned"] else float(row["pending"])
+        result[row["peer_id"]] = Account(
+            credit=float(row["settled"]) + pending, credit_verified=pending == 0 and row["decided"] > 0,
+            credit_settled=float(row["settled"]), credit_pending=pending, windows_decided=row["decided"],
+            banned=bool(row["banned"]))
+    only = "WHERE peer_id=?" if peer_id is not None else ""
+    for peer, verdict, count in read(f"SELECT peer_id, verdict, COUNT(*) FROM audits {only} GROUP BY peer_id, verdict",
+                                     args):
+        account = result.get(peer)
+        if account is None:  # audits of an identity that never joined (a forged report's claimed peer)
+            continue
+        if verdict == _PASSED:
+            account.audits_passed += count
+        elif verdict == _FAILED:
+            account.audits_failed += count
+        else:
+            account.audits_pending += count
     return result
 
 
-def banned_peers(query, peer_id: str | None = None) -> set[str]:
-    """The banned peers (with ``peer_id``: that peer, if banned)."""
-    only, args = (" AND peer_id=?", (peer_id,)) if peer_id is not None else ("", ())
-    bans = _first_table(query, _BAN_TABLES, {"peer_id"})
-    banned = {row[0] for row in query(f"SELECT peer_id FROM {bans[0]} WHERE 1{only}", args)} if bans else set()
-    for table in ("peers", "standing"):  # standing: coordinator/books/credit.py's strikes and bans
-        if "banned" in _columns(query, table):
-            banned |= {row[0] for row in query(f"SELECT peer_id FROM {table} WHERE banned{only}", args)}
-    return banned
+def banned_peers(read) -> set[str]:
+    return {row[0] for row in read("SELECT peer_id FROM standing WHERE banned")}
 
 
-def _recent(query, names: tuple[str, ...], limit: int) -> list[dict]:
-    found = _first_table(query, names, {"peer_id"})
-    if found is None:
-        return []
-    name, columns = found
-    order = _pick(columns, _TIME_COLUMNS) or "rowid"
-    rows = query(f"SELECT * FROM {name} ORDER BY {order} DESC LIMIT ?", (limit,))
-    return [{key: (value if not isinstance(value, bytes) else value.hex()) for key, value in dict(row).items()}
-            for row in rows]
+def org_strikes(read) -> dict[str, int]:
+    """org -> strikes on its standing (one per banned peer of the org)."""
+    return {row["org"]: row["n"] for row in read("SELECT org, COUNT(*) AS n FROM org_strikes GROUP BY org")}
 
 
-def recent_audits(query, limit: int = 20) -> list[dict]:
-    return _recent(query, _AUDIT_TABLES, limit)
+def recent_audits(read, limit: int = 20) -> list[dict]:
+    rows = read("SELECT * FROM audits ORDER BY at DESC, id DESC LIMIT ?", (limit,))
+    return [dict(row) for row in rows]
 
 
-def recent_bans(query, limit: int = 20) -> list[dict]:
-    if {"peer_id", "banned", "reason", "at"} <= _columns(query, "standing"):
-        return [dict(row) for row in query("SELECT peer_id, reason, strikes, at FROM standing WHERE banned "
-                                           "ORDER BY at DESC LIMIT ?", (limit,))]
-    return _recent(query, _BAN_TABLES, limit)
+def recent_bans(read, limit: int = 20) -> list[dict]:
+    return [dict(row) for row in read("SELECT peer_id, reason, strikes, at FROM standing WHERE banned "
+                                      "ORDER BY at DESC LIMIT ?", (limit,))]
