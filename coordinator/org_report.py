@@ -100,7 +100,8 @@ def to_csv(statement: dict) -> bytes:
     totals = statement["totals"]
     writer.writerow({"org": statement["org"], "peer_id": "TOTAL", "reports": sum(r["reports"] for r in statement["peers"]),
                      "samples": totals["samples"], "device_hours": totals["device_hours"], "credit": totals["credit"],
-                     "credit_verified": bool(statement["peers"]) and all(r["credit_verified"] for r in statement["peers"]),
+                     "credit_verified": bool(statement["peers"]) and all(r["credit_verified"]
+                                                                         for r in statement["peers"]),
                      "audits_passed": sum(r["audits_passed"] for r in statement["peers"]),
                      "audits_failed": sum(r["audits_failed"] for r in statement["peers"]),
                      "share_of_run": totals["share_of_run"]})

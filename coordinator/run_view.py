@@ -1,8 +1,8 @@
 """The run as the dashboard, /api/v1/state and /metrics show it: one JSON-ready dict built from the ledger.
 
-It adds to Ledger.snapshot what operators and partners look at: each peer's account (credit settled and
-pending, audit status: coordinator/books/accounting.py), a per-org leaderboard with shares of the run, the loss and throughput
-history per epoch, the latest checkpoint, and recent audits and bans.
+It adds to Ledger.snapshot what operators and partners look at: each peer's account (credit settled
+and pending, audit status: coordinator/books/accounting.py), a per-org leaderboard with shares of the
+run, the loss and throughput history per epoch, the latest checkpoint, and recent audits and bans.
 """
 
 from __future__ import annotations
