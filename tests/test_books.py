@@ -108,6 +108,22 @@ def test_a_ledger_of_unsigned_tokens_is_refused(tmp_path):
     db.close()
 
 
+def test_processes_opening_a_new_file_at_once_migrate_it_once(tmp_path):
+    """serve, the auditor and the CLIs open one file: the first applies the steps, the others wait for
+    its transaction and find them done."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / LEDGER_FILE
+    with ThreadPoolExecutor(4) as pool:
+        ledgers = list(pool.map(lambda _: Ledger(path), range(4)))
+    for ledger in ledgers:
+        assert ledger._read("PRAGMA user_version")[0][0] == len(schema.LEDGER)
+        ledger.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key='lists_changes'").fetchall() == [("0",)]
+    db.close()
+
+
 def test_no_sql_outside_the_books():
     """Every table and statement belongs to coordinator/books/; the other modules call its methods."""
     sql = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE FROM|CREATE TABLE|PRAGMA)\b|\.query\(|\._read\(|\._db\b")

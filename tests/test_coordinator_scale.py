@@ -55,6 +55,8 @@ def test_heartbeat_replies_agree_with_the_full_views(tmp_path):
     assert reply.samples_recorded == next(p["samples"] for p in state["peers"] if p["id"] == me) == 128
     assert (reply.credit, reply.credit_verified, reply.audits_passed, reply.audits_failed) == \
            (account.credit, account.credit_verified, account.audits_passed, account.audits_failed)
+    # no window settled yet: the panel shows the reported samples as pending credit, not "credit 0, verified"
+    assert (reply.credit, reply.credit_verified) == (128.0, False)
     assert ledger.accounts(struck)[struck] == ledger.accounts()[struck]
     assert not reply.HasField("access_lists")  # the peer's lists are current
 
