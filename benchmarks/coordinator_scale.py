@@ -82,8 +82,8 @@ class Coordinator:
 def build(workdir: Path, n: int, reports: int, rng: random.Random) -> Coordinator:
     """A ledger with n admitted peers (``reports`` reports and one passed audit each) and its servicer."""
     from coordinator import tokens
-    from coordinator.credit import PASS, Credit
-    from coordinator.ledger import Ledger
+    from coordinator.books.credit import PASS, Credit
+    from coordinator.books.ledger import Ledger
     from coordinator.service import CoordinatorService
     from peer.identity import Identity
     from peer.runconfig import load_run_config

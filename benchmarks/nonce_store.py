@@ -16,7 +16,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator.auth import CLOCK_WINDOW, NonceStore
+from coordinator.auth import CLOCK_WINDOW
+from coordinator.books.nonces import NonceStore
 
 REQUESTS = 20_000
 

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from coordinator.confidence import required_audits
-from coordinator.credit import AUDITABLE, FAIL, INCONCLUSIVE, PASS, Credit
+from coordinator.books.credit import AUDITABLE, FAIL, INCONCLUSIVE, PASS, Credit
 from coordinator.phase_replay import replay_phase, replayable_steps
 from coordinator.replay import Replayer, Verdict, judge, tolerance_for
 from peer.runconfig import RunConfig, VerificationConfig
@@ -297,7 +297,7 @@ def run_auditor(run_path: Path, data_dir: Path, initial_peers: list[str], stop=N
     """The auditor process's main loop (until SIGTERM)."""
     import threading
 
-    from coordinator.ledger import BANNED, LEDGER_FILE, Ledger
+    from coordinator.books.ledger import BANNED, LEDGER_FILE, Ledger
     from coordinator.server import KEY_FILE
     from coordinator.swarm_pass import SwarmPass
     from coordinator.swarm_snapshot import SnapshotError, SwarmObserver

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from coordinator.ledger import Ledger
+from coordinator.books.ledger import Ledger
 from peer.cli_support import new_app, run_app
 from peer.errors import UserError
 
@@ -174,9 +174,7 @@ def org_list(
 ):
     """List organizations with their quota, peers, active tokens and strikes (one per banned peer)."""
     ledger = Ledger.open_existing(data_dir)  # first: a wrong --data-dir answers before torch loads
-    from coordinator.credit import org_strikes
-
-    strikes = org_strikes(ledger.query)
+    strikes = ledger.org_strikes()
     rows = [
         {"name": o["name"], "created": _when(o["created"]), "max_peers": o["max_peers"], "peers": o["peers"],
          "active_tokens": o["active_tokens"], "strikes": strikes.get(o["name"], 0), "removed": o["removed"]}
@@ -229,9 +227,11 @@ def status_command(
     peer_timeout: Annotated[float, typer.Option(help="Seconds of silence after which a peer is not alive.")] = 10.0,
 ):
     """Show the run: epoch, samples, loss, peers and organizations."""
+    from coordinator.run_view import with_accounts
     from coordinator.status import render_status
 
-    state = Ledger.open_existing(data_dir).snapshot(peer_timeout)
+    ledger = Ledger.open_existing(data_dir)
+    state = with_accounts(ledger, ledger.snapshot(peer_timeout))
     if format is TableOrJson.json:
         print(json.dumps(state, indent=2))
     else:
@@ -279,7 +279,7 @@ def ledger_verify(data_dir: DataDir = DEFAULT_DATA_DIR):
 def open_credit(data_dir: Path):
     """The credit tables of an existing ledger (the run's [verification] settings come from its meta)."""
     ledger = Ledger.open_existing(data_dir)  # first: a wrong --data-dir answers before torch loads
-    from coordinator.credit import Credit
+    from coordinator.books.credit import Credit
     from peer.runconfig import VerificationConfig
 
     verification = VerificationConfig(**json.loads(ledger.meta("verification") or "{}"))

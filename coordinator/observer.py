@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 
 from coordinator.checkpoints import clear_failure, latest_checkpoint, record_failure, save_checkpoint
-from coordinator.ledger import Ledger
+from coordinator.books.ledger import Ledger
 from coordinator.swarm_pass import SwarmPass
 from coordinator.swarm_snapshot import SnapshotError, SwarmObserver
 from peer.identity import load_or_create_identity

@@ -1,9 +1,10 @@
 """`coordinator report --org NAME`: a partner organization's statement of what it contributed.
 
 Per peer of the org: samples, device-hours (the compute time its reports declare), credit and audits;
-in total: the org's share of the run. Credit is verified credit when the verification tables exist
-(coordinator/accounting.py), else reported samples, and the statement says which. ``--since`` counts
-reports received from that moment on (verified credit is settled for the whole run and is shown whole).
+in total: the org's share of the run. Once a window has settled, credit is each peer's account
+(coordinator/books/accounting.py: settled plus pending, ``credit_verified`` when nothing is pending);
+before, reported samples. The statement says which. ``--since`` counts reports received from that
+moment on (account credit is for the whole run and is shown whole).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from coordinator.accounting import accounts
-from coordinator.ledger import Ledger
+from coordinator.books import views
+from coordinator.books.ledger import Ledger
 from peer.errors import UserError
 
 CSV_COLUMNS = ["org", "peer_id", "device", "first_report", "last_report", "reports", "samples", "device_hours",
@@ -42,31 +43,26 @@ def _iso(timestamp: float | None) -> str | None:
 
 
 def org_statement(ledger: Ledger, org: str, since: float | None) -> dict:
-    orgs = [row["name"] for row in ledger.query("SELECT name FROM orgs ORDER BY name")]
+    orgs = views.org_names(ledger)
     if org not in orgs:
         raise UserError(f"unknown org {org!r}; orgs in this run: {', '.join(orgs) or 'none yet'}")
-    window = (since if since is not None else 0.0,)
-    peers = ledger.query(
-        """SELECT p.peer_id, p.device, COUNT(r.report_id) AS reports, COALESCE(SUM(r.samples), 0) AS samples,
-                  COALESCE(SUM(r.compute_seconds), 0) AS compute_seconds, MIN(r.received) AS first_report,
-                  MAX(r.received) AS last_report
-           FROM peers p LEFT JOIN reports r ON r.peer_id = p.peer_id AND r.received >= ?
-           WHERE p.org = ? GROUP BY p.peer_id ORDER BY samples DESC, p.peer_id""",
-        window + (org,),
-    )
-    run_samples = ledger.query("SELECT COALESCE(SUM(samples), 0) AS s FROM reports WHERE received >= ?", window)[0]["s"]
-    books = accounts(ledger.query)
-    verified = any(account.credit_verified for account in books.values())
-    run_credit = sum(account.credit for account in books.values()) if verified else run_samples
+    start = since if since is not None else 0.0
+    peers = views.org_peers(ledger, org, start)
+    run_samples = views.run_samples(ledger, start)
+    books = ledger.accounts()
+    settled = any(account.windows_decided for account in books.values())  # the run settled a window
+    verified = settled and all(account.credit_pending == 0 for account in books.values())
+    run_credit = sum(account.credit for account in books.values()) if settled else run_samples
     rows = []
     for peer in peers:
         account = books.get(peer["peer_id"])
-        credit = (account.credit if account else 0.0) if verified else float(peer["samples"])
+        credit = (account.credit if account else 0.0) if settled else float(peer["samples"])
         rows.append({
             "org": org, "peer_id": peer["peer_id"], "device": peer["device"],
             "first_report": _iso(peer["first_report"]), "last_report": _iso(peer["last_report"]),
             "reports": peer["reports"], "samples": peer["samples"],
-            "device_hours": round(peer["compute_seconds"] / 3600, 6), "credit": credit, "credit_verified": verified,
+            "device_hours": round(peer["compute_seconds"] / 3600, 6), "credit": credit,
+            "credit_verified": bool(account and account.credit_verified),
             "audits_passed": account.audits_passed if account else 0,
             "audits_failed": account.audits_failed if account else 0,
             "share_of_run": credit / run_credit if run_credit else 0.0,
@@ -78,28 +74,17 @@ def org_statement(ledger: Ledger, org: str, since: float | None) -> dict:
         "run_id": ledger.meta("run_id"),
         "since": _iso(since),
         "generated": _iso(time.time()),
-        "credit_basis": "verified credit (whole run)" if verified else "reported samples (not verified)",
+        "credit_basis": "verified credit (whole run)" if verified else
+                        "settled and pending credit (whole run; pending is not verified yet)" if settled else
+                        "reported samples (not verified)",
         "peers": rows,
         "totals": {
             "peers": len(rows), "samples": samples, "device_hours": round(sum(r["device_hours"] for r in rows), 6),
             "credit": credit, "share_of_run": credit / run_credit if run_credit else 0.0,
             "run_samples": run_samples, "run_credit": run_credit,
         },
-        "timeline": _timeline(ledger, org, window[0]),
+        "timeline": views.org_timeline(ledger, org, start),
     }
-
-
-def _timeline(ledger: Ledger, org: str, since: float) -> dict[str, list]:
-    """Per epoch: when it ended, the org's samples and everyone's (for the plot)."""
-    rows = ledger.query(
-        """SELECT r.epoch, MAX(r.received) AS ended, SUM(CASE WHEN p.org = ? THEN r.samples ELSE 0 END) AS org_samples,
-                  SUM(r.samples) AS run_samples
-           FROM reports r JOIN peers p ON p.peer_id = r.peer_id WHERE r.received >= ?
-           GROUP BY r.epoch ORDER BY r.epoch""",
-        (org, since),
-    )
-    return {"epoch": [r["epoch"] for r in rows], "time": [r["ended"] for r in rows],
-            "org_samples": [r["org_samples"] for r in rows], "run_samples": [r["run_samples"] for r in rows]}
 
 
 def to_json(statement: dict) -> bytes:
@@ -115,7 +100,8 @@ def to_csv(statement: dict) -> bytes:
     totals = statement["totals"]
     writer.writerow({"org": statement["org"], "peer_id": "TOTAL", "reports": sum(r["reports"] for r in statement["peers"]),
                      "samples": totals["samples"], "device_hours": totals["device_hours"], "credit": totals["credit"],
-                     "credit_verified": statement["peers"][0]["credit_verified"] if statement["peers"] else False,
+                     "credit_verified": bool(statement["peers"]) and all(r["credit_verified"]
+                                                                         for r in statement["peers"]),
                      "audits_passed": sum(r["audits_passed"] for r in statement["peers"]),
                      "audits_failed": sum(r["audits_failed"] for r in statement["peers"]),
                      "share_of_run": totals["share_of_run"]})

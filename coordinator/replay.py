@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from coordinator.credit import FAIL, INCONCLUSIVE, PASS
+from coordinator.books.credit import FAIL, INCONCLUSIVE, PASS
 from peer.runconfig import RunConfig
 from peer.sketch import Sketch, norm_ratio, parameter_fingerprint, parameter_seed, relative_error
 from peer.work import MicroBatchResult, do_micro_batch

@@ -1,8 +1,8 @@
 """The run as the dashboard, /api/v1/state and /metrics show it: one JSON-ready dict built from the ledger.
 
-It adds to Ledger.snapshot what operators and partners look at: credit and audit status per peer
-(coordinator/accounting.py), a per-org leaderboard with shares of the run, the loss and throughput
-history per epoch, the latest checkpoint, and recent audits and bans.
+It adds to Ledger.snapshot what operators and partners look at: each peer's account (credit settled
+and pending, audit status: coordinator/books/accounting.py), a per-org leaderboard with shares of the
+run, the loss and throughput history per epoch, the latest checkpoint, and recent audits and bans.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from coordinator.accounting import accounts, recent_audits, recent_bans
+from coordinator.books import views
+from coordinator.books.accounting import Account
+from coordinator.books.ledger import Ledger
 from coordinator.checkpoints import last_failure, latest_checkpoint
-from coordinator.ledger import Ledger
 
 HISTORY_EPOCHS = 500  # the charts show at most this many recent epochs
 THROUGHPUT_WINDOW = 5  # epochs averaged into one throughput point
@@ -26,13 +27,8 @@ def epoch_history(ledger: Ledger, limit: int = HISTORY_EPOCHS) -> dict[str, list
     the samples of the last THROUGHPUT_WINDOW epochs over the time they took (from the first join
     for the first epochs).
     """
-    rows = ledger.query(
-        """SELECT epoch, SUM(samples) AS samples, SUM(samples * loss) / MAX(SUM(samples), 1) AS loss,
-                  AVG(json_extract(metrics, '$.accuracy')) AS accuracy, MAX(received) AS ended
-           FROM reports GROUP BY epoch ORDER BY epoch DESC LIMIT ?""",
-        (limit + THROUGHPUT_WINDOW,),
-    )[::-1]
-    first_join = ledger.query("SELECT MIN(joined) AS t FROM peers")[0]["t"]
+    rows = views.epoch_totals(ledger, limit + THROUGHPUT_WINDOW)
+    first_join = views.first_join(ledger)
     ends: list[float] = []
     for row in rows:
         ends.append(max(row["ended"], ends[-1]) if ends else row["ended"])
@@ -53,29 +49,31 @@ def epoch_history(ledger: Ledger, limit: int = HISTORY_EPOCHS) -> dict[str, list
     return history
 
 
+def with_accounts(ledger: Ledger, state: dict) -> dict:
+    """Ledger.snapshot's state with each peer's account (credit settled and pending, audits) added."""
+    books = ledger.accounts()
+    for peer in state["peers"]:  # every peer in the snapshot has an account (both read the peers table)
+        peer.update(books.get(peer["id"], Account()).as_dict())
+    return state
+
+
 def run_state(ledger: Ledger, peer_timeout: float, data_dir: Path | None = None) -> dict:
     """Everything the dashboard shows, JSON-ready."""
-    state = ledger.snapshot(peer_timeout)
-    books = accounts(ledger.query)
-    for peer in state["peers"]:
-        account = books.get(peer["id"])
-        peer.update(account.as_dict() if account else {"credit": float(peer["samples"]), "credit_verified": False,
-                                                        "audits_passed": 0, "audits_failed": 0, "audits_pending": 0,
-                                                        "banned": False, "audit_status": "not audited"})
+    state = with_accounts(ledger, ledger.snapshot(peer_timeout))
     total_credit = sum(peer["credit"] for peer in state["peers"]) or 0.0
     total_samples = sum(peer["samples"] for peer in state["peers"]) or 0
     for org in state["orgs"]:
         members = [peer for peer in state["peers"] if peer["org"] == org["name"]]
         org["live_peers"] = sum(peer["alive"] for peer in members)
         org["credit"] = sum(peer["credit"] for peer in members)
-        # shares follow settled credit once there is some; before the first window settles, reported samples
+        # shares follow credit (settled and pending); reported samples while nobody has any (no report checked)
         if total_credit:
             org["share"] = org["credit"] / total_credit
         else:
             org["share"] = org["samples"] / total_samples if total_samples else 0.0
     state["orgs"].sort(key=lambda org: (-org["credit"], org["name"]))
     state["live_peers"] = sum(peer["alive"] for peer in state["peers"])
-    state["credit_verified"] = any(peer["credit_verified"] for peer in state["peers"])
+    state["credit_verified"] = bool(state["peers"]) and all(peer["credit_verified"] for peer in state["peers"])
     state["history"] = epoch_history(ledger)
     checkpoint = latest_checkpoint(data_dir) if data_dir is not None else None
     state["checkpoint"] = None if checkpoint is None else {
@@ -83,7 +81,7 @@ def run_state(ledger: Ledger, peer_timeout: float, data_dir: Path | None = None)
     }
     # a failed checkpoint not yet followed by a saved one: the dashboard shows it as an alert
     state["checkpoint_failure"] = last_failure(data_dir) if data_dir is not None else None
-    state["audits"] = recent_audits(ledger.query)
-    state["bans"] = recent_bans(ledger.query)
+    state["audits"] = ledger.recent_audits()
+    state["bans"] = ledger.recent_bans()
     state["generated"] = time.time()
     return state

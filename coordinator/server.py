@@ -26,7 +26,7 @@ from coordinator import tls, tokens
 from coordinator.auth import SignedRequestInterceptor
 from coordinator.checkpoints import latest_checkpoint
 from coordinator.dashboard import CachedState, Dashboard
-from coordinator.ledger import LEDGER_FILE, Ledger
+from coordinator.books.ledger import LEDGER_FILE, Ledger
 from coordinator.metrics import Metrics
 from coordinator.run_view import run_state
 from coordinator.serve_checks import lock_data_dir

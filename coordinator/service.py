@@ -12,14 +12,13 @@ from pathlib import Path
 
 import grpc
 
-from coordinator.binding import Binding, malformed, run_binding
-from coordinator.credit import Credit
+from coordinator.books.binding import Binding, malformed, run_binding
+from coordinator.books.credit import Credit
 from coordinator import tokens
-from coordinator.accounting import accounts
 from coordinator.checkpoints import find_checkpoint, latest_checkpoint, read_checkpoint_bytes
-from coordinator.ledger import BANNED, Ledger, LedgerError
+from coordinator.books.ledger import BANNED, Ledger, LedgerError
 from coordinator.probe import probe_requester
-from coordinator.run_epoch import EpochRule
+from coordinator.books.run_epoch import EpochRule
 from peer.client import NOT_YET
 from peer.identity import Identity, peer_id_of
 from peer.runconfig import RunConfig
@@ -221,7 +220,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         summary = self.ledger.run_summary(self.config.peer_timeout)
         run_epoch = self.ledger.run_epoch()
         lists_version = self.ledger.swarm_lists()[0]
-        account = accounts(self.ledger.query, request.peer_id).get(request.peer_id)
+        account = self.ledger.accounts(request.peer_id).get(request.peer_id)
         return pb.HeartbeatReply(
             credit=account.credit if account else 0.0,
             credit_verified=bool(account and account.credit_verified),

@@ -14,17 +14,21 @@ def status_renderable(state: dict) -> Group:
         f"loss {loss}" + (f"  held-out accuracy {accuracy:.3f}" if accuracy is not None else "")
         + f"  swarm {state['swarm_samples_per_second']:.0f} samples/s"
     )
-    peers = Table("peer", "org", "device", "epoch", "samples", "samples/s", "last seen", "alive", title="peers")
+    peers = Table("peer", "org", "device", "epoch", "samples", "credit", "samples/s", "last seen", "alive",
+                  title="peers")
     for peer in state["peers"]:
+        credit = "-" if "credit" not in peer else f"{peer['credit']:,.0f}" + ("" if peer["credit_verified"] else "*")
         peers.add_row(
-            peer["id"], peer["org"], peer["device"], str(peer["epoch"]), f"{peer['samples']:,}",
+            peer["id"], peer["org"], peer["device"], str(peer["epoch"]), f"{peer['samples']:,}", credit,
             f"{peer['samples_per_second']:.0f}", f"{peer['last_seen_seconds_ago']:.0f}s ago",
             "[green]yes[/]" if peer["alive"] else "[red]no[/]",
         )
     orgs = Table("org", "peers", "samples", title="organizations")
     for org in state["orgs"]:
         orgs.add_row(org["name"], str(org["peers"]), f"{org['samples']:,}")
-    return Group(headline, peers, orgs)
+    pending = any("credit" in peer and not peer["credit_verified"] for peer in state["peers"])
+    note = ["* credit: includes pending samples, not verified yet (their window has not settled)"] if pending else []
+    return Group(headline, peers, orgs, *note)
 
 
 def render_status(state: dict) -> None:

@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from coordinator.ledger import Ledger
+from coordinator.books.ledger import Ledger
+from coordinator.run_view import with_accounts
 from coordinator.status import status_renderable
 from peer.events import read_events
 
@@ -128,9 +129,9 @@ def main() -> None:
         with Live(console=console, refresh_per_second=4) as live:
             deadline = time.monotonic() + RUN_TIMEOUT
             while any(p.poll() is None for p in peers) and time.monotonic() < deadline:
-                live.update(status_renderable(ledger.snapshot(peer_timeout=10.0)))
+                live.update(status_renderable(with_accounts(ledger, ledger.snapshot(peer_timeout=10.0))))
                 time.sleep(0.5)
-            live.update(status_renderable(ledger.snapshot(peer_timeout=10.0)))
+            live.update(status_renderable(with_accounts(ledger, ledger.snapshot(peer_timeout=10.0))))
         failed = [p for p in peers if p.returncode != 0]
         console.print()
         console.print(summary(ledger.snapshot(peer_timeout=10.0), peer_dirs, time.monotonic() - began))

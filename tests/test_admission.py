@@ -8,8 +8,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator import tokens
-from coordinator.auth import CLOCK_WINDOW, NonceStore
-from coordinator.ledger import Ledger, LedgerError
+from coordinator.auth import CLOCK_WINDOW
+from coordinator.books.ledger import Ledger, LedgerError
+from coordinator.books.nonces import NonceStore
 from peer.errors import EVICTED_PREFIX
 from peer.identity import Identity
 from peer.signing import SignatureError, sign_request, verify_request

@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from conftest import DIGITS_RUN, start_coordinator, wait_until, write_run
 from coordinator import tokens
-from coordinator.binding import BINDING, OWN_TOLERANCE, Binding
-from coordinator.credit import Credit
-from coordinator.ledger import LEDGER_FILE, Ledger
+from coordinator.books.binding import BINDING, OWN_TOLERANCE, Binding
+from coordinator.books.credit import Credit
+from coordinator.books.ledger import LEDGER_FILE, Ledger
 from examples.digits import TASK
 from peer.attestation_reader import ATTESTATIONS_FILE, attach_attestations
 from peer.compression import round_trip
@@ -471,7 +471,7 @@ def stored_records(ledger: Path) -> list[tuple]:
 
 
 def test_malformed_records_are_refused_before_anything_is_stored():
-    from coordinator.binding import malformed
+    from coordinator.books.binding import malformed
 
     request = pb.ReportRequest()
     request.attestations.add(role="sent", sketch=[math.inf])
@@ -520,7 +520,7 @@ def test_uint8_honest_error_over_many_seeds_stays_under_the_tolerance(world):
 
 
 def test_what_one_peer_can_store_is_bounded(world):
-    from coordinator.binding import MAX_GROUPS_PER_EPOCH
+    from coordinator.books.binding import MAX_GROUPS_PER_EPOCH
 
     world.join("a", "b")
     requests, world.vectors = {}, {}

@@ -13,7 +13,7 @@ import sqlite3
 import torch
 
 from conftest import epochs_reported, events, start_coordinator, start_peer, wait_until, write_run
-from coordinator.ledger import LEDGER_FILE
+from coordinator.books.ledger import LEDGER_FILE
 from coordinator.phase_replay import replay_phase
 from coordinator.replay import judge
 from examples.digits import TASK

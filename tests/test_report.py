@@ -11,8 +11,7 @@ import pytest
 
 from conftest import cli
 from coordinator import tokens
-from coordinator.accounting import accounts
-from coordinator.ledger import LEDGER_FILE, Ledger
+from coordinator.books.ledger import LEDGER_FILE, Ledger
 from peer.identity import load_or_create_identity
 
 
@@ -77,22 +76,65 @@ def test_png_plots_the_contribution(data_dir, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 
-def test_verified_credit_and_audits_when_the_verification_tables_exist(data_dir):
+def _settle(data_dir, *rows):
+    """Settlement rows (peer, window, samples, status) as the auditor's Credit.settle writes them."""
     db = sqlite3.connect(data_dir / LEDGER_FILE)
-    db.execute("CREATE TABLE credit (peer_id TEXT, epoch INTEGER, verified_samples INTEGER)")
-    db.execute("CREATE TABLE audits (peer_id TEXT, epoch INTEGER, verdict TEXT, created REAL)")
-    db.executemany("INSERT INTO credit VALUES (?, ?, ?)", [("p-a1", 0, 100), ("p-a1", 1, 100), ("p-b1", 0, 50)])
-    db.executemany("INSERT INTO audits VALUES (?, ?, ?, ?)",
-                   [("p-a1", 0, "pass", 1.0), ("p-a1", 1, "pass", 2.0), ("p-b1", 0, "fail", 3.0)])
+    db.executemany("INSERT INTO settlements VALUES (?, ?, ?, 0.0, ?, 1.0)", rows)
     db.commit()
     db.close()
+
+
+def test_credit_is_pending_until_a_window_settles(data_dir):
+    """The accounts on the real tables: before any window settles, each peer's reported samples are
+    pending credit, not verified (it used to show credit 0, verified); a checked report counts its
+    credited samples (0 after a failed cheap check) instead of its claim."""
+    ledger = Ledger.open_existing(data_dir)
+    books = ledger.accounts()
+    assert {peer: (a.credit, a.credit_pending, a.credit_settled, a.credit_verified) for peer, a in books.items()} == {
+        "p-a1": (300.0, 300.0, 0.0, False), "p-a2": (150.0, 150.0, 0.0, False), "p-b1": (150.0, 150.0, 0.0, False)}
+    assert books["p-a1"].audit_status == "not audited"
+    with ledger._write() as db:  # p-b1's epoch-0 report failed a cheap check in the credit store
+        db.execute("INSERT INTO credit_reports (report_id, peer_id, epoch, samples, credited_samples, body, flags, "
+                   "median_norm, samples_per_second, received) VALUES ('p-b1-0', 'p-b1', 0, 50, 0, '{}', '{}', 0, 0, 1)")
+        db.execute("INSERT INTO audits (report_id, peer_id, epoch, micro_batch, verdict, reason, at) "
+                   "VALUES ('p-b1-0', 'p-b1', 0, -1, 'fail', 'a cheap check', 1.0)")
+    assert ledger.accounts("p-b1") == {"p-b1": ledger.accounts()["p-b1"]}
+    b1 = ledger.accounts("p-b1")["p-b1"]
+    assert (b1.credit_pending, b1.audits_failed, b1.audit_status) == (100.0, 1, "1 failed")
+    ledger.close()
+    statement = json.loads(report(data_dir, "--org", "acme").stdout)
+    assert statement["credit_basis"].startswith("reported samples")
+    assert [(p["credit"], p["credit_verified"]) for p in statement["peers"]] == [(300.0, False), (150.0, False)]
+    status = cli("coordinator", "status", "--data-dir", str(data_dir), "--format", "json")
+    assert status.returncode == 0, status.stderr
+    assert {p["id"]: (p["credit"], p["credit_verified"]) for p in json.loads(status.stdout)["peers"]} == {
+        "p-a1": (300.0, False), "p-a2": (150.0, False), "p-b1": (100.0, False)}
+
+
+def test_settled_and_pending_credit_after_windows_settle(data_dir):
+    """Windows of 2 epochs: a settled window turns its samples into settled credit, a forfeited one into
+    nothing; what is left open stays pending, and an account is verified once nothing is pending."""
+    ledger = Ledger.open_existing(data_dir)
+    with ledger._write() as db:
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('verification', '{\"window_epochs\": 2}')")
+    ledger.close()
+    _settle(data_dir, ("p-a1", 0, 200, "settled"), ("p-b1", 0, 0, "forfeited"))
+    ledger = Ledger.open_existing(data_dir)
+    books = ledger.accounts()
+    assert {peer: (a.credit, a.credit_settled, a.credit_pending, a.credit_verified) for peer, a in books.items()} == {
+        "p-a1": (300.0, 200.0, 100.0, False), "p-a2": (150.0, 0.0, 150.0, False), "p-b1": (50.0, 0.0, 50.0, False)}
+    statement = json.loads(report(data_dir, "--org", "acme").stdout)
+    assert statement["credit_basis"].startswith("settled and pending")
+    assert statement["totals"]["share_of_run"] == pytest.approx(450 / 500)
+    _settle(data_dir, ("p-a1", 1, 100, "settled"), ("p-a2", 0, 100, "settled"), ("p-a2", 1, 50, "settled"),
+            ("p-b1", 1, 50, "settled"))
+    books = ledger.accounts()
+    assert all(a.credit_verified and not a.credit_pending for a in books.values())
+    assert {peer: a.credit for peer, a in books.items()} == {"p-a1": 300.0, "p-a2": 150.0, "p-b1": 50.0}
+    ledger.close()
     statement = json.loads(report(data_dir, "--org", "acme").stdout)
     assert statement["credit_basis"].startswith("verified")
-    assert {p["peer_id"]: (p["credit"], p["audits_passed"]) for p in statement["peers"]} == {
-        "p-a1": (200.0, 2), "p-a2": (0.0, 0)}
-    assert statement["totals"]["share_of_run"] == pytest.approx(200 / 250)
-    books = accounts(Ledger.open_existing(data_dir).query)
-    assert books["p-b1"].audit_status == "1 failed" and books["p-a2"].audit_status == "not audited"
+    assert statement["totals"]["share_of_run"] == pytest.approx(450 / 500)
 
 
 @pytest.mark.parametrize("args, message", [

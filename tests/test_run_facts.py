@@ -1,6 +1,6 @@
 """Peers never move the run's facts: a real coordinator (`serve`, TLS) and hand-built signed requests.
 
-The run's epoch and end come from what a quorum of live peers reported (coordinator/run_epoch.py),
+The run's epoch and end come from what a quorum of live peers reported (coordinator/books/run_epoch.py),
 an impossible Report epoch is refused and counted as evidence, timestamps must be finite, nonces
 survive a restart, the reachability probe dials only the requester, and a copied identity is
 refused with one `error:` line while its original is live.
@@ -20,7 +20,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from conftest import cli, epochs_reported, events, pin, start_coordinator, start_peer, wait_until, write_run
-from coordinator.run_epoch import reached
+from coordinator.books.run_epoch import reached
 from peer.client import SERVICE
 from peer.identity import Identity
 from peer.reachability import probe_greeting
@@ -51,8 +51,8 @@ def test_report_epoch_verdicts_on_a_real_ledger(tmp_path):
     """Consecutive epochs past the lagging run are refused but are not evidence; a jump and a
     negative epoch are; a voter that leaves stops holding the run back."""
     from coordinator import tokens
-    from coordinator.ledger import Ledger
-    from coordinator.run_epoch import EpochRule
+    from coordinator.books.ledger import Ledger
+    from coordinator.books.run_epoch import EpochRule
 
     key = Ed25519PrivateKey.generate()
     ledger = Ledger(tmp_path / "ledger.sqlite", EpochRule(min_peers=2, peer_timeout=60, slack=3))
@@ -94,7 +94,7 @@ def test_report_epoch_verdicts_on_a_real_ledger(tmp_path):
 
 def test_a_live_session_refuses_copies_and_a_gone_one_does_not(tmp_path):
     from coordinator import tokens
-    from coordinator.ledger import Ledger, LedgerError
+    from coordinator.books.ledger import Ledger, LedgerError
 
     key = Ed25519PrivateKey.generate()
     ledger = Ledger(tmp_path / "ledger.sqlite")

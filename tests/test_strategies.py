@@ -175,7 +175,7 @@ def test_uint8_averaged_values_across_two_processes(procs, tmp_path):
 # -- a DiLoCo run through the real CLI -----------------------------------------------------------
 
 def test_two_peers_train_with_diloco_and_end_equal(procs, tmp_path):
-    from coordinator.ledger import Ledger
+    from coordinator.books.ledger import Ledger
     from examples.digits import TASK
     from peer.outbox import Outbox
 

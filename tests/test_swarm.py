@@ -11,7 +11,7 @@ import torch
 from conftest import (
     cli, epochs_reported, events, load_model, start_coordinator, start_peer, wait_until, write_run,
 )
-from coordinator.ledger import Ledger
+from coordinator.books.ledger import Ledger
 from examples.digits import TASK
 from peer.outbox import Outbox
 

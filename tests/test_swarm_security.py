@@ -11,7 +11,7 @@ import time
 from conftest import (
     ROOT, Proc, cli, epochs_reported, events, pin, start_coordinator, start_peer, wait_until, write_run,
 )
-from coordinator.ledger import Ledger
+from coordinator.books.ledger import Ledger
 from peer.attestations import read_records
 
 PEER_EXIT = 240

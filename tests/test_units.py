@@ -11,7 +11,7 @@ from conftest import DIGITS_RUN
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator import tokens
-from coordinator.ledger import Ledger, LedgerError
+from coordinator.books.ledger import Ledger, LedgerError
 from peer.assignment import micro_batch_indices
 from peer.errors import UserError
 from peer.runconfig import load_run_config, parse_run_config
@@ -224,10 +224,10 @@ def test_plain_progress_line_before_any_loss_is_known(capsys):
 
 def test_a_snapshot_read_does_not_see_commits_made_during_it(tmp_path):
     """`coordinator ledger verify` reads several tables while serve and the auditor commit: in one
-    snapshot (coordinator/store.py), or a settlement committed between two reads looks tampered."""
+    snapshot (coordinator/books/store.py), or a settlement committed between two reads looks tampered."""
     import sqlite3
 
-    from coordinator.store import SqliteStore
+    from coordinator.books.store import SqliteStore
 
     store = SqliteStore(tmp_path / "s.sqlite")
     store._db.execute("CREATE TABLE t (x INTEGER)")

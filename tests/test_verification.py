@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 from conftest import DIGITS_RUN, cli  # noqa: E402
 from coordinator import tokens  # noqa: E402
 from coordinator.auditor import AuditPolicy, Auditor  # noqa: E402
-from coordinator.credit import FAIL, INCONCLUSIVE, PASS, Credit  # noqa: E402
-from coordinator.ledger import LEDGER_FILE, Ledger  # noqa: E402
+from coordinator.books.credit import FAIL, INCONCLUSIVE, PASS, Credit  # noqa: E402
+from coordinator.books.ledger import LEDGER_FILE, Ledger  # noqa: E402
 from coordinator.replay import judge  # noqa: E402
 from examples.digits import TASK  # noqa: E402
 from peer.identity import load_or_create_identity  # noqa: E402
@@ -541,7 +541,7 @@ def test_window_stays_provisional_until_its_audits_reach_the_confidence(world, m
 @pytest.mark.slow
 def test_ban_revokes_the_token_strikes_the_org_and_forfeits_open_windows(world):
     """A ban reaches what admitted the peer; other peers' settled windows are untouched."""
-    from coordinator.ledger import LedgerError
+    from coordinator.books.ledger import LedgerError
 
     world.join("honest", world.partner_token)
     world.join("cheater", world.partner_token)  # the same multi-use token

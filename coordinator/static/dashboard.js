@@ -85,7 +85,7 @@ function render(state) {
   });
   $("credit-note").textContent = state.credit_verified
     ? "credit: verified samples (audited work)"
-    : "* credit: reported samples, not verified (no audits recorded yet)";
+    : "* credit: includes pending samples, not verified yet (their window has not settled)";
   const describe = (r) => Object.entries(r).filter(([k]) => !["peer_id", "verdict", "reason"].includes(k))
     .map(([k, v]) => `${k}=${v}`).join(" ");
   fillTable("audits", state.audits, (tr, a) => { cell(tr, a.peer_id); cell(tr, a.verdict || a.result || a.status || ""); cell(tr, describe(a)); });

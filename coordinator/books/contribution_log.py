@@ -13,21 +13,6 @@ import json
 import sqlite3
 import time
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS contribution_log (
-    seq INTEGER PRIMARY KEY,
-    at REAL NOT NULL,
-    kind TEXT NOT NULL,
-    peer_id TEXT NOT NULL,
-    body TEXT NOT NULL,
-    prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
-) STRICT;
-CREATE TRIGGER IF NOT EXISTS contribution_log_no_update BEFORE UPDATE ON contribution_log
-BEGIN SELECT RAISE(ABORT, 'the contribution log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS contribution_log_no_delete BEFORE DELETE ON contribution_log
-BEGIN SELECT RAISE(ABORT, 'the contribution log is append-only'); END;
-"""
 
 GENESIS = "0" * 64
 

@@ -22,59 +22,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator import contribution_log
-from coordinator import run_epoch as checked_epoch
-from coordinator.binding import BINDING
+from coordinator.books import accounting, contribution_log, schema
+from coordinator.books import run_epoch as checked_epoch
+from coordinator.books.binding import BINDING
+from coordinator.books.store import SqliteStore
 from coordinator.confidence import required_audits, window_confidence
-from coordinator.store import SqliteStore
 from peer.report import canonical_body, canonical_bytes, signature_valid
 from peer.runconfig import VerificationConfig
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS credit_reports (
-    report_id TEXT PRIMARY KEY,
-    peer_id TEXT NOT NULL,
-    epoch INTEGER NOT NULL,
-    samples INTEGER NOT NULL,
-    credited_samples INTEGER NOT NULL,
-    body TEXT NOT NULL,
-    flags TEXT NOT NULL,
-    median_norm REAL NOT NULL,
-    samples_per_second REAL NOT NULL,
-    received REAL NOT NULL,
-    audit_state TEXT NOT NULL DEFAULT 'new'
-) STRICT;
-CREATE INDEX IF NOT EXISTS credit_reports_epoch ON credit_reports (epoch);
-CREATE TABLE IF NOT EXISTS sketch_digests (
-    digest TEXT PRIMARY KEY, peer_id TEXT NOT NULL, epoch INTEGER NOT NULL, micro_batch INTEGER NOT NULL
-) STRICT;
-CREATE TABLE IF NOT EXISTS audits (
-    id INTEGER PRIMARY KEY,
-    report_id TEXT,
-    peer_id TEXT NOT NULL,
-    epoch INTEGER NOT NULL,
-    micro_batch INTEGER NOT NULL,
-    verdict TEXT NOT NULL,
-    relative_error REAL,
-    norm_ratio REAL,
-    reason TEXT NOT NULL,
-    at REAL NOT NULL
-) STRICT;
-CREATE INDEX IF NOT EXISTS audits_report ON audits (report_id);
-CREATE INDEX IF NOT EXISTS audits_verdict ON audits (verdict);
-CREATE INDEX IF NOT EXISTS audits_peer ON audits (peer_id);
-CREATE TABLE IF NOT EXISTS standing (
-    peer_id TEXT PRIMARY KEY, strikes INTEGER NOT NULL DEFAULT 0, banned INTEGER NOT NULL DEFAULT 0,
-    reason TEXT, at REAL
-) STRICT;
-CREATE TABLE IF NOT EXISTS settlements (
-    peer_id TEXT NOT NULL, window INTEGER NOT NULL, samples INTEGER NOT NULL, flops REAL NOT NULL,
-    status TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (peer_id, window)
-) STRICT;
-CREATE TABLE IF NOT EXISTS org_strikes (
-    peer_id TEXT PRIMARY KEY, org TEXT NOT NULL, token_ids TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL
-) STRICT;
-"""
 AUDITABLE = "done"  # audit_state of a report whose parameters matched a trusted snapshot
 
 NORM_OUTLIER = 10.0  # a norm this many times off the epoch's median gets audited for sure
@@ -99,15 +54,9 @@ def _digest(projection) -> str:
     return hashlib.sha256(json.dumps(list(projection)).encode()).hexdigest()
 
 
-def org_strikes(query) -> dict[str, int]:
-    """org -> strikes on its standing (one per banned peer of the org); ``query`` is Ledger.query, so
-    read-only commands need not open the credit store (none before the first ban's table exists)."""
-    if not query("SELECT 1 FROM sqlite_master WHERE type='table' AND name='org_strikes'"):
-        return {}
-    return {row["org"]: row["n"] for row in query("SELECT org, COUNT(*) AS n FROM org_strikes GROUP BY org")}
-
-
 class Credit(SqliteStore):
+    MIGRATIONS = schema.LEDGER
+
     def __init__(self, path: Path, verification: VerificationConfig, run_id: str, flops_per_sample: float = 0.0,
                  proof_required: bool = True):
         self.v = verification
@@ -116,24 +65,14 @@ class Credit(SqliteStore):
         self.proof_required = proof_required
         self.flops_per_sample = flops_per_sample
         super().__init__(path)
-        with self._write() as db:
-            for statement in (SCHEMA + contribution_log.SCHEMA).split(";\n"):
-                if statement.strip():
-                    db.execute(statement + (";" if "BEGIN" in statement else ""))
-        with self._write() as db:  # older ledgers: the micro-batch count of each report, for the windows
-            if "micro_batches" not in {row["name"] for row in db.execute("PRAGMA table_info(credit_reports)")}:
-                db.execute("ALTER TABLE credit_reports ADD COLUMN micro_batches INTEGER NOT NULL DEFAULT 0")
-                db.execute("UPDATE credit_reports SET micro_batches = json_array_length(body, '$.sketches')")
         with self._write() as db:  # so `coordinator ledger` (which has no run.toml) windows credit the same way
             db.execute("INSERT OR REPLACE INTO meta VALUES ('verification', ?)",
                        (json.dumps(dataclasses.asdict(verification)),))
         self.on_ban = None  # on_ban(peer_id, reason): revocation hook (token + swarm access)
-        self.binding = None  # coordinator/binding.py: the averaged vector against the report (use_binding)
+        self.binding = None  # coordinator/books/binding.py: the averaged vector against the report (use_binding)
 
     def use_binding(self, binding) -> None:
         """Check the attestation records reports carry (their tables commit with the report)."""
-        with self._write() as db:
-            binding.create_tables(db)
         self.binding = binding
 
     # --- standing -----------------------------------------------------------------------------
@@ -146,12 +85,12 @@ class Credit(SqliteStore):
         return self.run_epoch() + self.v.epoch_slack
 
     def next_epoch_of(self, peer_id: str) -> int:
-        """The epoch after the last one ``peer_id`` reported (0 before any; coordinator/run_epoch.py)."""
+        """The epoch after the last one ``peer_id`` reported (0 before any; coordinator/books/run_epoch.py)."""
         with self._lock:
             return checked_epoch.next_epoch_of(self._db, peer_id)
 
     def run_epoch(self) -> int:
-        """The epoch the run has reached as a quorum of peers reported it (coordinator/run_epoch.py)."""
+        """The epoch the run has reached as a quorum of peers reported it (coordinator/books/run_epoch.py)."""
         with self._lock:
             return checked_epoch.current(self._db)
 
@@ -189,11 +128,7 @@ class Credit(SqliteStore):
 
     @staticmethod
     def _revoke_admission(db, peer_id: str, reason: str, now: float) -> tuple[str | None, list[str]]:
-        """Revoke the peer's tokens and strike its org, in the ban's transaction (the ledger's tables
-        share this file; without them, as in a bare credit store, there is nothing to revoke)."""
-        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if not {"peers", "tokens", "token_bindings"} <= tables:
-            return None, []
+        """Revoke the peer's tokens and strike its org, in the ban's transaction."""
         row = db.execute("SELECT org FROM peers WHERE peer_id=?", (peer_id,)).fetchone()
         token_ids = sorted(r[0] for r in db.execute("SELECT token_id FROM token_bindings WHERE peer_id=?", (peer_id,)))
         for token_id in token_ids:
@@ -205,7 +140,7 @@ class Credit(SqliteStore):
         return row["org"], token_ids
 
     def org_strikes(self) -> dict[str, int]:
-        return org_strikes(self._read)
+        return accounting.org_strikes(self._read)
 
     # --- reports ------------------------------------------------------------------------------
     def signature_ok(self, request, public_key: bytes) -> bool:
@@ -492,18 +427,14 @@ class Credit(SqliteStore):
         """One row per peer that reported or was judged (org from the ledger's peers table)."""
         rows = self._read("""
             SELECT p.peer_id, p.org,
-                (SELECT COALESCE(SUM(r.credited_samples), 0) FROM credit_reports r WHERE r.peer_id = p.peer_id
-                   AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.peer_id = r.peer_id
-                                   AND s.window = r.epoch / ?)) AS provisional,
-                (SELECT COALESCE(SUM(samples), 0) FROM settlements s WHERE s.peer_id = p.peer_id) AS settled,
                 (SELECT COALESCE(SUM(flops), 0) FROM settlements s WHERE s.peer_id = p.peer_id) AS flops,
                 (SELECT COUNT(*) FROM settlements s WHERE s.peer_id = p.peer_id AND s.status='forfeited') AS forfeited,
                 (SELECT COUNT(*) FROM audits a WHERE a.peer_id = p.peer_id AND a.verdict='pass') AS passed,
                 (SELECT COUNT(*) FROM audits a WHERE a.peer_id = p.peer_id AND a.verdict='fail') AS failed,
                 (SELECT COUNT(*) FROM audits a WHERE a.peer_id = p.peer_id AND a.verdict='inconclusive') AS unsure,
                 COALESCE(st.strikes, 0) AS strikes, COALESCE(st.banned, 0) AS banned, st.reason AS reason
-            FROM peers p LEFT JOIN standing st ON st.peer_id = p.peer_id ORDER BY p.joined""",
-                          (self.v.window_epochs,))
+            FROM peers p LEFT JOIN standing st ON st.peer_id = p.peer_id ORDER BY p.joined""")
+        accounts = accounting.accounts(self._read)  # provisional and settled samples: the accounts' definition
         windows = self.windows()
         result = []
         for row in rows:
@@ -511,8 +442,8 @@ class Credit(SqliteStore):
             unverified = sum(w["samples_unverified"] for w in own if w["state"] in ("settled", "forfeited"))
             result.append({
                 "peer": row["peer_id"], "org": row["org"],
-                "samples_provisional": 0 if row["banned"] else row["provisional"],
-                "samples_settled": row["settled"], "samples_unverified": unverified, "flops_settled": row["flops"],
+                "samples_provisional": int(accounts[row["peer_id"]].credit_pending),
+                "samples_settled": int(accounts[row["peer_id"]].credit_settled), "samples_unverified": unverified, "flops_settled": row["flops"],
                 "windows_forfeited": row["forfeited"], "audits_passed": row["passed"], "audits_failed": row["failed"],
                 "audits_inconclusive": row["unsure"], "strikes": row["strikes"], "banned": bool(row["banned"]),
                 "ban_reason": row["reason"] if row["banned"] else None,

@@ -17,7 +17,7 @@ that went between them (peer/attestation_reader.py brings the records in with it
 
 A peer can only attest for itself: "sent" records must name it as sender, "received" ones as reducer,
 and records naming a swarm id the ledger does not know are ignored. Evidence becomes a failed audit
-of kind "binding" (micro-batch ``BINDING``), so coordinator/credit.py turns two independent ones
+of kind "binding" (micro-batch ``BINDING``), so coordinator/books/credit.py turns two independent ones
 into a strike, a ban and forfeited credit; passes stay in this module's own table.
 
 The tables and all their SQL live here; the credit store calls :meth:`Binding.record` inside the
@@ -54,22 +54,6 @@ from peer.sketch import Sketch, relative_error
 
 log = logging.getLogger("potluck.coordinator")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS attestations (
-    group_id TEXT NOT NULL, role TEXT NOT NULL, sender TEXT NOT NULL, reducer TEXT NOT NULL,
-    kind TEXT NOT NULL, epoch INTEGER NOT NULL, author TEXT NOT NULL, report_id TEXT NOT NULL,
-    length INTEGER NOT NULL, sketch TEXT NOT NULL, norm_sq REAL NOT NULL, weight REAL NOT NULL,
-    score REAL NOT NULL, clipped INTEGER NOT NULL, at REAL NOT NULL, received REAL NOT NULL,
-    PRIMARY KEY (group_id, role, sender, reducer)
-) STRICT;
-CREATE INDEX IF NOT EXISTS attestations_author ON attestations (author, epoch);
-CREATE INDEX IF NOT EXISTS attestations_sender ON attestations (sender, role);
-CREATE TABLE IF NOT EXISTS binding_checks (
-    check_kind TEXT NOT NULL, group_id TEXT NOT NULL, subject TEXT NOT NULL, counterparty TEXT NOT NULL,
-    epoch INTEGER NOT NULL, verdict TEXT NOT NULL, relative_error REAL, norm_ratio REAL, detail TEXT NOT NULL,
-    at REAL NOT NULL, PRIMARY KEY (check_kind, group_id, subject, counterparty)
-) STRICT;
-"""
 
 BINDING = -2  # the micro-batch number of binding evidence in the audits table (-1: a cheap check)
 ROLES, KINDS = ("sent", "received"), ("grad", "diloco_delta")
@@ -149,12 +133,6 @@ class Binding:
     def for_run(cls, config, task) -> "Binding":
         return cls(parameter_count(task, config.seed), config.micro_batch_size, config.verification.sketch_dims,
                    config.averaging.compression, config.verification.epoch_slack)
-
-    @staticmethod
-    def create_tables(db) -> None:
-        for statement in SCHEMA.split(";\n"):
-            if statement.strip():
-                db.execute(statement)
 
     # --- intake -------------------------------------------------------------------------------
     def record(self, db, request) -> tuple[list[Evidence], list[str]]:

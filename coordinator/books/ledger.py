@@ -20,77 +20,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator import run_epoch as checked_epoch
-from coordinator.store import SqliteStore
+from coordinator.books import accounting, schema
+from coordinator.books import run_epoch as checked_epoch
+from coordinator.books.store import SqliteStore
 from peer.errors import EVICTED_PREFIX, UserError
 
 LEDGER_FILE = "ledger.sqlite"
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
-CREATE TABLE IF NOT EXISTS orgs (
-    name TEXT PRIMARY KEY,
-    created REAL NOT NULL,
-    max_peers INTEGER NOT NULL DEFAULT 0,
-    removed REAL
-) STRICT;
-CREATE TABLE IF NOT EXISTS tokens (
-    id TEXT PRIMARY KEY,
-    org TEXT NOT NULL REFERENCES orgs(name),
-    created REAL NOT NULL,
-    expires REAL NOT NULL,
-    max_peers INTEGER NOT NULL,
-    revoked REAL
-) STRICT;
-CREATE TABLE IF NOT EXISTS peers (
-    peer_id TEXT PRIMARY KEY,
-    org TEXT NOT NULL REFERENCES orgs(name),
-    token_id TEXT NOT NULL REFERENCES tokens(id),
-    public_key BLOB NOT NULL,
-    hivemind_peer_id TEXT NOT NULL,
-    swarm_auth_key BLOB NOT NULL,
-    device TEXT NOT NULL,
-    session_sha256 TEXT NOT NULL,
-    joined REAL NOT NULL,
-    last_seen REAL NOT NULL,
-    left_at REAL,
-    evicted TEXT,
-    epoch INTEGER NOT NULL DEFAULT 0,
-    samples_per_second REAL NOT NULL DEFAULT 0
-) STRICT;
-CREATE TABLE IF NOT EXISTS token_bindings (
-    token_id TEXT NOT NULL REFERENCES tokens(id),
-    peer_id TEXT NOT NULL,
-    bound REAL NOT NULL,
-    PRIMARY KEY (token_id, peer_id)
-) STRICT;
-CREATE TABLE IF NOT EXISTS reports (
-    report_id TEXT PRIMARY KEY,
-    peer_id TEXT NOT NULL REFERENCES peers(peer_id),
-    epoch INTEGER NOT NULL,
-    samples INTEGER NOT NULL,
-    loss REAL NOT NULL,
-    compute_seconds REAL NOT NULL,
-    metrics TEXT NOT NULL,
-    received REAL NOT NULL,
-    UNIQUE (peer_id, epoch)
-) STRICT;
-CREATE TABLE IF NOT EXISTS epoch_claims (
-    peer_id TEXT PRIMARY KEY REFERENCES peers(peer_id),
-    epoch INTEGER NOT NULL
-) STRICT;
-CREATE INDEX IF NOT EXISTS peers_swarm_lists ON peers (hivemind_peer_id, evicted);
-CREATE INDEX IF NOT EXISTS peers_last_seen ON peers (last_seen);
-INSERT OR IGNORE INTO meta VALUES ('lists_changes', '0');
-CREATE TRIGGER IF NOT EXISTS lists_change_on_admit AFTER INSERT ON peers
-BEGIN UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'lists_changes'; END;
-CREATE TRIGGER IF NOT EXISTS lists_change_on_update AFTER UPDATE OF hivemind_peer_id, evicted ON peers
-BEGIN UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'lists_changes'; END;
-CREATE TRIGGER IF NOT EXISTS lists_change_on_delete AFTER DELETE ON peers
-BEGIN UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'lists_changes'; END;
-CREATE TRIGGER IF NOT EXISTS lists_change_on_internal AFTER INSERT ON meta WHEN NEW.key = 'internal_swarm_ids'
-BEGIN UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'lists_changes'; END;
-"""
 
 
 class LedgerError(UserError):
@@ -141,18 +76,6 @@ def check_org_name(name: str) -> str:
     return name
 
 
-def statements(script: str) -> list[str]:
-    """The SQL statements of a script, each whole (a trigger's body holds semicolons of its own)."""
-    result, pending = [], ""
-    for part in script.split(";"):
-        pending += part + ";"
-        if sqlite3.complete_statement(pending):
-            if pending.strip(" \n;"):
-                result.append(pending.strip())
-            pending = ""
-    return result
-
-
 def _lists_version(allow: list[str], deny: list[str]) -> str:
     return hashlib.sha256(json.dumps([allow, deny]).encode()).hexdigest()[:16]
 
@@ -179,6 +102,8 @@ class Admission:
 
 
 class Ledger(SqliteStore):
+    MIGRATIONS = schema.LEDGER
+
     def __init__(self, path: Path, epoch_rule: checked_epoch.EpochRule | None = None):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         super().__init__(path)
@@ -191,13 +116,6 @@ class Ledger(SqliteStore):
         self._advanced_at = 0.0
         self._voters_changed = True
         self._db.execute("PRAGMA foreign_keys=ON")
-        with self._write() as db:
-            for statement in statements(SCHEMA):
-                db.execute(statement)
-            columns = {row["name"] for row in db.execute("PRAGMA table_info(tokens)")}
-            if "expires" not in columns:
-                raise UserError(f"{self.path} was written by an older potluck (unsigned tokens); "
-                                f"start the run in a new --data-dir")
 
     @classmethod
     def open_existing(cls, data_dir: Path) -> "Ledger":
@@ -209,9 +127,19 @@ class Ledger(SqliteStore):
             )
         return cls(path)
 
-    def query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        """A read-only query, for views (dashboard, reports) that join tables other modules own."""
-        return self._read(sql, args)
+    # --- read models: one definition of each figure (coordinator/books/accounting.py, views.py) ----
+    def accounts(self, peer_id: str | None = None) -> dict[str, accounting.Account]:
+        """Every peer's account (with ``peer_id``: that peer's, read by key): settled and pending credit, audits."""
+        return accounting.accounts(self._read, peer_id)
+
+    def org_strikes(self) -> dict[str, int]:
+        return accounting.org_strikes(self._read)
+
+    def recent_audits(self, limit: int = 20) -> list[dict]:
+        return accounting.recent_audits(self._read, limit)
+
+    def recent_bans(self, limit: int = 20) -> list[dict]:
+        return accounting.recent_bans(self._read, limit)
 
     # --- run metadata -------------------------------------------------------------------------
     def bind_run(self, run_id: str, config_hash: str) -> None:
@@ -552,7 +480,7 @@ class Ledger(SqliteStore):
 
     # --- the run as a whole -------------------------------------------------------------------
     def run_epoch(self) -> int:
-        """The run's checked epoch (coordinator/run_epoch.py): the one number every view shows."""
+        """The run's checked epoch (coordinator/books/run_epoch.py): the one number every view shows."""
         with self._lock:
             return checked_epoch.current(self._db)
 

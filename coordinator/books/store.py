@@ -2,6 +2,7 @@
 
 WAL, ``synchronous=FULL`` and one ``BEGIN IMMEDIATE`` transaction per change, so what a store
 acknowledged survives ``kill -9`` and a power cut (liveness alone skips the fsync: ``_write(durable=False)``); several processes (serve, the auditor, the CLIs) open one file.
+Opening a store brings its file to the schema version of ``MIGRATIONS`` (coordinator/books/schema.py).
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from coordinator.books.schema import migrate
+
 
 class SqliteStore:
+    MIGRATIONS: tuple = ()  # the file's schema steps (schema.LEDGER for the ledger file); none: a bare store
+
     def __init__(self, path: Path):
         self.path = Path(path)
         self._lock = threading.Lock()
@@ -20,6 +25,12 @@ class SqliteStore:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        if self.MIGRATIONS:
+            try:
+                migrate(self._db, self.MIGRATIONS, self.path)
+            except BaseException:
+                self._db.close()
+                raise
 
     def close(self) -> None:
         with self._lock:
