@@ -27,7 +27,7 @@ from protos import coordinator_pb2 as pb
 log = logging.getLogger("potluck.peer")
 
 CALL_TIMEOUT = timeouts.CALL  # seconds; every RPC has a deadline (peer/timeouts.py)
-# a report beyond the run's checked epoch + slack (coordinator/run_epoch.py) is "not yet", not "never":
+# a report beyond the run's checked epoch + slack (coordinator/books/run_epoch.py) is "not yet", not "never":
 # the coordinator answers it UNAVAILABLE, so it stays in the outbox and is sent again later
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 # a report the coordinator cannot accept yet (beyond the run's epoch + slack): kept and sent again, but the

@@ -1,7 +1,7 @@
 """A peer never trains further ahead of the run than the coordinator accepts.
 
 The coordinator refuses a report beyond the run's checked epoch + ``epoch_slack``
-(coordinator/run_epoch.py), and peers ignore progress records beyond the same bound
+(coordinator/books/run_epoch.py), and peers ignore progress records beyond the same bound
 (peer/progress_guard.py), so work done there is neither credited nor seen. A peer that raced there
 (alone for a moment, or simply faster) drifted apart for good: the peers behind no longer saw its
 records, so they never loaded its state, while it never waited for them (measured: two honest peers

@@ -89,7 +89,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class VerificationConfig:
-    """[verification]: how reports are sketched and audited (see coordinator/credit.py, auditor.py)."""
+    """[verification]: how reports are sketched and audited (see coordinator/books/credit.py, coordinator/auditor.py)."""
 
     sketch_dims: int = 64               # length of every gradient / parameter sketch
     fp32_tolerance: float = 1e-3        # relative L2 error (and norm ratio - 1) a fp32 replay may show
