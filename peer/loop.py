@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from peer.company import peers_present, too_few, wait_for_company
+from peer.company import CompanyCount, too_few, wait_for_company
 from peer.pace import hold_for_run
 from peer.errors import UserError
 from peer.events import EventLog
@@ -205,8 +205,10 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
         """The run ended for this peer (finished, or evicted): no wait should outlast it."""
         return link.view.run_finished or bool(link.evicted)
 
+    counted = CompanyCount(trust_after=3 * config.averaging_timeout)
+
     def company() -> int | None:
-        return peers_present(link.view_is_fresh(), link.view.live_peers, strategy.swarm_peers())
+        return counted(link.view_is_fresh(), link.view.live_peers, strategy.swarm_peers())
 
     def others_finished() -> bool:
         """The others completed the run's epochs (and left): no company will come for the last ones.

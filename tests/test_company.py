@@ -8,7 +8,7 @@ import threading
 import time
 
 from conftest import events, start_coordinator, start_peer, wait_until, write_run
-from peer.company import peers_present, too_few, wait_for_company
+from peer.company import CompanyCount, peers_present, too_few, wait_for_company
 
 
 def test_the_smaller_view_decides_and_a_stale_coordinator_view_defers_to_the_swarm():
@@ -18,6 +18,22 @@ def test_the_smaller_view_decides_and_a_stale_coordinator_view_defers_to_the_swa
     assert peers_present(False, 1, 2) == 2  # coordinator unreachable: the swarm's own count
     assert peers_present(False, 0, None) is None  # nothing trustworthy: do not pause a healthy swarm
     assert too_few(1, 2) and not too_few(2, 2) and not too_few(None, 2)
+
+
+def test_the_swarm_count_overrules_a_larger_coordinator_count_only_for_a_while():
+    now = [0.0]
+    count = CompanyCount(trust_after=60.0, clock=lambda: now[0])
+    assert count(True, 2, 1) == 1  # a newcomer heartbeats before it is in the swarm
+    now[0] = 59.0
+    assert count(True, 2, 1) == 1
+    now[0] = 60.0
+    assert count(True, 2, 1) == 2  # for a minute: the coordinator's count decides
+    assert count(True, 1, 2) == 1  # a killed peer's record outlives it: the smaller one, at once
+    now[0] = 61.0
+    assert count(True, 2, 1) == 1  # the disagreement began again
+    assert count(False, 3, 1) == 1  # no fresh view: the swarm's count alone
+    now[0] = 200.0
+    assert count(True, 2, 1) == 1  # a stale view in between restarted the clock
 
 
 def test_waiting_says_the_count_and_ends_when_enough_peers_are_back():
