@@ -7,11 +7,12 @@ samples faster than that ended the epoch on its own samples alone: measured on d
 2 peers and 1,536 with 3. So a peer computes at most its share, ``ceil(target / peers)``, tells the
 swarm at once that it has (its progress record), and holds its last micro-batch's step until the
 swarm's records add up to the target (or hivemind's ETA, or another peer's step, ends the epoch).
-A peer that leaves stops publishing; when its record expires the share of the others grows and
-they go back to computing.
+A peer that leaves withdraws its record (hivemind stores None at shutdown); a killed one stops
+publishing and its record expires: either way the others' count drops at their next read of the
+records (every poll while they hold), their share grows and they go back to computing.
 
 A killed peer's record lives on for PROGRESS_EXPIRATION (peer/swarm.py): until then the survivor's
-share is computed for two and the swarm's count never adds up, so the hold runs to its bound.
+share is computed for two and the swarm's count may never add up, so the hold can run to its bound.
 Measured when every micro-batch past the share held again: each paid the full bound and a survivor
 took over 120 s for 3 epochs. So a hold that ran out is not repeated within the epoch
 (:class:`ShareHold`): the peer computes on to the target as hivemind alone would.
