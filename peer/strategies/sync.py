@@ -4,12 +4,15 @@ An epoch is hivemind's: it ends when the swarm has accumulated ``target_batch_si
 the Optimizer's step averaged their gradients (and then the parameters). The loop's micro-batch
 leaves its gradient in the model; :meth:`after_micro_batch` hands it to the Optimizer with the
 true sample count (the averaging weight). Each peer computes its share of the target and then
-holds its step until the swarm's batch is complete (peer/fair_share.py).
+holds its step until the swarm's batch is complete (peer/fair_share.py); a hold that ran out is not
+repeated within its epoch. The loop's pacing hold (peer/pace.py) is another one, before an epoch.
 """
 
 from __future__ import annotations
 
-from peer.fair_share import count_peers
+import time
+
+from peer.fair_share import ShareHold, count_peers, hold_until_swarm_batch
 from peer.loop import Outcome
 from peer.progress_guard import guard_swarm_epoch
 from peer.progress_reread import reread_swarm_progress
@@ -44,7 +47,8 @@ class SyncStrategy:
         return restored
 
     def start(self, link, stop, display, events) -> dict:
-        self.stop, self.display = stop, display
+        self.stop, self.display, self.events = stop, display, events
+        self.share_hold = ShareHold(self.config.target_batch_size)
         self.count = count_peers(self.opt.tracker)  # before the guard: it counts the records the guard kept
         self.highest = guard_swarm_epoch(self.opt.tracker,
                                          lambda: link.epoch_limit(self.config.verification.epoch_slack))
@@ -103,11 +107,7 @@ class SyncStrategy:
 
     def after_micro_batch(self, done, link) -> list[Outcome]:
         before = self.opt.local_epoch
-        # the fair-share hold (peer/fair_share.py::hold_until_swarm_batch) is off: the false binding bans
-        # it seemed to cause were stale-buffer rounds (fixed in peer/averagers.py), but with a killed
-        # peer's progress record still in the DHT every micro-batch past the share paid the hold's bound
-        # (averaging_timeout) and a survivor took over 120 s for 3 epochs; until a hold that ran out is
-        # not repeated within the epoch, each peer processes about the whole target (issue 14 item 3 open)
+        self._hold_for_swarm_batch(before, self.opt.grad_averager.local_samples_accumulated + done.samples)
         if self.config.epochs and self.opt.local_epoch == self.config.epochs - 1 and self.opt.tracker.ready_to_update_epoch:
             # the run's last step: read the records now (the tracker's may be seconds old) in case the
             # others already finished it, so this peer loads their state instead of stepping alone
@@ -123,6 +123,18 @@ class SyncStrategy:
         if self.opt.local_epoch == before:
             return []
         return [Outcome(seal=True, applied=True, epoch=before, peers=self.opt.tracker.global_progress.num_peers)]
+
+    def _hold_for_swarm_batch(self, epoch: int, accumulated: int) -> None:
+        """At this peer's share of the target, hold the step until the swarm's batch adds up (peer/fair_share.py)."""
+        peers = self.count.peers
+        if not self.share_hold.due(epoch, accumulated, peers):
+            return
+        began = time.monotonic()
+        why = hold_until_swarm_batch(self.opt.tracker, self.count, self.config.target_batch_size, accumulated,
+                                     self.stop, bound=self.config.averaging_timeout)
+        self.share_hold.ended(epoch, why)
+        self.events.emit("share_hold", epoch=epoch, samples=accumulated, peers=peers, ended=why,
+                         seconds=round(time.monotonic() - began, 3))
 
     def shutdown(self) -> None:
         self.opt.shutdown()
