@@ -270,3 +270,56 @@ def test_nonces_are_seen_once(store, tmp_path):
     again = NonceStore(target, window=60.0)  # remembered across a restart
     assert not again.add(b"key", "n-1", now)
     again.close()
+
+
+# --- the CLI's --store: every command that opens the books takes it --------------------------------
+
+BAD_URLS = ["mysql://u@127.0.0.1:5432/books", "postgresql://u@127.0.0.1:99999/books", "postgresql:///books",
+            "postgresql://u@127.0.0.1:1/books"]  # wrong scheme, bad port, no host, nobody listening
+
+
+@pytest.mark.parametrize("url", BAD_URLS, ids=["scheme", "port", "no-host", "unreachable"])
+def test_a_bad_or_unreachable_store_is_one_error_line_and_changes_nothing(tmp_path, url):
+    from conftest import cli, write_run
+
+    run = write_run(tmp_path / "run.toml")
+    data_dir = tmp_path / "c"
+    for command in (["status"], ["org", "list"], ["ledger", "verify"], ["report", "--org", "lab"],
+                    ["serve", "--run", str(run), "--port", "0", "--no-dashboard"]):
+        result = cli("coordinator", *command, "--data-dir", str(data_dir), "--store", url)
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "Traceback" not in result.stderr
+    assert not data_dir.exists()
+
+
+def test_the_cli_reads_and_writes_the_books_in_postgresql(postgres_server, postgres_url, tmp_path):
+    import json
+
+    import psycopg
+    from conftest import cli
+
+    fresh = postgres_server.create_database()  # nothing served there: refused, and left empty
+    result = cli("coordinator", "status", "--store", fresh)
+    assert result.returncode == 2 and "no coordinator ledger in" in result.stderr
+    with psycopg.connect(fresh) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM pg_tables WHERE schemaname = 'public'").fetchone()[0] == 0
+
+    ledger = Ledger(postgres_url)  # what serve --store leaves: a bound run, a peer and its report
+    ledger.bind_run(RUN, "hash")
+    admission, _ = _admit(ledger, "lab", "p-1")
+    ledger.record_report("p-1", admission.session, "r-1", 0, 64, 1.0, 2.0, {"accuracy": 0.9})
+    ledger.close()
+    store = ["--store", postgres_url, "--data-dir", str(tmp_path / "unused")]
+    assert cli("coordinator", "org", "add", "acme", "--max-peers", "2", *store).returncode == 0
+    orgs = json.loads(cli("coordinator", "org", "list", "--format", "json", *store).stdout)
+    assert [(o["name"], o["max_peers"], o["peers"]) for o in orgs] == [("acme", 2, 0), ("lab", 0, 1)]
+    state = json.loads(cli("coordinator", "status", "--format", "json", *store).stdout)
+    assert state["run_id"] == RUN and state["samples"] == 64 and [p["id"] for p in state["peers"]] == ["p-1"]
+    credit = json.loads(cli("coordinator", "ledger", "--format", "json", *store).stdout)
+    assert credit == [] or all(row["samples_settled"] == 0 for row in credit)
+    verified = cli("coordinator", "ledger", "verify", *store)
+    assert verified.returncode == 0 and "intact" in verified.stdout
+    report = json.loads(cli("coordinator", "report", "--org", "lab", *store).stdout)
+    assert json.dumps(report) and "64" in json.dumps(report)
+    assert not (tmp_path / "unused").exists()

@@ -21,11 +21,15 @@ from urllib.parse import unquote, urlsplit
 from peer.errors import UserError
 
 SCHEMES = ("postgresql", "postgres")
+# --store of every coordinator command; serve hands it to its auditor and observer this way (not in argv,
+# where a password in the URL would show in the process list)
+STORE_ENV = "POTLUCK_COORDINATOR_STORE"
 WRITE_LOCK = 0x706F746C  # the advisory lock every write transaction of the books holds ("potl")
 
 
 def is_url(target) -> bool:
-    return isinstance(target, str) and target.split("://", 1)[0] in SCHEMES and "://" in target
+    """A URL (checked by ``check_url`` when connecting); a Path or plain string is a sqlite file."""
+    return isinstance(target, str) and "://" in target
 
 
 def redacted(url: str) -> str:
