@@ -323,3 +323,22 @@ def test_the_cli_reads_and_writes_the_books_in_postgresql(postgres_server, postg
     report = json.loads(cli("coordinator", "report", "--org", "lab", *store).stdout)
     assert json.dumps(report) and "64" in json.dumps(report)
     assert not (tmp_path / "unused").exists()
+
+
+def test_a_dropped_postgresql_connection_costs_one_call(postgres_url):
+    """A server restart or a cut connection: the call that finds out fails, the next one reconnects;
+    nothing of a transaction continues on the new connection."""
+    import psycopg
+
+    ledger = Ledger(postgres_url)
+    ledger.bind_run(RUN, "hash")
+    for read in (lambda: ledger.meta("run_id"), lambda: ledger.add_org("after")):
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            dropped = admin.execute("SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE "
+                                    "datname = current_database() AND pid <> pg_backend_pid()").fetchone()[0]
+        assert dropped == 1
+        with pytest.raises(psycopg.OperationalError):
+            read()
+        read()
+    assert ledger.meta("run_id") == RUN and "after" in [o["name"] for o in ledger.orgs()]
+    ledger.close()

@@ -170,13 +170,14 @@ class _Cursor:
 class _Translated:
     """The books' SQL on a psycopg connection: ``?`` placeholders become ``%s``."""
 
-    def __init__(self, conn):
-        self._conn = conn
+    def __init__(self, owner: "PostgresConnection"):
+        self._owner = owner
 
     def execute(self, sql: str, args=()) -> _Cursor:
+        conn = self._owner.live()
         if args:
-            return _Cursor(self._conn.execute(sql.replace("%", "%%").replace("?", "%s"), tuple(args)))
-        return _Cursor(self._conn.execute(sql))
+            return _Cursor(conn.execute(sql.replace("%", "%%").replace("?", "%s"), tuple(args)))
+        return _Cursor(conn.execute(sql))
 
 
 def _driver():
@@ -203,24 +204,44 @@ def _number_loader(psycopg):
 
 
 class PostgresConnection:
+    """One psycopg connection (autocommit; transactions are explicit). When the server drops it (a restart,
+    a network cut), the call that finds out fails and the next one, outside a transaction, reconnects:
+    a transaction is never continued on a new connection."""
+
     dialect = "postgresql"
 
     def __init__(self, url: str):
         self.url = check_url(url)
-        psycopg = _driver()
+        self._psycopg = _driver()
+        self._in_transaction = False
+        self._relaxed = False
+        self._conn = self._connect()
+        self.db = _Translated(self)
+
+    def _connect(self):
+        psycopg = self._psycopg
         try:
-            self._conn = psycopg.connect(url, autocommit=True, connect_timeout=10, row_factory=_rows)
+            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10, row_factory=_rows)
         except psycopg.Error as error:
             detail = " ".join(str(error).split())
-            raise UserError(f"cannot open the PostgreSQL store {redacted(url)}: {detail}") from None
-        self._conn.adapters.register_loader("numeric", _number_loader(psycopg))
-        self.db = _Translated(self._conn)
+            raise UserError(f"cannot open the PostgreSQL store {redacted(self.url)}: {detail}") from None
+        conn.adapters.register_loader("numeric", _number_loader(psycopg))
+        if self._relaxed:
+            conn.execute("SET synchronous_commit = off")
+        return conn
+
+    def live(self):
+        """The connection, made again if the server dropped it (never inside a transaction)."""
+        if self._conn.broken and not self._in_transaction:
+            self._conn = self._connect()
+        return self._conn
 
     def describe(self) -> str:
         return redacted(self.url)
 
     def begin(self, durable: bool = True) -> None:
-        self._conn.execute("BEGIN")
+        self.live().execute("BEGIN")
+        self._in_transaction = True
         try:
             if not durable:  # the commit does not wait for the WAL flush; a crashed server keeps a consistent state
                 self._conn.execute("SET LOCAL synchronous_commit = off")
@@ -230,19 +251,24 @@ class PostgresConnection:
             raise
 
     def commit(self) -> None:
+        self._in_transaction = False
         self._conn.execute("COMMIT")
 
     def rollback(self) -> None:
-        self._conn.execute("ROLLBACK")
+        self._in_transaction = False
+        if not self._conn.broken:  # a dropped connection's transaction is gone with it
+            self._conn.execute("ROLLBACK")
 
     def end(self, durable: bool = True) -> None:
         pass  # SET LOCAL ended with the transaction
 
     def begin_snapshot(self) -> None:
-        self._conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        self.live().execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        self._in_transaction = True
 
     def relax_durability(self) -> None:
-        self._conn.execute("SET synchronous_commit = off")
+        self._relaxed = True
+        self.live().execute("SET synchronous_commit = off")
 
     def tuples(self, sql: str, args: tuple = ()) -> list[tuple]:
         return [tuple(row) for row in self.db.execute(sql, args).fetchall()]
@@ -251,7 +277,7 @@ class PostgresConnection:
     def version(self, name: str) -> int:
         # a query of the catalog, not to_regclass: after waiting for the write lock, this must see the table
         # another process's migration just committed (a cached catalog lookup may not yet)
-        if not self._conn.execute("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables WHERE tablename = "
+        if not self.live().execute("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables WHERE tablename = "
                                   "'schema_versions' AND schemaname = current_schema())").fetchone()[0]:
             return 0
         row = self._conn.execute("SELECT version FROM schema_versions WHERE name = %s", (name,)).fetchone()
