@@ -295,8 +295,10 @@ class Auditor:
 
 def run_auditor(run_path: Path, data_dir: Path, initial_peers: list[str], stop=None) -> None:
     """The auditor process's main loop (until SIGTERM)."""
+    import os
     import threading
 
+    from coordinator.books.connection import STORE_ENV
     from coordinator.books.ledger import BANNED, LEDGER_FILE, Ledger
     from coordinator.server import KEY_FILE
     from coordinator.swarm_pass import SwarmPass
@@ -307,8 +309,8 @@ def run_auditor(run_path: Path, data_dir: Path, initial_peers: list[str], stop=N
     from peer.task import load_task
 
     config = load_run_config(run_path)
-    ledger = Ledger(Path(data_dir) / LEDGER_FILE)
-    credit = Credit(ledger.path, config.verification, config.run_id,
+    ledger = Ledger(os.environ.get(STORE_ENV) or Path(data_dir) / LEDGER_FILE)  # serve's --store, else its file
+    credit = Credit(ledger.target, config.verification, config.run_id,
                     proof_required=config.averaging.strategy == "sync")
     # a ban is an eviction: the session is refused, the token and swarm access withdrawn
     credit.on_ban = lambda peer_id, reason: ledger.evict(peer_id, f"{BANNED}: {reason}")

@@ -27,7 +27,9 @@ class SignedRequestInterceptor(grpc.ServerInterceptor):
         self.ledger = ledger
         self.run_id = run_id
         self.clock = clock
-        self.nonces = NonceStore(Path(ledger.path).parent / NONCE_FILE, CLOCK_WINDOW)
+        # next to the ledger: its folder's nonce file, or a table of the ledger's PostgreSQL database
+        where = Path(ledger.path).parent / NONCE_FILE if ledger.path is not None else ledger.target
+        self.nonces = NonceStore(where, CLOCK_WINDOW)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)

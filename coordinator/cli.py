@@ -29,6 +29,10 @@ DEFAULT_DATA_DIR = Path.home() / ".potluck" / "coordinator"
 DataDir = Annotated[
     Path, typer.Option("--data-dir", envvar="POTLUCK_COORDINATOR_DIR", help="Where the ledger and keys live.")
 ]
+StoreUrl = Annotated[Optional[str], typer.Option(
+    "--store", envvar="POTLUCK_COORDINATOR_STORE",
+    help="The books in a PostgreSQL database: postgresql://USER@HOST:PORT/DB (pip install 'potluck[postgresql]'); "
+         "default: the sqlite file ledger.sqlite in --data-dir.")]
 
 
 class TextOrJson(str, Enum):
@@ -57,6 +61,7 @@ class ExportFormat(str, Enum):
 def serve_command(
     run: Annotated[Path, typer.Option("--run", help="The run config (run.toml).")],
     data_dir: DataDir = DEFAULT_DATA_DIR,
+    store: StoreUrl = None,
     host: Annotated[str, typer.Option(help="Address to listen on (gRPC and the swarm's DHT node).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="gRPC port; 0 picks a free one.", min=0, max=65535)] = 7450,
     dht_port: Annotated[int, typer.Option(help="DHT port; 0 picks a free one.", min=0, max=65535)] = 0,
@@ -77,14 +82,15 @@ def serve_command(
     # the cheap refusals first: torch, hivemind and gRPC take seconds to import
     check_serve_args(run, data_dir, host, {"--port": port, "--dht-port": dht_port,
                                            "--dashboard-port": dashboard_port if dashboard else 0},
-                     insecure, cert, key)
+                     insecure, cert, key, store)
     from coordinator.tensor_sharing import share_tensors_by_file_descriptor
 
     share_tensors_by_file_descriptor()  # before hivemind loads (and for the children serve starts)
     from coordinator.server import Transport, serve
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(message)s")
-    serve(run, data_dir, host, port, dht_port, Transport(insecure, cert, key), dashboard_port if dashboard else None)
+    serve(run, data_dir, host, port, dht_port, Transport(insecure, cert, key), dashboard_port if dashboard else None,
+          store)
 
 
 def _signing_key(data_dir: Path):
@@ -102,6 +108,7 @@ def token_issue(
     expires: Annotated[str, typer.Option(help="Lifetime: 90m, 12h, 7d, 2w, or 'never'.")] = "7d",
     max_peers: Annotated[int, typer.Option(help="How many peer identities may use it (0: any number).", min=0)] = 1,
     data_dir: DataDir = DEFAULT_DATA_DIR,
+    store: StoreUrl = None,
     format: Annotated[TextOrJson, typer.Option("--format")] = TextOrJson.text,
 ):
     """Print a new signed join token for an organization."""
@@ -112,7 +119,7 @@ def token_issue(
         ttl = tokens.parse_duration(expires)
     except ValueError as error:
         raise UserError(f"--expires: {error}") from None
-    ledger = Ledger.open_existing(data_dir)
+    ledger = Ledger.open_existing(data_dir, store)
     identity = _signing_key(data_dir)
     token, claims = tokens.issue(ledger, identity.private_key, ledger.meta("run_id"), org, ttl, max_peers)
     info = read_info(data_dir) or {}
@@ -134,6 +141,7 @@ def _when(timestamp: float | None) -> str | None:
 @token_app.command("list")
 def token_list(
     data_dir: DataDir = DEFAULT_DATA_DIR,
+    store: StoreUrl = None,
     format: Annotated[TableOrJson, typer.Option("--format")] = TableOrJson.table,
 ):
     """List issued tokens: id, org, expiry, use limit, identities bound, revoked."""
@@ -141,7 +149,7 @@ def token_list(
         {"id": t["id"], "org": t["org"], "created": _when(t["created"]), "expires": _when(t["expires"]),
          "max_peers": t["max_peers"], "peers": t["peers"], "revoked": t["revoked"],
          "expired": bool(t["expires"]) and t["expires"] < time.time()}
-        for t in Ledger.open_existing(data_dir).tokens()
+        for t in Ledger.open_existing(data_dir, store).tokens()
     ]
     _print_rows(format, "tokens", rows, ["id", "org", "expires", "max_peers", "peers", "revoked", "expired"])
 
@@ -150,9 +158,10 @@ def token_list(
 def token_revoke(
     token_id: Annotated[str, typer.Argument(help="The token's id (see 'token list').")],
     data_dir: DataDir = DEFAULT_DATA_DIR,
+    store: StoreUrl = None,
 ):
     """Revoke a token; the peers it admitted are evicted (coordinator and swarm) within seconds."""
-    evicted = Ledger.open_existing(data_dir).revoke_token(token_id)
+    evicted = Ledger.open_existing(data_dir, store).revoke_token(token_id)
     print(f"token {token_id} revoked; {evicted} peer(s) evicted")
 
 
@@ -161,19 +170,21 @@ def org_add(
     name: Annotated[str, typer.Argument(help="The organization's name.")],
     max_peers: Annotated[int, typer.Option(help="Most peers of this org active at once (0: no quota).", min=0)] = 0,
     data_dir: DataDir = DEFAULT_DATA_DIR,
+    store: StoreUrl = None,
 ):
     """Add an organization (or change its quota); then issue it tokens."""
-    Ledger.open_existing(data_dir).add_org(name, max_peers)
+    Ledger.open_existing(data_dir, store).add_org(name, max_peers)
     print(f"org '{name.strip()}' ready" + (f" (at most {max_peers} active peers)" if max_peers else ""))
 
 
 @org_app.command("list")
 def org_list(
     data_dir: DataDir = DEFAULT_DATA_DIR,
+    store: StoreUrl = None,
     format: Annotated[TableOrJson, typer.Option("--format")] = TableOrJson.table,
 ):
     """List organizations with their quota, peers, active tokens and strikes (one per banned peer)."""
-    ledger = Ledger.open_existing(data_dir)  # first: a wrong --data-dir answers before torch loads
+    ledger = Ledger.open_existing(data_dir, store)  # first: a wrong --data-dir answers before torch loads
     strikes = ledger.org_strikes()
     rows = [
         {"name": o["name"], "created": _when(o["created"]), "max_peers": o["max_peers"], "peers": o["peers"],
@@ -187,9 +198,10 @@ def org_list(
 def org_remove(
     name: Annotated[str, typer.Argument(help="The organization to remove.")],
     data_dir: DataDir = DEFAULT_DATA_DIR,
+    store: StoreUrl = None,
 ):
     """Remove an organization: its tokens are revoked and its peers evicted; its credit history stays."""
-    evicted = Ledger.open_existing(data_dir).remove_org(name)
+    evicted = Ledger.open_existing(data_dir, store).remove_org(name)
     print(f"org '{name}' removed; {evicted} peer(s) evicted")
 
 
@@ -223,6 +235,7 @@ def _table(title: str, rows: list[dict], columns: list[str]) -> None:
 @app.command("status")
 def status_command(
     data_dir: DataDir = DEFAULT_DATA_DIR,
+    store: StoreUrl = None,
     format: Annotated[TableOrJson, typer.Option("--format")] = TableOrJson.table,
     peer_timeout: Annotated[float, typer.Option(help="Seconds of silence after which a peer is not alive.")] = 10.0,
 ):
@@ -230,7 +243,7 @@ def status_command(
     from coordinator.run_view import with_accounts
     from coordinator.status import render_status
 
-    ledger = Ledger.open_existing(data_dir)
+    ledger = Ledger.open_existing(data_dir, store)
     state = with_accounts(ledger, ledger.snapshot(peer_timeout))
     if format is TableOrJson.json:
         print(json.dumps(state, indent=2))
@@ -253,6 +266,7 @@ class TableJsonCsv(str, Enum):
 def ledger_command(
     ctx: typer.Context,
     data_dir: DataDir = DEFAULT_DATA_DIR,
+    store: StoreUrl = None,
     by: Annotated[By, typer.Option("--by", help="One row per peer or per organization.")] = By.peer,
     format: Annotated[TableJsonCsv, typer.Option("--format")] = TableJsonCsv.table,
 ):
@@ -262,13 +276,13 @@ def ledger_command(
         return
     from coordinator.credit_view import print_credit
 
-    print_credit(open_credit(data_dir), by.value, format.value)
+    print_credit(open_credit(data_dir, store), by.value, format.value)
 
 
 @ledger_app.command("verify")
-def ledger_verify(data_dir: DataDir = DEFAULT_DATA_DIR):
+def ledger_verify(data_dir: DataDir = DEFAULT_DATA_DIR, store: StoreUrl = None):
     """Re-check the hash-chained contribution log and every report signature; exit 1 on tampering."""
-    problems = open_credit(data_dir).verify()
+    problems = open_credit(data_dir, store).verify()
     for problem in problems:
         print(f"tampered: {problem}", file=sys.stderr)
     if problems:
@@ -276,14 +290,14 @@ def ledger_verify(data_dir: DataDir = DEFAULT_DATA_DIR):
     print("contribution log intact")
 
 
-def open_credit(data_dir: Path):
+def open_credit(data_dir: Path, store: str | None = None):
     """The credit tables of an existing ledger (the run's [verification] settings come from its meta)."""
-    ledger = Ledger.open_existing(data_dir)  # first: a wrong --data-dir answers before torch loads
+    ledger = Ledger.open_existing(data_dir, store)  # first: a wrong --data-dir answers before torch loads
     from coordinator.books.credit import Credit
     from peer.runconfig import VerificationConfig
 
     verification = VerificationConfig(**json.loads(ledger.meta("verification") or "{}"))
-    return Credit(ledger.path, verification, ledger.meta("run_id") or "")
+    return Credit(ledger.target, verification, ledger.meta("run_id") or "")
 
 
 @app.command("export")
@@ -305,6 +319,7 @@ def export_command(
 def report_command(
     org: Annotated[str, typer.Option("--org", help="The organization to report on.")],
     data_dir: DataDir = DEFAULT_DATA_DIR,
+    store: StoreUrl = None,
     since: Annotated[Optional[str], typer.Option(help="Count work from this date or time on (ISO, UTC), "
                                                  "e.g. 2026-11-28 or 2026-11-28T14:30.")] = None,
     format: Annotated[ReportFormat, typer.Option("--format", help="csv or json (stdout unless --out), "
@@ -316,7 +331,7 @@ def report_command(
 
     from coordinator.org_report import write_report
 
-    data = write_report(data_dir, org, since, format.value, out)
+    data = write_report(data_dir, org, since, format.value, out, store)
     if data is None:
         print(f"wrote the {format.value} report of org '{org}' to {out}")
     else:

@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 
 from coordinator.checkpoints import clear_failure, latest_checkpoint, record_failure, save_checkpoint
+from coordinator.books.connection import STORE_ENV
 from coordinator.books.ledger import Ledger
 from coordinator.swarm_pass import SwarmPass
 from coordinator.swarm_snapshot import SnapshotError, SwarmObserver
@@ -47,7 +48,7 @@ def run_observer(run_path: Path, data_dir: Path, initial_peers: list[str], host:
     if config.checkpoint_every <= 0:
         return
     task = load_task(config.task_name, config.task_version)
-    ledger = Ledger.open_existing(data_dir)
+    ledger = Ledger.open_existing(data_dir, os.environ.get(STORE_ENV))  # serve's --store, else its file
     from coordinator.server import KEY_FILE  # the coordinator's key signs this process's swarm access
 
     swarm_pass = SwarmPass(data_dir, OBSERVER_DIR, ledger, load_or_create_identity(data_dir, KEY_FILE),

@@ -144,14 +144,15 @@ def to_png(statement: dict) -> bytes:
     return buffer.getvalue()
 
 
-def write_report(data_dir: Path, org: str, since_text: str | None, format: str, out: Path | None) -> bytes | None:
+def write_report(data_dir: Path, org: str, since_text: str | None, format: str, out: Path | None,
+                 store: str | None = None) -> bytes | None:
     """Build the statement; write it to ``out`` or return the bytes for stdout (png needs ``out``)."""
     if format == "png" and out is None:
         raise UserError("--format png needs --out FILE.png (a picture does not go to the terminal)")
     if out is not None and not Path(out).parent.is_dir():
         raise UserError(f"cannot write {out}: the directory {Path(out).parent} does not exist")
     since = parse_since(since_text)
-    ledger = Ledger.open_existing(data_dir)
+    ledger = Ledger.open_existing(data_dir, store)
     try:
         statement = org_statement(ledger, org, since)
     finally:

@@ -20,8 +20,9 @@ from peer.runconfig import RunConfig, load_run_config
 
 
 def check_serve_args(run_path: Path, data_dir: Path, host: str, ports: dict[str, int], insecure: bool,
-                     cert: Path | None, key: Path | None) -> RunConfig:
-    """The run config, once every cheap check passed; ``ports`` maps an option (--port) to its value."""
+                     cert: Path | None, key: Path | None, store: str | None = None) -> RunConfig:
+    """The run config, once every cheap check passed; ``ports`` maps an option (--port) to its value.
+    A ``--store`` database is reached once here, before serve writes anything to the data dir."""
     if insecure and (cert or key):
         raise UserError("--insecure and --cert/--key contradict each other; pick one")
     if (cert is None) != (key is None):
@@ -35,6 +36,11 @@ def check_serve_args(run_path: Path, data_dir: Path, host: str, ports: dict[str,
         lock_data_dir(data_dir).close()
     for option, port in ports.items():
         check_port_free(host, port, option)
+    if store:
+        from coordinator.books import connection
+
+        connection.check_url(store)
+        connection.connect(store).close()
     return config
 
 

@@ -26,6 +26,7 @@ from coordinator import tls, tokens
 from coordinator.auth import SignedRequestInterceptor
 from coordinator.checkpoints import latest_checkpoint
 from coordinator.dashboard import CachedState, Dashboard
+from coordinator.books.connection import STORE_ENV
 from coordinator.books.ledger import LEDGER_FILE, Ledger
 from coordinator.metrics import Metrics
 from coordinator.run_view import run_state
@@ -177,27 +178,33 @@ class Transport:
 
 
 def serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, transport: Transport = Transport(),
-          dashboard_port: int | None = None) -> None:
-    """Run the coordinator until SIGINT/SIGTERM; ``dashboard_port`` None: no dashboard."""
+          dashboard_port: int | None = None, store: str | None = None) -> None:
+    """Run the coordinator until SIGINT/SIGTERM; ``dashboard_port`` None: no dashboard; ``store``: a
+    postgresql:// URL for the books (None: the sqlite file in the data dir)."""
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):  # from the start: a stop during start-up still tears down
         signal.signal(signum, lambda *_: stop.set())
     with ExitStack() as teardown:  # the one teardown: each part is registered as it starts, undone in reverse
-        _serve(run_path, Path(data_dir), host, port, dht_port, transport, dashboard_port, stop, teardown)
+        _serve(run_path, Path(data_dir), host, port, dht_port, transport, dashboard_port, stop, teardown, store)
         stop.wait()
         print("coordinator stopping", flush=True)
 
 
 def _serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, transport: Transport,
-           dashboard_port: int | None, stop: threading.Event, teardown: ExitStack) -> None:
+           dashboard_port: int | None, stop: threading.Event, teardown: ExitStack, store: str | None = None) -> None:
     config = load_run_config(run_path)
     data_dir.mkdir(parents=True, exist_ok=True)
     teardown.enter_context(lock_data_dir(data_dir))
     first_start = not (data_dir / LEDGER_FILE).exists()
     identity = load_or_create_identity(data_dir, KEY_FILE)
     material = None if transport.insecure else tls.load_or_create(data_dir, host, transport.cert, transport.key)
-    ledger = Ledger(data_dir / LEDGER_FILE)
+    ledger = Ledger(store or data_dir / LEDGER_FILE)
     teardown.callback(ledger.close)
+    if store:
+        first_start = ledger.meta("run_id") is None
+        os.environ[STORE_ENV] = store  # for the auditor and the observer (coordinator/books/connection.py)
+    else:
+        os.environ.pop(STORE_ENV, None)
     ledger.bind_run(config.run_id, config.config_hash)
     token = _default_token(ledger, data_dir, identity, config)
     keeper = SwarmAccessKeeper(data_dir, ledger, identity, config)
@@ -257,7 +264,7 @@ def _serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, 
     threading.Thread(target=keeper.run, args=(stop,), name="swarm-access", daemon=True).start()
 
     print(f"potluck coordinator for run '{config.run_id}' ({'new' if first_start else 'resumed'} ledger "
-          f"{data_dir / LEDGER_FILE})", flush=True)
+          f"{ledger.describe()})", flush=True)
     print(f"  gRPC     {address}", flush=True)
     print(f"  swarm    {dht_maddrs[0] if dht_maddrs else '(no address)'}", flush=True)
     if dashboard is not None:
@@ -273,4 +280,4 @@ def _serve(run_path: Path, data_dir: Path, host: str, port: int, dht_port: int, 
     print("Volunteers join with:", flush=True)
     print(f"  {join_command(address, token, material.fingerprint if material else None)}", flush=True)
     print("Tokens for partner orgs: coordinator token issue --org NAME"
-          f" --data-dir {data_dir}", flush=True)
+          f" --data-dir {data_dir}" + (f" --store {ledger.describe()}" if store else ""), flush=True)

@@ -55,7 +55,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         ledger.epoch_rule = EpochRule.of(config)  # reports and heartbeats advance the checked run epoch
         self.initial_peers = initial_peers
         self.identity = identity
-        self.credit = credit or Credit(ledger.path, config.verification, config.run_id,
+        self.credit = credit or Credit(ledger.target, config.verification, config.run_id,
                                        proof_required=config.averaging.strategy == "sync")
         binding = binding or run_binding(config)
         if binding is not None:

@@ -62,10 +62,10 @@ def accounts(read, peer_id: str | None = None) -> dict[str, Account]:
                (SELECT COALESCE(SUM(s.samples), 0) FROM settlements s WHERE s.peer_id = p.peer_id) AS settled,
                (SELECT COUNT(*) FROM settlements s WHERE s.peer_id = p.peer_id) AS decided,
                (SELECT COALESCE(SUM(c.credited_samples), 0) FROM credit_reports c WHERE c.peer_id = p.peer_id
-                  AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.peer_id = c.peer_id AND s.window = c.epoch / ?))
+                  AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.peer_id = c.peer_id AND s."window" = c.epoch / ?))
                + (SELECT COALESCE(SUM(r.samples), 0) FROM reports r WHERE r.peer_id = p.peer_id
                   AND NOT EXISTS (SELECT 1 FROM credit_reports c WHERE c.report_id = r.report_id)
-                  AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.peer_id = r.peer_id AND s.window = r.epoch / ?))
+                  AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.peer_id = r.peer_id AND s."window" = r.epoch / ?))
                  AS pending
            FROM peers p LEFT JOIN standing st ON st.peer_id = p.peer_id {own}""",
         (window_epochs(read),) * 2 + args,
@@ -93,7 +93,7 @@ def accounts(read, peer_id: str | None = None) -> dict[str, Account]:
 
 
 def banned_peers(read) -> set[str]:
-    return {row[0] for row in read("SELECT peer_id FROM standing WHERE banned")}
+    return {row[0] for row in read("SELECT peer_id FROM standing WHERE banned <> 0")}
 
 
 def org_strikes(read) -> dict[str, int]:
@@ -107,5 +107,5 @@ def recent_audits(read, limit: int = 20) -> list[dict]:
 
 
 def recent_bans(read, limit: int = 20) -> list[dict]:
-    return [dict(row) for row in read("SELECT peer_id, reason, strikes, at FROM standing WHERE banned "
+    return [dict(row) for row in read("SELECT peer_id, reason, strikes, at FROM standing WHERE banned <> 0 "
                                       "ORDER BY at DESC LIMIT ?", (limit,))]

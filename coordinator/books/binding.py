@@ -154,7 +154,7 @@ class Binding:
                 ignored.append(why)
                 continue
             db.execute(
-                "INSERT OR IGNORE INTO attestations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO attestations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (a.group, a.role, a.sender, a.reducer, a.kind, a.epoch, author, request.report_id, a.length,
                  json.dumps(list(a.sketch)), a.norm_sq, a.weight, a.score, int(a.clipped), a.time, time.time()))
             touched.add(a.group)
@@ -326,7 +326,7 @@ class Binding:
         rows = db.execute(
             "SELECT group_id, MIN(epoch) AS epoch, COUNT(DISTINCT reducer) AS reducers FROM attestations "
             "WHERE role='received' AND sender=? AND reducer != sender GROUP BY group_id "
-            "HAVING reducers >= 2 AND MIN(epoch) <= ?", (swarm_id, epoch - WITHHELD_AFTER)).fetchall()
+            "HAVING COUNT(DISTINCT reducer) >= 2 AND MIN(epoch) <= ?", (swarm_id, epoch - WITHHELD_AFTER)).fetchall()
         for row in rows:
             if self._done(db, "withheld", row["group_id"], peer_id) or db.execute(
                     "SELECT 1 FROM attestations WHERE group_id=? AND role='sent' AND sender=?",

@@ -20,12 +20,12 @@ import sqlite3
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from coordinator.books import accounting, contribution_log, schema
 from coordinator.books import run_epoch as checked_epoch
 from coordinator.books.binding import BINDING
-from coordinator.books.store import SqliteStore
+from coordinator.books.connection import put_meta
+from coordinator.books.store import Store
 from coordinator.confidence import required_audits, window_confidence
 from peer.report import canonical_body, canonical_bytes, signature_valid
 from peer.runconfig import VerificationConfig
@@ -54,20 +54,19 @@ def _digest(projection) -> str:
     return hashlib.sha256(json.dumps(list(projection)).encode()).hexdigest()
 
 
-class Credit(SqliteStore):
+class Credit(Store):
     MIGRATIONS = schema.LEDGER
 
-    def __init__(self, path: Path, verification: VerificationConfig, run_id: str, flops_per_sample: float = 0.0,
+    def __init__(self, target, verification: VerificationConfig, run_id: str, flops_per_sample: float = 0.0,
                  proof_required: bool = True):
         self.v = verification
         self.run_id = run_id
         # DiLoCo reports carry no per-micro-batch sketches yet: accepted unaudited (see auditor.py)
         self.proof_required = proof_required
         self.flops_per_sample = flops_per_sample
-        super().__init__(path)
+        super().__init__(target)  # the ledger's: its sqlite file or its postgresql:// URL
         with self._write() as db:  # so `coordinator ledger` (which has no run.toml) windows credit the same way
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('verification', ?)",
-                       (json.dumps(dataclasses.asdict(verification)),))
+            put_meta(db, "verification", json.dumps(dataclasses.asdict(verification)))
         self.on_ban = None  # on_ban(peer_id, reason): revocation hook (token + swarm access)
         self.binding = None  # coordinator/books/binding.py: the averaged vector against the report (use_binding)
 
@@ -311,7 +310,7 @@ class Credit(SqliteStore):
             # the auditor closes the last windows early at the run's end: the views must agree
             row = db.execute("SELECT value FROM meta WHERE key='closed_through'").fetchone()
             if row is None or int(row["value"]) < run_epoch:  # written only when it moves (this runs every poll)
-                db.execute("INSERT OR REPLACE INTO meta VALUES ('closed_through', ?)", (str(run_epoch),))
+                put_meta(db, "closed_through", str(run_epoch))
             for (peer_id, window), summary in self._summaries(db, run_epoch, undecided=True).items():
                 if summary["state"] == "forfeit-due":
                     self._settle_one(db, peer_id, window, forfeit=True)
@@ -329,16 +328,16 @@ class Credit(SqliteStore):
         (closed, confidence not reached); settle-due / forfeit-due (closed, to be decided now).
         """
         w = self.v.window_epochs
-        where, args = ("WHERE r.peer_id=?", (peer_id,)) if peer_id else ("WHERE 1", ())
+        where, args = ("WHERE r.peer_id=?", (peer_id,)) if peer_id else ("WHERE 1=1", ())
         if undecided:  # what settlement and top-ups look at, every few hundred ms: skip decided windows
             where += (f" AND NOT EXISTS (SELECT 1 FROM settlements s WHERE s.peer_id = r.peer_id "
-                      f"AND s.window = r.epoch / {w})")
+                      f'AND s."window" = r.epoch / {w})')
         reports = db.execute(f"SELECT r.peer_id, r.epoch, r.micro_batches, r.credited_samples, r.audit_state, "
                              f"({_AUDITED}) AS audited FROM credit_reports r {where}", args).fetchall()
         decided = {(row["peer_id"], row["window"]): dict(row) for row in db.execute(
             "SELECT * FROM settlements" + (" WHERE peer_id=?" if peer_id else ""), args)}
         failed = {(row["peer_id"], row["window"]) for row in db.execute(
-            f"SELECT DISTINCT peer_id, epoch / {w} AS window FROM audits WHERE verdict=?" +
+            f'SELECT DISTINCT peer_id, epoch / {w} AS "window" FROM audits WHERE verdict=?' +
             (" AND peer_id=?" if peer_id else ""), (FAIL, *args))}
         summaries: dict[tuple[str, int], dict] = {}
         for row in reports:
@@ -374,7 +373,7 @@ class Credit(SqliteStore):
         return summaries
 
     def _settle_one(self, db, peer_id: str, window: int, forfeit: bool) -> None:
-        if db.execute("SELECT 1 FROM settlements WHERE peer_id=? AND window=?", (peer_id, window)).fetchone():
+        if db.execute('SELECT 1 FROM settlements WHERE peer_id=? AND "window"=?', (peer_id, window)).fetchone():
             return
         lo, hi = window * self.v.window_epochs, (window + 1) * self.v.window_epochs
         failed = db.execute("SELECT COUNT(*) FROM audits WHERE peer_id=? AND verdict=? AND epoch>=? AND epoch<?",

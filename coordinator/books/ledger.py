@@ -20,9 +20,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.books import accounting, schema
+from coordinator.books import accounting, connection, schema
 from coordinator.books import run_epoch as checked_epoch
-from coordinator.books.store import SqliteStore
+from coordinator.books.connection import put_meta
+from coordinator.books.store import Store
 from peer.errors import EVICTED_PREFIX, UserError
 
 LEDGER_FILE = "ledger.sqlite"
@@ -101,12 +102,14 @@ class Admission:
     session: str
 
 
-class Ledger(SqliteStore):
+class Ledger(Store):
     MIGRATIONS = schema.LEDGER
 
-    def __init__(self, path: Path, epoch_rule: checked_epoch.EpochRule | None = None):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        super().__init__(path)
+    def __init__(self, target, epoch_rule: checked_epoch.EpochRule | None = None):
+        """``target``: the sqlite file (its folder is made), or a postgresql:// URL (connection.py)."""
+        if not connection.is_url(target):
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(target)
         # set by the serving process (which knows run.toml): reports and heartbeats then advance the run epoch
         self.epoch_rule = epoch_rule
         # the hot paths' caches (heartbeat, join): see run_summary, swarm_lists and heartbeat
@@ -115,10 +118,14 @@ class Ledger(SqliteStore):
         self._lists: tuple[str, tuple[str, list[str], list[str]]] | None = None
         self._advanced_at = 0.0
         self._voters_changed = True
-        self._db.execute("PRAGMA foreign_keys=ON")
+        if self.dialect == "sqlite":  # PostgreSQL always checks them
+            self._db.execute("PRAGMA foreign_keys=ON")
 
     @classmethod
-    def open_existing(cls, data_dir: Path) -> "Ledger":
+    def open_existing(cls, data_dir: Path, store: str | None = None) -> "Ledger":
+        """The books a ``serve`` made: the sqlite file in ``data_dir``, or the ``--store`` database."""
+        if store:
+            return cls.open_database(store)
         path = Path(data_dir) / LEDGER_FILE
         if not path.exists():
             raise UserError(
@@ -126,6 +133,19 @@ class Ledger(SqliteStore):
                 f"--data-dir {data_dir}' or pass the --data-dir it uses"
             )
         return cls(path)
+
+    @classmethod
+    def open_database(cls, url: str) -> "Ledger":
+        """The books in a PostgreSQL database that ``serve --store`` set up; nothing is created otherwise."""
+        probe = connection.connect(url)
+        try:
+            versioned = probe.version(schema.LEDGER.name)
+        finally:
+            probe.close()
+        if not versioned:
+            raise UserError(f"no coordinator ledger in {connection.redacted(url)}; start one with 'coordinator serve "
+                            f"--run run.toml --store {connection.redacted(url)}' or pass the --store it uses")
+        return cls(url)
 
     # --- read models: one definition of each figure (coordinator/books/accounting.py, views.py) ----
     def accounts(self, peer_id: str | None = None) -> dict[str, accounting.Account]:
@@ -148,11 +168,14 @@ class Ledger(SqliteStore):
             row = db.execute("SELECT value FROM meta WHERE key='run_id'").fetchone()
             if row is not None and row["value"] != run_id:
                 raise UserError(
-                    f"the data dir {self.path.parent} holds the ledger of run '{row['value']}', not '{run_id}'; "
-                    f"use another --data-dir for a new run"
+                    f"{self._home()} holds the ledger of run '{row['value']}', not '{run_id}'; "
+                    f"use another {'--data-dir' if self.path else '--store database'} for a new run"
                 )
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('run_id', ?)", (run_id,))
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('run_config_hash', ?)", (config_hash,))
+            put_meta(db, "run_id", run_id)
+            put_meta(db, "run_config_hash", config_hash)
+
+    def _home(self) -> str:
+        return f"the data dir {self.path.parent}" if self.path else f"the store {self.describe()}"
 
     def meta(self, key: str) -> str | None:
         rows = self._read("SELECT value FROM meta WHERE key=?", (key,))
@@ -244,10 +267,8 @@ class Ledger(SqliteStore):
         cached = self._lists
         if cached is not None and cached[0] == changes:
             return cached[1]
-        with self._lock:  # plain tuples: this reads every peer (a Join's reply carries every id)
-            cursor = self._db.execute("SELECT hivemind_peer_id, evicted FROM peers")
-            cursor.row_factory = None
-            rows = cursor.fetchall()
+        # plain tuples: this reads every peer (a Join's reply carries every id)
+        rows = self._tuples("SELECT hivemind_peer_id, evicted FROM peers")
         internal = json.loads(self.meta("internal_swarm_ids") or "[]")
         allow = sorted({swarm_id for swarm_id, evicted in rows if evicted is None} | set(internal))
         deny = sorted({swarm_id for swarm_id, evicted in rows if evicted is not None} - set(allow))
@@ -287,7 +308,7 @@ class Ledger(SqliteStore):
     def set_internal_swarm_ids(self, ids: list[str]) -> None:
         """hivemind ids of the coordinator's own swarm processes (DHT node, observers): always admitted."""
         with self._write() as db:
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('internal_swarm_ids', ?)", (json.dumps(sorted(ids)),))
+            put_meta(db, "internal_swarm_ids", json.dumps(sorted(ids)))
 
     def add_internal_swarm_id(self, swarm_id: str) -> None:
         """Add one id to the internal ones in a single transaction, so processes of the coordinator
@@ -295,8 +316,7 @@ class Ledger(SqliteStore):
         with self._write() as db:
             row = db.execute("SELECT value FROM meta WHERE key='internal_swarm_ids'").fetchone()
             ids = set(json.loads(row["value"])) if row else set()
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('internal_swarm_ids', ?)",
-                       (json.dumps(sorted(ids | {swarm_id})),))
+            put_meta(db, "internal_swarm_ids", json.dumps(sorted(ids | {swarm_id})))
 
     # --- peers --------------------------------------------------------------------------------
     def admit(self, claims, peer_id: str, public_key: bytes, hivemind_peer_id: str, device: str,
@@ -423,7 +443,7 @@ class Ledger(SqliteStore):
             returning = rule is not None and not db.execute(
                 f"SELECT {_ALIVE} FROM peers p WHERE p.peer_id=?", (now - rule.peer_timeout, peer_id)).fetchone()[0]
             db.execute(
-                "UPDATE peers SET last_seen=?, epoch=MAX(epoch, ?), samples_per_second=?, left_at=NULL "
+                f"UPDATE peers SET last_seen=?, epoch={self._greatest}(epoch, ?), samples_per_second=?, left_at=NULL "
                 "WHERE peer_id=?",
                 (now, epoch, samples_per_second, peer_id),
             )
@@ -468,7 +488,7 @@ class Ledger(SqliteStore):
                 (report_id, peer_id, epoch, samples, loss, compute_seconds, json.dumps(metrics, sort_keys=True), now),
             )
             db.execute(
-                "UPDATE peers SET last_seen=?, epoch=MAX(epoch, ?), left_at=NULL WHERE peer_id=?",
+                f"UPDATE peers SET last_seen=?, epoch={self._greatest}(epoch, ?), left_at=NULL WHERE peer_id=?",
                 (now, epoch + 1, peer_id),
             )
             if self.epoch_rule is not None:
@@ -492,17 +512,15 @@ class Ledger(SqliteStore):
         if verdict.refused and not verdict.evidence:
             with self._write() as db:
                 db.execute("INSERT INTO epoch_claims VALUES (?, ?) ON CONFLICT (peer_id) DO UPDATE SET "
-                           "epoch = MAX(epoch, excluded.epoch)", (peer_id, epoch))
+                           f"epoch = {self._greatest}(epoch_claims.epoch, excluded.epoch)", (peer_id, epoch))
         return verdict
 
     def summarize(self, peer_timeout: float, now: float | None = None) -> RunSummary:
         """The swarm's figures now: one read of the live peers (by the index on last_seen)."""
         now = time.time() if now is None else now
-        with self._lock:  # plain tuples: at 10,000 peers this is most of the read's cost
-            cursor = self._db.execute(f"SELECT p.peer_id, p.epoch, p.samples_per_second FROM peers p WHERE {_ALIVE}",
-                                      (now - peer_timeout,))
-            cursor.row_factory = None
-            live = cursor.fetchall()
+        # plain tuples: at 10,000 peers this is most of the read's cost
+        live = self._tuples(f"SELECT p.peer_id, p.epoch, p.samples_per_second FROM peers p WHERE {_ALIVE}",
+                            (now - peer_timeout,))
         epochs = {peer: epoch for peer, epoch, _ in live}
         return RunSummary(now, len(live), sum(rate for _, _, rate in live), epochs, tuple(sorted(epochs.values())))
 
@@ -548,7 +566,7 @@ class Ledger(SqliteStore):
                GROUP BY o.name ORDER BY samples DESC, o.name"""
         )
         last = self._read(
-            "SELECT epoch, SUM(samples * loss) / MAX(SUM(samples), 1) AS loss FROM reports "
+            f"SELECT epoch, SUM(samples * loss) / {self._greatest}(SUM(samples), 1) AS loss FROM reports "
             "GROUP BY epoch ORDER BY epoch DESC LIMIT 1"
         )
         metrics_rows = self._read("SELECT metrics FROM reports ORDER BY epoch DESC, received DESC LIMIT 1")

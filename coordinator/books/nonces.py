@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import sqlite3
-from pathlib import Path
 
 from coordinator.books import schema
-from coordinator.books.store import SqliteStore
+from coordinator.books.store import Store
 
 PRUNE_EVERY = 60.0  # seconds between deletions of nonces too old to matter
 NONCE_FILE = "nonces.sqlite"
 
 
-class NonceStore(SqliteStore):
+class NonceStore(Store):
     """Nonces seen within the clock window, in a sqlite file next to the ledger: a second use of one is
     a replay, also after a coordinator restart (a Join captured before it cannot be replayed after).
 
@@ -24,19 +22,19 @@ class NonceStore(SqliteStore):
 
     MIGRATIONS = schema.NONCES
 
-    def __init__(self, path: Path, window: float):
-        super().__init__(path)
+    def __init__(self, target, window: float):
+        """``target``: the nonce file's path, or the books' postgresql:// URL (a table of its own there)."""
+        super().__init__(target)
         self.window = window
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._conn.relax_durability()
         self._next_prune = 0.0
 
     def add(self, key: bytes, nonce: str, now: float) -> bool:
         """Remember (key, nonce); False when it was already seen."""
         digest = hashlib.sha256(key + b"\0" + nonce.encode()).digest()[:20]
         with self._lock:
-            try:
-                self._db.execute("INSERT INTO seen_nonces VALUES (?, ?)", (digest, now))
-            except sqlite3.IntegrityError:
+            if not self._db.execute("INSERT INTO seen_nonces VALUES (?, ?) ON CONFLICT DO NOTHING",
+                                    (digest, now)).rowcount:
                 return False
             if now >= self._next_prune:
                 self._next_prune = now + PRUNE_EVERY

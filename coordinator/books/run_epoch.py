@@ -30,6 +30,8 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
+from coordinator.books.connection import dialect_of, greatest, put_meta
+
 KEY = "run_epoch"
 
 
@@ -78,15 +80,15 @@ def advance(db: sqlite3.Connection, rule: EpochRule, now: float | None = None) -
     # bounds of judge_report) when higher: a peer that loaded another's state never reports the epochs it
     # skipped, and without its claim a quorum that needs its org would wait for it forever
     voters = [(row[0], row[1]) for row in db.execute(
-        "SELECT org, top FROM (SELECT p.org AS org, MAX("
+        f"SELECT org, top FROM (SELECT p.org AS org, {greatest(dialect_of(db))}("
         "COALESCE((SELECT MAX(r.epoch) FROM reports r WHERE r.peer_id = p.peer_id), -1), "
         "COALESCE((SELECT c.epoch FROM epoch_claims c WHERE c.peer_id = p.peer_id), -1)) AS top "
-        "FROM peers p WHERE p.evicted IS NULL AND p.left_at IS NULL AND p.last_seen >= ?) WHERE top >= 0",
+        "FROM peers p WHERE p.evicted IS NULL AND p.left_at IS NULL AND p.last_seen >= ?) AS v WHERE top >= 0",
         (now - rule.peer_timeout,))]
     stored = current(db)
     epoch = max(stored, reached(voters, rule.min_peers))
     if epoch != stored:
-        db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (KEY, str(epoch)))
+        put_meta(db, KEY, str(epoch))
     return epoch
 
 

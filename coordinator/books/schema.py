@@ -1,6 +1,7 @@
 """The ledger file's one schema: numbered migration steps, applied in order, the version in the file.
 
-``PRAGMA user_version`` holds how many steps a file has had. Opening a store applies the missing ones
+``PRAGMA user_version`` holds how many steps a file has had (on PostgreSQL: the ``schema_versions`` table,
+coordinator/books/postgres_schema.py has its steps). Opening a store applies the missing ones
 in one write transaction (several processes open one file: the first applies them, the others see
 them done). A file from before versioning (version 0, made by potluck with each store creating its
 own tables) gets step 1, whose ``IF NOT EXISTS`` statements fill in whatever tables it lacks. A file
@@ -12,8 +13,8 @@ A step, once released, never changes: a new table or column is a new step at the
 from __future__ import annotations
 
 import sqlite3
-from pathlib import Path
 
+from coordinator.books import postgres_schema
 from peer.errors import UserError
 
 # --- step 1: the tables as potluck created them before versioning (ledger, credit, log, binding) ---
@@ -196,7 +197,7 @@ def _credit_reports_by_peer(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS credit_reports_peer ON credit_reports (peer_id, epoch)")
 
 
-LEDGER = (_tables_before_versioning, _micro_batches_per_report, _credit_reports_by_peer)  # the file's steps, in order
+_LEDGER_SQLITE = (_tables_before_versioning, _micro_batches_per_report, _credit_reports_by_peer)  # the file's steps
 
 
 
@@ -204,34 +205,54 @@ def _seen_nonces(db: sqlite3.Connection) -> None:
     db.execute("CREATE TABLE IF NOT EXISTS seen_nonces (digest BLOB PRIMARY KEY, at REAL NOT NULL) STRICT, WITHOUT ROWID")
 
 
-NONCES = (_seen_nonces,)  # the nonce file's steps (coordinator/books/nonces.py), a file of its own
-
-
 def version(db: sqlite3.Connection) -> int:
+    """A sqlite file's schema version."""
     return db.execute("PRAGMA user_version").fetchone()[0]
 
 
-def _check_not_newer(found: int, steps: tuple, path: Path) -> None:
+class Schema:
+    """One schema's numbered steps, written once per dialect: step n of each means the same tables.
+    PostgreSQL starts at potluck's versioned schema, so its steps create what the sqlite steps made."""
+
+    def __init__(self, name: str, sqlite: tuple, postgresql: tuple):
+        assert len(sqlite) == len(postgresql)
+        self.name, self._steps = name, {"sqlite": sqlite, "postgresql": postgresql}
+
+    def steps(self, dialect: str) -> tuple:
+        return self._steps[dialect]
+
+    def __len__(self) -> int:
+        return len(self._steps["sqlite"])
+
+
+LEDGER = Schema("ledger", _LEDGER_SQLITE, postgres_schema.LEDGER)  # the books' steps, in order
+NONCES = Schema("nonces", (_seen_nonces,), postgres_schema.NONCES)  # the nonces' (coordinator/books/nonces.py)
+
+
+def _check_not_newer(found: int, steps: tuple, where: str) -> None:
     if found > len(steps):
-        raise UserError(f"{path} has schema version {found}, newer than this potluck knows ({len(steps)}): it was "
+        raise UserError(f"{where} has schema version {found}, newer than this potluck knows ({len(steps)}): it was "
                         f"written by a newer potluck; upgrade potluck to open it")
 
 
-def migrate(db: sqlite3.Connection, steps: tuple, path: Path) -> int:
-    """Bring the file of ``db`` (autocommit connection) to ``len(steps)``; returns the version it had."""
-    found = version(db)
-    _check_not_newer(found, steps, path)
+def migrate(conn, schema: Schema) -> int:
+    """Bring the store of ``conn`` (coordinator/books/connection.py) to ``len(schema)``; returns the version it had."""
+    steps = schema.steps(conn.dialect)
+    found = conn.version(schema.name)
+    _check_not_newer(found, steps, conn.describe())
     if found == len(steps):
         return found
-    db.execute("BEGIN IMMEDIATE")
+    conn.begin()
     try:
-        found = version(db)  # another process may have migrated meanwhile
-        _check_not_newer(found, steps, path)
+        found = conn.version(schema.name)  # another process may have migrated meanwhile
+        _check_not_newer(found, steps, conn.describe())
         for number, step in enumerate(steps[found:], start=found + 1):
-            step(db)
-            db.execute(f"PRAGMA user_version = {number}")
+            step(conn.db)
+            conn.set_version(schema.name, number)
     except BaseException:
-        db.execute("ROLLBACK")
+        conn.rollback()
         raise
-    db.execute("COMMIT")
+    finally:
+        conn.end()
+    conn.commit()
     return found

@@ -6,6 +6,8 @@ the run's epoch run_epoch.py's and the live peers and swarm rate Ledger.summariz
 
 from __future__ import annotations
 
+from coordinator.books.connection import greatest, json_number
+
 
 def org_names(ledger) -> list[str]:
     return [row["name"] for row in ledger._read("SELECT name FROM orgs ORDER BY name")]
@@ -44,8 +46,8 @@ def epoch_totals(ledger, limit: int) -> list[dict]:
     """The last ``limit`` epochs reported, oldest first: samples, sample-weighted loss, mean held-out
     accuracy and when its last report arrived."""
     rows = ledger._read(
-        """SELECT epoch, SUM(samples) AS samples, SUM(samples * loss) / MAX(SUM(samples), 1) AS loss,
-                  AVG(json_extract(metrics, '$.accuracy')) AS accuracy, MAX(received) AS ended
+        f"""SELECT epoch, SUM(samples) AS samples, SUM(samples * loss) / {greatest(ledger.dialect)}(SUM(samples), 1)
+                  AS loss, AVG({json_number(ledger.dialect, 'metrics', 'accuracy')}) AS accuracy, MAX(received) AS ended
            FROM reports GROUP BY epoch ORDER BY epoch DESC LIMIT ?""", (limit,))
     return [dict(row) for row in rows[::-1]]
 
