@@ -33,6 +33,7 @@ from peer.pace import hold_for_run
 from peer.errors import UserError
 from peer.events import EventLog
 from peer.progress import Progress, ProgressDisplay
+from peer import timeouts
 from peer.runconfig import RunConfig
 from peer.work import EpochProof, autocast_context, do_micro_batch
 
@@ -205,7 +206,7 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
         """The run ended for this peer (finished, or evicted): no wait should outlast it."""
         return link.view.run_finished or bool(link.evicted)
 
-    counted = CompanyCount(trust_after=3 * config.averaging_timeout)
+    counted = CompanyCount(trust_after=timeouts.COMPANY_TRUST * config.averaging_timeout)
 
     def company() -> int | None:
         return counted(link.view_is_fresh(), link.view.live_peers, strategy.swarm_peers())
@@ -302,8 +303,7 @@ def run(config: RunConfig, task, peer_id: str, strategy, model, make_link, event
             handle(outcomes)
 
     if reason != "stopped" and not link.evicted and failure is None:
-        # a laggard may first sit out a failed round (averaging_timeout), then loads this peer's final state
-        link.wait_for_peers_to_catch_up(timeout=2 * config.averaging_timeout)
+        link.wait_for_peers_to_catch_up(timeout=timeouts.FINAL_CATCH_UP * config.averaging_timeout)
     torch.save({"epoch": strategy.epoch, "state_dict": model.state_dict()}, Path(options.data_dir) / MODEL_FILE)
     model.eval()
     final = task.evaluate(model, eval_inputs, eval_targets)

@@ -77,6 +77,18 @@ HIVEMIND_NOTES trap 8). Tries RETRY with jitter; each arrival is checked (count,
 finiteness, epoch) before it touches the model (peer/state_download.py). Passed -> LEAVE: a peer
 that cannot get the swarm's state would only compute gradients the swarm throws away."""
 
+# --- the run's end and company (multiples of the run's averaging_timeout) ----------------------
+FINAL_CATCH_UP = 2.0
+"""A peer that finished the run waits up to this many ``averaging_timeout`` for live peers behind
+it: a laggard may first sit out a failed round, then downloads this peer's final state
+(peer/strategies/sync.py). Passed -> the peer leaves as usual (exit 0)."""
+
+COMPANY_TRUST = 3.0
+"""While the coordinator counts more live peers than the swarm's progress records, the records'
+count decides whether a peer waits for company (a newcomer is in the swarm seconds after it
+heartbeats) for this many ``averaging_timeout``. Passed -> the coordinator's count decides
+(peer/company.py)."""
+
 SHUTDOWN_GRACE = 20.0
 """hivemind may take this long to stop (HIVEMIND_NOTES trap 10); then the process exits anyway."""
 
