@@ -415,3 +415,23 @@ def test_a_ban_and_its_eviction_commit_together(ledger, credit, tmp_path, monkey
         ledger.authenticate(cheater.peer_id, session)
     assert ledger.swarm_lists()[2] == [f"Qm{cheater.peer_id}"] and ledger.org_strikes() == {"acme": 1}
     assert credit.verify() == []
+
+
+def test_a_ban_a_report_makes_due_commits_with_the_report(ledger, credit, tmp_path, monkeypatch):
+    peers = Peers(ledger, tmp_path)
+    honest, cheater = peers.join("honest"), peers.join("cheater", org="acme")
+    for epoch in range(2):
+        original = peers.report("honest", epoch, in_ledger=False)
+        reports.record(ledger, credit, original, honest.public_bytes, 8)
+        copy = peers.report("cheater", epoch, repeat_of=original, in_ledger=False)
+        if epoch == 1:  # the second copy makes a strike and a ban due: its eviction fails
+            monkeypatch.setattr(credit_module, "evict_peer", lambda db, peer_id, reason: 1 / 0)
+            with pytest.raises(ZeroDivisionError):
+                reports.record(ledger, credit, copy, cheater.public_bytes, 8)
+            monkeypatch.undo()
+            assert ledger.report_ids() == {"honest-0", "cheater-0", "honest-1"}  # the report went with the ban
+            assert credit.banned_reason(cheater.peer_id) is None and ledger.swarm_lists()[2] == []
+        recorded = reports.record(ledger, credit, copy, cheater.public_bytes, 8)
+        assert recorded.fresh and any("repeats the sketch" in p for p in recorded.problems)
+    assert credit.banned_reason(cheater.peer_id).startswith("1 strike(s)")
+    assert ledger.swarm_lists()[2] == [f"Qm{cheater.peer_id}"] and credit.verify() == []
