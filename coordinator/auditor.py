@@ -299,7 +299,7 @@ def run_auditor(run_path: Path, data_dir: Path, initial_peers: list[str], stop=N
     import threading
 
     from coordinator.books.connection import STORE_ENV
-    from coordinator.books.ledger import BANNED, LEDGER_FILE, Ledger
+    from coordinator.books.ledger import LEDGER_FILE, Ledger
     from coordinator.server import KEY_FILE
     from coordinator.swarm_pass import SwarmPass
     from coordinator.swarm_snapshot import SnapshotError, SwarmObserver
@@ -312,8 +312,9 @@ def run_auditor(run_path: Path, data_dir: Path, initial_peers: list[str], stop=N
     ledger = Ledger(os.environ.get(STORE_ENV) or Path(data_dir) / LEDGER_FILE)  # serve's --store, else its file
     credit = Credit(ledger.target, config.verification, config.run_id,
                     proof_required=config.averaging.strategy == "sync")
-    # a ban is an eviction: the session is refused, the token and swarm access withdrawn
-    credit.on_ban = lambda peer_id, reason: ledger.evict(peer_id, f"{BANNED}: {reason}")
+    # a ban evicts the peer in its own transaction (Credit.ban): the session is refused, the token and swarm
+    # access withdrawn; this process's ledger then re-checks the voters
+    credit.on_ban = lambda peer_id, reason: ledger.note_eviction()
     swarm_pass = SwarmPass(data_dir, AUDITOR_DIR, ledger, load_or_create_identity(data_dir, KEY_FILE),
                            config.access_token_ttl)
     stop = stop or threading.Event()

@@ -14,9 +14,10 @@ import grpc
 
 from coordinator.books.binding import Binding, malformed, run_binding
 from coordinator.books.credit import Credit
+from coordinator.books import reports
 from coordinator import tokens
 from coordinator.checkpoints import find_checkpoint, latest_checkpoint, read_checkpoint_bytes
-from coordinator.books.ledger import BANNED, Ledger, LedgerError
+from coordinator.books.ledger import Ledger, LedgerError
 from coordinator.probe import probe_requester
 from coordinator.books.run_epoch import EpochRule
 from peer.client import NOT_YET
@@ -60,8 +61,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         binding = binding or run_binding(config)
         if binding is not None:
             self.credit.use_binding(binding)
-        # a ban (failed audits, forged reports) is an eviction: token session refused, swarm access withdrawn
-        self.credit.on_ban = lambda peer_id, reason: ledger.evict(peer_id, f"{BANNED}: {reason}")
+        # a ban (failed audits, forged reports) evicts the peer in its own transaction (Credit.ban): session
+        # refused, swarm access withdrawn; this process's heartbeats then re-check the voters
+        self.credit.on_ban = lambda peer_id, reason: ledger.note_eviction()
 
     def _access_token(self, hivemind_peer_id: str, swarm_auth_key: bytes) -> bytes:
         return issue_access_token(
@@ -189,20 +191,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             # keeps the report and sends it again once the run's epoch has caught up (NOT_YET: the
             # coordinator is reachable, so the peer's heartbeats go on)
             context.abort(NOT_YET, f"report not yet accepted, retry later: {verdict.reason}")
-        try:
-            fresh = self.ledger.record_report(
-                request.peer_id, request.session, request.report_id, request.epoch, request.samples,
-                request.loss, request.compute_seconds, dict(request.metrics),
-            )
+        try:  # one transaction: the report is in the books whole, or not at all (the peer sends it again)
+            recorded = reports.record(self.ledger, self.credit, request, public_key, self.config.micro_batch_size)
         except LedgerError as error:
             _abort(context, error)
-        admitted = self.credit.record_report(request, public_key, self.config.micro_batch_size)
-        for problem in admitted.problems:
+        for problem in recorded.problems:
             log.warning("report %s of peer %s failed a check: %s", request.report_id, request.peer_id, problem)
-        if fresh:
+        if recorded.fresh:
             log.info("report %s: peer %s epoch %d, %d samples, loss %.4f",
                      request.report_id, request.peer_id, request.epoch, request.samples, request.loss)
-        return pb.ReportReply(duplicate=not fresh)
+        return pb.ReportReply(duplicate=not recorded.fresh)
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context):
         if request.epoch < 0 or not math.isfinite(request.samples_per_second) or request.samples_per_second < 0:

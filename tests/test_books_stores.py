@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from postgres import postgres_server, postgres_url  # noqa: E402,F401  (fixtures)
 from coordinator import tokens  # noqa: E402
-from coordinator.books import schema, views  # noqa: E402
+from coordinator.books import contribution_log, reports, schema, views  # noqa: E402
+from coordinator.books import credit as credit_module  # noqa: E402
 from coordinator.books.binding import Binding  # noqa: E402
 from coordinator.books.credit import FAIL, PASS, Credit  # noqa: E402
 from coordinator.books.ledger import BANNED, LEDGER_FILE, Ledger, LedgerError  # noqa: E402
@@ -178,9 +179,12 @@ class Peers:
         self.ids[name] = (identity, admission)
         return identity
 
-    def report(self, name: str, epoch: int, micro_batches: int = 2, repeat_of: pb.ReportRequest | None = None):
+    def report(self, name: str, epoch: int, micro_batches: int = 2, repeat_of: pb.ReportRequest | None = None,
+               in_ledger: bool = True):
+        """A signed report; ``in_ledger``: its raw row recorded already (as the credit tests need)."""
         identity, admission = self.ids[name]
-        request = pb.ReportRequest(peer_id=identity.peer_id, report_id=f"{name}-{epoch}", epoch=epoch,
+        request = pb.ReportRequest(peer_id=identity.peer_id, session=admission.session, report_id=f"{name}-{epoch}",
+                                   epoch=epoch,
                                    samples=8 * micro_batches, loss=1.0, compute_seconds=0.5, compute_dtype="fp32")
         request.parameters.norm = 1.0
         request.parameters.projection.extend([self.rng.random() for _ in range(VERIFY.sketch_dims)])
@@ -189,15 +193,16 @@ class Peers:
                 [self.rng.random() for _ in range(VERIFY.sketch_dims)]
             request.sketches.add(index=index, samples=8, norm=1.0, projection=projection)
         sign_report(request, RUN, identity.private_key)
-        self.ledger.record_report(identity.peer_id, admission.session, request.report_id, epoch, request.samples, 1.0,
-                                  0.5, {})
+        if in_ledger:
+            self.ledger.record_report(identity.peer_id, admission.session, request.report_id, epoch, request.samples,
+                                      1.0, 0.5, {})
         return request
 
 
 @pytest.fixture
 def credit(ledger):
     credit = Credit(ledger.target, VERIFY, RUN, flops_per_sample=2.0)
-    credit.on_ban = ledger.evict
+    credit.on_ban = lambda peer_id, reason: ledger.note_eviction()  # as serve wires it: the ban evicts itself
     yield credit
     credit.close()
 
@@ -254,7 +259,7 @@ def test_a_copied_sketch_and_failed_audits_ban_the_peer(ledger, credit, tmp_path
     account = ledger.accounts(cheater.peer_id)[cheater.peer_id]
     assert account.banned and account.credit_pending == 0 and account.audits_failed >= 2
     assert [b["peer_id"] for b in ledger.recent_bans()] == [cheater.peer_id]
-    assert ledger.swarm_lists()[2] == [f"Qm{cheater.peer_id}"]  # evicted through on_ban
+    assert ledger.swarm_lists()[2] == [f"Qm{cheater.peer_id}"]  # evicted in the ban's transaction
     assert all(t["revoked"] for t in ledger.tokens() if t["org"] == "acme")
     assert not any(w["state"] == "settled" for w in credit.windows().get(cheater.peer_id, []))
     assert credit.audit_rows()[-1]["verdict"] == FAIL
@@ -342,3 +347,91 @@ def test_a_dropped_postgresql_connection_costs_one_call(postgres_url):
         read()
     assert ledger.meta("run_id") == RUN and "after" in [o["name"] for o in ledger.orgs()]
     ledger.close()
+
+
+def _log_length(credit: Credit) -> int:
+    """Entries in the contribution log (no view lists them; the test reads the table)."""
+    return credit._tuples("SELECT COUNT(*) FROM contribution_log")[0][0]
+
+
+def test_a_report_is_one_transaction_nothing_of_it_stays_when_its_credit_half_fails(ledger, credit, tmp_path,
+                                                                                     monkeypatch):
+    peers = Peers(ledger, tmp_path)
+    honest = peers.join("honest")
+    request = peers.report("honest", 0, in_ledger=False)
+    logged = _log_length(credit)
+
+    def broken_append(db, kind, peer_id, body):  # the credit half fails after its rows were written
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(contribution_log, "append", broken_append)
+    with pytest.raises(RuntimeError, match="disk full"):
+        reports.record(ledger, credit, request, honest.public_bytes, micro_batch_size=8)
+    monkeypatch.undo()
+    assert ledger.report_ids() == set() and credit.reports_to_audit() == []
+    assert ledger.reported_samples(honest.peer_id) == 0 and credit.next_epoch_of(honest.peer_id) == 0
+    assert _log_length(credit) == logged
+    # the peer sends it again: accepted as new, and its sketches are not taken for a copy of the lost attempt
+    recorded = reports.record(ledger, credit, request, honest.public_bytes, micro_batch_size=8)
+    assert recorded.fresh and recorded.problems == []
+    assert ledger.report_ids() == {"honest-0"} and [r["report_id"] for r in credit.reports_to_audit()] == ["honest-0"]
+    assert not reports.record(ledger, credit, request, honest.public_bytes, micro_batch_size=8).fresh
+    assert _log_length(credit) == logged + 1 and credit.verify() == []
+
+
+def test_a_report_from_a_stale_session_writes_nothing(ledger, credit, tmp_path):
+    peers = Peers(ledger, tmp_path)
+    honest = peers.join("honest")
+    request = peers.report("honest", 0, in_ledger=False)
+    request.session = "not-the-session"
+    with pytest.raises(LedgerError, match="unknown peer session"):
+        reports.record(ledger, credit, request, honest.public_bytes, micro_batch_size=8)
+    assert ledger.report_ids() == set() and credit.reports_to_audit() == []
+
+
+def test_a_ban_and_its_eviction_commit_together(ledger, credit, tmp_path, monkeypatch):
+    peers = Peers(ledger, tmp_path)
+    cheater = peers.join("cheater", org="acme")
+    session = peers.ids["cheater"][1].session
+    reports.record(ledger, credit, peers.report("cheater", 0, in_ledger=False), cheater.public_bytes, 8)
+    logged = _log_length(credit)
+
+    def broken_evict(db, peer_id, reason):  # the eviction's write fails after the ban's rows were written
+        raise RuntimeError("connection lost")
+
+    monkeypatch.setattr(credit_module, "evict_peer", broken_evict)
+    with pytest.raises(RuntimeError, match="connection lost"):
+        credit.ban(cheater.peer_id, "operator decision")
+    monkeypatch.undo()
+    assert credit.banned_reason(cheater.peer_id) is None and ledger.recent_bans() == []
+    assert ledger.authenticate(cheater.peer_id, session) == cheater.public_bytes  # not evicted either
+    assert ledger.swarm_lists()[2] == [] and not any(t["revoked"] for t in ledger.tokens())
+    assert ledger.org_strikes() == {} and _log_length(credit) == logged
+    assert ledger.accounts(cheater.peer_id)[cheater.peer_id].credit_pending == 16  # nothing forfeited
+
+    assert credit.ban(cheater.peer_id, "operator decision")
+    assert credit.banned_reason(cheater.peer_id) == "operator decision"
+    with pytest.raises(LedgerError, match=BANNED):
+        ledger.authenticate(cheater.peer_id, session)
+    assert ledger.swarm_lists()[2] == [f"Qm{cheater.peer_id}"] and ledger.org_strikes() == {"acme": 1}
+    assert credit.verify() == []
+
+
+def test_a_ban_a_report_makes_due_commits_with_the_report(ledger, credit, tmp_path, monkeypatch):
+    peers = Peers(ledger, tmp_path)
+    honest, cheater = peers.join("honest"), peers.join("cheater", org="acme")
+    for epoch in range(2):
+        original = peers.report("honest", epoch, in_ledger=False)
+        reports.record(ledger, credit, original, honest.public_bytes, 8)
+        copy = peers.report("cheater", epoch, repeat_of=original, in_ledger=False)
+        if epoch == 1:  # the second copy makes a strike and a ban due: its eviction fails
+            monkeypatch.setattr(credit_module, "evict_peer", lambda db, peer_id, reason: 1 / 0)
+            with pytest.raises(ZeroDivisionError):
+                reports.record(ledger, credit, copy, cheater.public_bytes, 8)
+            monkeypatch.undo()
+            assert ledger.report_ids() == {"honest-0", "cheater-0", "honest-1"}  # the report went with the ban
+            assert credit.banned_reason(cheater.peer_id) is None and ledger.swarm_lists()[2] == []
+        recorded = reports.record(ledger, credit, copy, cheater.public_bytes, 8)
+        assert recorded.fresh and any("repeats the sketch" in p for p in recorded.problems)
+    assert credit.banned_reason(cheater.peer_id).startswith("1 strike(s)")
+    assert ledger.swarm_lists()[2] == [f"Qm{cheater.peer_id}"] and credit.verify() == []

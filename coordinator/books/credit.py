@@ -25,6 +25,7 @@ from coordinator.books import accounting, contribution_log, schema
 from coordinator.books import run_epoch as checked_epoch
 from coordinator.books.binding import BINDING
 from coordinator.books.connection import put_meta
+from coordinator.books.ledger import BANNED, evict_peer
 from coordinator.books.store import Store
 from coordinator.confidence import required_audits, window_confidence
 from peer.report import canonical_body, canonical_bytes, signature_valid
@@ -106,24 +107,36 @@ class Credit(Store):
 
         A ban reaches what admitted the peer: the tokens bound to it are revoked (a new identity on
         the same token is refused; peers it admitted before stay admitted) and its org gets a strike
-        (``coordinator org list``). The one entry point for bans; ``on_ban`` (the admission layer's
-        eviction and swarm access) is called after the ban is recorded. False if already banned.
+        (``coordinator org list``), and the peer is evicted (its session refused, its swarm access
+        withdrawn), all in one transaction. ``on_ban`` is told after the commit. False if already banned.
         """
-        now = time.time()
         with self._write() as db:
-            if db.execute("SELECT 1 FROM standing WHERE peer_id=? AND banned=1", (peer_id,)).fetchone():
-                return False
-            db.execute("INSERT INTO standing (peer_id) VALUES (?) ON CONFLICT DO NOTHING", (peer_id,))
-            db.execute("UPDATE standing SET banned=1, reason=?, at=? WHERE peer_id=?", (reason, now, peer_id))
-            org, token_ids = self._revoke_admission(db, peer_id, reason, now)
-            contribution_log.append(db, "ban", peer_id, {"reason": reason, "org": org, "tokens_revoked": token_ids})
-            windows = {row["epoch"] // self.v.window_epochs for row in db.execute(
-                "SELECT epoch FROM credit_reports WHERE peer_id=?", (peer_id,))}
-            for window in sorted(windows):
-                self._settle_one(db, peer_id, window, forfeit=True)
-        if self.on_ban is not None:
-            self.on_ban(peer_id, reason)
+            banned = self._ban(db, peer_id, reason)
+        if banned:
+            self._banned([(peer_id, reason)])
+        return banned
+
+    def _ban(self, db, peer_id: str, reason: str) -> bool:
+        """``ban`` inside the caller's transaction: the ban and the eviction commit together or not at all."""
+        if db.execute("SELECT 1 FROM standing WHERE peer_id=? AND banned=1", (peer_id,)).fetchone():
+            return False
+        now = time.time()
+        db.execute("INSERT INTO standing (peer_id) VALUES (?) ON CONFLICT DO NOTHING", (peer_id,))
+        db.execute("UPDATE standing SET banned=1, reason=?, at=? WHERE peer_id=?", (reason, now, peer_id))
+        org, token_ids = self._revoke_admission(db, peer_id, reason, now)
+        contribution_log.append(db, "ban", peer_id, {"reason": reason, "org": org, "tokens_revoked": token_ids})
+        windows = {row["epoch"] // self.v.window_epochs for row in db.execute(
+            "SELECT epoch FROM credit_reports WHERE peer_id=?", (peer_id,))}
+        for window in sorted(windows):
+            self._settle_one(db, peer_id, window, forfeit=True)
+        evict_peer(db, peer_id, f"{BANNED}: {reason}")
         return True
+
+    def _banned(self, bans: list[tuple[str, str]]) -> None:
+        """After the commit of ``bans``: tell ``on_ban`` (the serving process's caches)."""
+        for peer_id, reason in bans:
+            if self.on_ban is not None:
+                self.on_ban(peer_id, reason)
 
     @staticmethod
     def _revoke_admission(db, peer_id: str, reason: str, now: float) -> tuple[str | None, list[str]]:
@@ -148,6 +161,14 @@ class Credit(Store):
 
     def record_report(self, request, public_key: bytes, micro_batch_size: int) -> Admitted:
         """Store a (signature-checked) report and run the cheap checks; idempotent on report_id."""
+        with self._write() as db:
+            admitted, bans = self._record_report(db, request, public_key, micro_batch_size)
+        self._banned(bans)
+        return admitted
+
+    def _record_report(self, db, request, public_key: bytes, micro_batch_size: int) -> tuple[Admitted, list]:
+        """``record_report`` inside the caller's transaction, the bans it makes due included; returns
+        them too, for ``_banned`` after the commit (coordinator/books/reports.py)."""
         body = canonical_body(request, self.run_id)
         problems, flags = [], {"report": [], "micro_batches": []}
         sketches = body["sketches"]
@@ -169,66 +190,62 @@ class Credit(Store):
         samples_per_second = request.samples / request.compute_seconds if request.compute_seconds > 0 else math.inf
         entry = {"report": json.loads(canonical_bytes(body)), "signature": request.signature.hex(),
                  "public_key": public_key.hex()}
-        with self._write() as db:
-            if db.execute("SELECT 1 FROM credit_reports WHERE report_id=?", (request.report_id,)).fetchone():
-                return Admitted(False, [])
+        if db.execute("SELECT 1 FROM credit_reports WHERE report_id=?", (request.report_id,)).fetchone():
+            return Admitted(False, []), []
+        for s in sketches:
+            if s["norm"] == 0.0:  # an exactly fitted micro-batch: every zero gradient sketches alike
+                continue          # (honest late in a run; a faked zero fails its replay instead)
+            digest = _digest(s["projection"])
+            seen = db.execute("SELECT * FROM sketch_digests WHERE digest=?", (digest,)).fetchone()
+            if seen is not None:
+                problems.append(f"micro-batch {s['index']} repeats the sketch of peer {seen['peer_id']} "
+                                f"epoch {seen['epoch']} micro-batch {seen['micro_batch']} (copy or replay)")
+            else:
+                db.execute("INSERT INTO sketch_digests VALUES (?, ?, ?, ?)",
+                           (digest, request.peer_id, request.epoch, s["index"]))
+        others = db.execute(
+            "SELECT median_norm, samples_per_second FROM credit_reports WHERE peer_id != ? AND epoch >= ?",
+            (request.peer_id, request.epoch - 2)).fetchall()
+        if others:
+            typical_norm = statistics.median(row["median_norm"] for row in others)
             for s in sketches:
-                if s["norm"] == 0.0:  # an exactly fitted micro-batch: every zero gradient sketches alike
-                    continue          # (honest late in a run; a faked zero fails its replay instead)
-                digest = _digest(s["projection"])
-                seen = db.execute("SELECT * FROM sketch_digests WHERE digest=?", (digest,)).fetchone()
-                if seen is not None:
-                    problems.append(f"micro-batch {s['index']} repeats the sketch of peer {seen['peer_id']} "
-                                    f"epoch {seen['epoch']} micro-batch {seen['micro_batch']} (copy or replay)")
-                else:
-                    db.execute("INSERT INTO sketch_digests VALUES (?, ?, ?, ?)",
-                               (digest, request.peer_id, request.epoch, s["index"]))
-            others = db.execute(
-                "SELECT median_norm, samples_per_second FROM credit_reports WHERE peer_id != ? AND epoch >= ?",
-                (request.peer_id, request.epoch - 2)).fetchall()
-            if others:
-                typical_norm = statistics.median(row["median_norm"] for row in others)
-                for s in sketches:
-                    if s["norm"] == 0 or typical_norm > 0 and not (
-                            1 / NORM_OUTLIER <= s["norm"] / typical_norm <= NORM_OUTLIER):
-                        flags["micro_batches"].append(s["index"])
-                if flags["micro_batches"]:
-                    flags["report"].append("norm outlier")
-                typical_speed = statistics.median(min(row["samples_per_second"], 1e12) for row in others)
-                if samples_per_second > THROUGHPUT_OUTLIER * max(typical_speed, 1e-9):
-                    flags["report"].append("throughput implausible")
-            elif any(n == 0 for n in norms):
-                flags["micro_batches"].extend(s["index"] for s in sketches if s["norm"] == 0)
-            credited = 0 if problems else request.samples
-            db.execute(
-                "INSERT INTO credit_reports (report_id, peer_id, epoch, samples, credited_samples, body, flags, "
-                "median_norm, samples_per_second, received, audit_state, micro_batches) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (request.report_id, request.peer_id, request.epoch, request.samples, credited,
-                 json.dumps(entry["report"]), json.dumps(flags), median_norm,
-                 min(samples_per_second, 1e12), time.time(),
-                 "done" if problems else "unproven" if unproven else "new", len(sketches)),
-            )
-            contribution_log.append(db, "report", request.peer_id, entry)
-            for problem in problems:
-                self._audit(db, request.report_id, request.peer_id, request.epoch, -1, FAIL, None, None, problem)
-            evidence = self.binding.record(db, request)[0] if self.binding is not None else []
-            for e in evidence:  # may name other peers: a sender or reducer this report's records disagree with
-                self._audit(db, e.report_id, e.peer_id, e.epoch, BINDING, FAIL, e.relative_error, e.norm_ratio,
-                            e.reason)
-            bans = {peer: self._strike_if_due(db, peer) for peer in {request.peer_id, *(e.peer_id for e in evidence)}}
-        for peer, reason in bans.items():
-            if reason:
-                self.ban(peer, reason)
-        return Admitted(True, problems)
+                if s["norm"] == 0 or typical_norm > 0 and not (
+                        1 / NORM_OUTLIER <= s["norm"] / typical_norm <= NORM_OUTLIER):
+                    flags["micro_batches"].append(s["index"])
+            if flags["micro_batches"]:
+                flags["report"].append("norm outlier")
+            typical_speed = statistics.median(min(row["samples_per_second"], 1e12) for row in others)
+            if samples_per_second > THROUGHPUT_OUTLIER * max(typical_speed, 1e-9):
+                flags["report"].append("throughput implausible")
+        elif any(n == 0 for n in norms):
+            flags["micro_batches"].extend(s["index"] for s in sketches if s["norm"] == 0)
+        credited = 0 if problems else request.samples
+        db.execute(
+            "INSERT INTO credit_reports (report_id, peer_id, epoch, samples, credited_samples, body, flags, "
+            "median_norm, samples_per_second, received, audit_state, micro_batches) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (request.report_id, request.peer_id, request.epoch, request.samples, credited,
+             json.dumps(entry["report"]), json.dumps(flags), median_norm,
+             min(samples_per_second, 1e12), time.time(),
+             "done" if problems else "unproven" if unproven else "new", len(sketches)),
+        )
+        contribution_log.append(db, "report", request.peer_id, entry)
+        for problem in problems:
+            self._audit(db, request.report_id, request.peer_id, request.epoch, -1, FAIL, None, None, problem)
+        evidence = self.binding.record(db, request)[0] if self.binding is not None else []
+        for e in evidence:  # may name other peers: a sender or reducer this report's records disagree with
+            self._audit(db, e.report_id, e.peer_id, e.epoch, BINDING, FAIL, e.relative_error, e.norm_ratio,
+                        e.reason)
+        bans = [ban for peer in sorted({request.peer_id, *(e.peer_id for e in evidence)})
+                for ban in self._ban_if_due(db, peer)]
+        return Admitted(True, problems), bans
 
     def record_check_failure(self, peer_id: str, epoch: int, reason: str) -> None:
         """A failed cheap check on a report that was refused (e.g. a forged signature)."""
         with self._write() as db:
             self._audit(db, None, peer_id, epoch, -1, FAIL, None, None, reason)
-            banned = self._strike_if_due(db, peer_id)
-        if banned:
-            self.ban(peer_id, banned)
+            bans = self._ban_if_due(db, peer_id)
+        self._banned(bans)
 
     # --- audits -------------------------------------------------------------------------------
     def reports_to_audit(self) -> list[sqlite3.Row]:
@@ -248,9 +265,8 @@ class Credit(Store):
                      relative_error: float | None, ratio: float | None, reason: str) -> None:
         with self._write() as db:
             self._audit(db, report_id, peer_id, epoch, micro_batch, verdict, relative_error, ratio, reason)
-            banned = self._strike_if_due(db, peer_id)
-        if banned:
-            self.ban(peer_id, banned)
+            bans = self._ban_if_due(db, peer_id)
+        self._banned(bans)
 
     def _audit(self, db, report_id, peer_id, epoch, micro_batch, verdict, relative_error, ratio, reason) -> None:
         finite = lambda x: None if x is None or not math.isfinite(x) else x  # noqa: E731
@@ -261,6 +277,11 @@ class Credit(Store):
         contribution_log.append(db, "audit", peer_id, {
             "report_id": report_id, "epoch": epoch, "micro_batch": micro_batch, "verdict": verdict,
             "relative_error": finite(relative_error), "norm_ratio": finite(ratio), "reason": reason})
+
+    def _ban_if_due(self, db, peer_id: str) -> list[tuple[str, str]]:
+        """The strike a failure makes due, and the ban, in the failure's transaction; returns the ban made."""
+        reason = self._strike_if_due(db, peer_id)
+        return [(peer_id, reason)] if reason and self._ban(db, peer_id, reason) else []
 
     def _strike_if_due(self, db, peer_id: str) -> str | None:
         """Two independent failures (distinct epoch / micro-batch) make a strike; returns a ban reason when due."""

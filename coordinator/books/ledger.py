@@ -91,6 +91,13 @@ def _set_member(ordered: list[str], item: str, member: bool) -> None:
         del ordered[index]
 
 
+def evict_peer(db, peer_id: str, reason: str) -> bool:
+    """Withdraw one peer's admission inside the caller's transaction (an eviction, or a ban's)."""
+    return db.execute(
+        "UPDATE peers SET evicted=? WHERE peer_id=? AND evicted IS NULL", (reason[:200], peer_id)
+    ).rowcount > 0
+
+
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -253,11 +260,14 @@ class Ledger(Store):
             ).rowcount
 
     def evict(self, peer_id: str, reason: str) -> bool:
-        """Withdraw one peer's admission (a ban); its further calls are refused and its swarm access ends."""
+        """Withdraw one peer's admission; its further calls are refused and its swarm access ends."""
         with self._voters_write() as db:
-            return db.execute(
-                "UPDATE peers SET evicted=? WHERE peer_id=? AND evicted IS NULL", (reason[:200], peer_id)
-            ).rowcount > 0
+            return evict_peer(db, peer_id, reason)
+
+    def note_eviction(self) -> None:
+        """A ban evicted a peer in the credit store's transaction (Credit.ban): the next heartbeat re-checks
+        the voters, as after ``evict``."""
+        self._voters_changed = True
 
     def swarm_lists(self) -> tuple[str, list[str], list[str]]:
         """(version, allowed, denied) hivemind peer ids: who may average with the swarm, who is shut out."""
@@ -474,25 +484,31 @@ class Ledger(Store):
     ) -> bool:
         """Append one report; returns False when this report id was already recorded."""
         with self._write() as db:
-            self._check_session(db, peer_id, session)
-            previous = db.execute("SELECT peer_id, epoch FROM reports WHERE report_id=?", (report_id,)).fetchone()
-            if previous is not None:
-                if (previous["peer_id"], previous["epoch"]) != (peer_id, epoch):
-                    raise LedgerError("ALREADY_EXISTS", f"report id {report_id} was used for another report")
-                return False
-            if db.execute("SELECT 1 FROM reports WHERE peer_id=? AND epoch=?", (peer_id, epoch)).fetchone():
-                raise LedgerError("ALREADY_EXISTS", f"peer {peer_id} already reported epoch {epoch}")
-            now = time.time()
-            db.execute(
-                "INSERT INTO reports VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (report_id, peer_id, epoch, samples, loss, compute_seconds, json.dumps(metrics, sort_keys=True), now),
-            )
-            db.execute(
-                f"UPDATE peers SET last_seen=?, epoch={self._greatest}(epoch, ?), left_at=NULL WHERE peer_id=?",
-                (now, epoch + 1, peer_id),
-            )
-            if self.epoch_rule is not None:
-                self._advance(db, now)
+            return self._record_report(db, peer_id, session, report_id, epoch, samples, loss, compute_seconds,
+                                       metrics)
+
+    def _record_report(self, db, peer_id: str, session: str, report_id: str, epoch: int, samples: int, loss: float,
+                       compute_seconds: float, metrics: dict[str, float]) -> bool:
+        """``record_report`` inside the caller's transaction (coordinator/books/reports.py)."""
+        self._check_session(db, peer_id, session)
+        previous = db.execute("SELECT peer_id, epoch FROM reports WHERE report_id=?", (report_id,)).fetchone()
+        if previous is not None:
+            if (previous["peer_id"], previous["epoch"]) != (peer_id, epoch):
+                raise LedgerError("ALREADY_EXISTS", f"report id {report_id} was used for another report")
+            return False
+        if db.execute("SELECT 1 FROM reports WHERE peer_id=? AND epoch=?", (peer_id, epoch)).fetchone():
+            raise LedgerError("ALREADY_EXISTS", f"peer {peer_id} already reported epoch {epoch}")
+        now = time.time()
+        db.execute(
+            "INSERT INTO reports VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (report_id, peer_id, epoch, samples, loss, compute_seconds, json.dumps(metrics, sort_keys=True), now),
+        )
+        db.execute(
+            f"UPDATE peers SET last_seen=?, epoch={self._greatest}(epoch, ?), left_at=NULL WHERE peer_id=?",
+            (now, epoch + 1, peer_id),
+        )
+        if self.epoch_rule is not None:
+            self._advance(db, now)
         return True
 
     def report_ids(self) -> set[str]:
