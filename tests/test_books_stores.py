@@ -341,7 +341,7 @@ def test_a_dropped_postgresql_connection_costs_one_call(postgres_url):
         with psycopg.connect(postgres_url, autocommit=True) as admin:
             dropped = admin.execute("SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE "
                                     "datname = current_database() AND pid <> pg_backend_pid()").fetchone()[0]
-        assert dropped == 1
+        assert dropped >= 1  # the ledger's backend; a previous admin connection may still be listed
         with pytest.raises(psycopg.OperationalError):
             read()
         read()
