@@ -12,8 +12,15 @@ started in the window), their p50/p99 latency as the peer sees it, the CPU (core
 and its children (auditor, observer, DHT daemon) from /proc, and the load generators' own CPU: on a
 small machine they compete with the coordinator for the same cores.
 
-Only the sqlite store exists; the JSON's ``"postgresql"`` is null until a PostgreSQL store does.
-Every process started here is ended by PID, also on Ctrl-C or an error.
+``--stores sqlite,postgresql`` (default: both when PostgreSQL's binaries are found, else sqlite and a
+note) measures each store in turn with the same load. For postgresql it starts its own throwaway server
+(benchmarks/postgres_server.py: initdb, 127.0.0.1, a free port, fsync on, since the figure is about
+durable reports), creates a database, runs serve with ``--store`` (the org and token commands get it
+through the environment), and also records the server's own CPU and RSS (the postmaster and its
+backends), which are not in the coordinator's figures. The JSON has one object per store, same keys;
+a store not measured is null.
+Every process started here is ended by PID (the PostgreSQL server by ``pg_ctl stop`` on its own data
+folder), also on Ctrl-C or an error.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from pathlib import Path
 
 from benchmarks.procs import ROOT, Processes, child_env, process_tree
 from benchmarks.procs import proc_stat as _stat
+
+STORES = ("sqlite", "postgresql")
 
 BIN = Path(sys.executable).parent
 RUN_TOML = ROOT / "examples" / "digits" / "run.toml"
@@ -105,8 +114,8 @@ def write_run(path: Path, interval: float) -> Path:
     return path
 
 
-def cli(*args: str) -> str:
-    done = subprocess.run([str(BIN / "coordinator"), *args], capture_output=True, text=True, env=child_env(),
+def cli(*args: str, env: dict | None = None) -> str:
+    done = subprocess.run([str(BIN / "coordinator"), *args], capture_output=True, text=True, env=child_env(env),
                           timeout=120)
     if done.returncode != 0:
         raise RuntimeError(f"coordinator {' '.join(args)} failed: {done.stderr.strip()}")
@@ -149,8 +158,10 @@ def stop_serve(processes: Processes, serve, tree: list[int]) -> list[int]:
 
 def measure(peers: int, seconds: float = 60.0, interval: float = 2.0, epoch_seconds: float = 10.0,
             generators: int = 2, orgs: int = 2, warmup: float | None = None, workdir: Path | None = None,
-            log=lambda line: None) -> dict:
-    """The figures of one coordinator on sqlite holding ``peers`` simulated peers (see the module doc)."""
+            log=lambda line: None, store: str | None = None, database_pid: int | None = None) -> dict:
+    """The figures of one coordinator holding ``peers`` simulated peers (see the module doc): on sqlite,
+    or on the PostgreSQL database ``store`` (a URL) whose server's postmaster is ``database_pid``."""
+    from coordinator.books.connection import STORE_ENV
     from peer.runconfig import load_run_config
     from peer.timeouts import CALL
 
@@ -158,6 +169,8 @@ def measure(peers: int, seconds: float = 60.0, interval: float = 2.0, epoch_seco
     say = lambda line: log(f"[{time.monotonic() - t0:6.1f}s] {line}")  # noqa: E731
     generators = max(1, min(generators, peers))
     warmup = max(2 * interval, 4.0) if warmup is None else warmup
+    store_env = {STORE_ENV: store} if store else None
+    database_tree = (lambda: process_tree(database_pid)) if database_pid else (lambda: [])
     with tempfile.TemporaryDirectory(prefix="capacity-", dir=workdir) as tmp:
         folder = Path(tmp)
         control = folder / "control"
@@ -170,16 +183,17 @@ def measure(peers: int, seconds: float = 60.0, interval: float = 2.0, epoch_seco
             data = folder / "coordinator"
             started = time.monotonic()
             serve = processes.start([str(BIN / "coordinator"), "serve", "--run", str(run_file), "--data-dir",
-                                     str(data), "--port", "0", "--dashboard-port", "0"], "serve")
+                                     str(data), "--port", "0", "--dashboard-port", "0",
+                                     *(("--store", store) if store else ())], "serve")
             info = processes.wait_for(
                 lambda: (i := _read_json(data / "coordinator.json")) and i.get("pid") == serve.pid and i,
                 120, "coordinator.json", [serve], with_log=True)
             say(f"serve (pid {serve.pid}) up in {time.monotonic() - started:.1f}s at {info['address']}")
             tokens = [(data / "default-org.token").read_text().strip()]
             for index in range(1, orgs):
-                cli("org", "add", f"org-{index}", "--data-dir", str(data))
+                cli("org", "add", f"org-{index}", "--data-dir", str(data), env=store_env)
                 tokens.append(json.loads(cli("token", "issue", "--org", f"org-{index}", "--max-peers", "0",
-                                             "--format", "json", "--data-dir", str(data)))["token"])
+                                             "--format", "json", "--data-dir", str(data), env=store_env))["token"])
             say(f"{orgs} orgs with their tokens")
             share, first = [peers // generators + (g < peers % generators) for g in range(generators)], 0
             for g, count in enumerate(share):
@@ -212,15 +226,18 @@ def measure(peers: int, seconds: float = 60.0, interval: float = 2.0, epoch_seco
             tree = process_tree(serve.pid)
             gen_pids = [pid for popen in gens for pid in process_tree(popen.pid)]
             serve_before, gen_before = cpu_seconds(tree), cpu_seconds(gen_pids)
-            rss_peak = {"serve": 0.0, "tree": 0.0}
+            database_before = cpu_seconds(database_tree())
+            rss_peak = {"serve": 0.0, "tree": 0.0, "database": 0.0}
             load_average = os.getloadavg()  # the machine's other work: this box may be shared
             while time.time() < end:
                 processes.sleep(min(1.0, max(0.0, end - time.time())))
                 rss_peak["serve"] = max(rss_peak["serve"], rss_mb([serve.pid]))
                 rss_peak["tree"] = max(rss_peak["tree"], rss_mb(process_tree(serve.pid)))
+                rss_peak["database"] = max(rss_peak["database"], rss_mb(database_tree()))
             load_average = [max(a, b) for a, b in zip(load_average, os.getloadavg())]
             tree = process_tree(serve.pid)
             serve_after, gen_after = cpu_seconds(tree), cpu_seconds(gen_pids)
+            database_after = cpu_seconds(database_tree())
             metrics_after = scrape(info.get("dashboard"))
             say(f"measured {seconds:.0f}s; waiting for the load generators' last replies")
             results = processes.wait_for(
@@ -247,6 +264,7 @@ def measure(peers: int, seconds: float = 60.0, interval: float = 2.0, epoch_seco
         serve_only = {serve.pid: serve_after.get(serve.pid, 0.0)}
         children = {pid: s for pid, s in serve_after.items() if pid != serve.pid}
         return {
+            "store": "postgresql" if store else "sqlite",
             "peers": peers,
             "admitted": admitted,
             "heartbeats_per_s": round(counts.get("Heartbeat_ok", 0) / seconds, 1),
@@ -263,6 +281,9 @@ def measure(peers: int, seconds: float = 60.0, interval: float = 2.0, epoch_seco
             "serve_children_cpu": round(cores(serve_before, children, seconds), 2),
             "serve_rss_mb": round(rss_peak["serve"], 1),
             "load_generator_cpu": round(cores(gen_before, gen_after, seconds), 2),
+            # the PostgreSQL server's postmaster and backends (null on sqlite: it is inside serve)
+            "database_cpu": round(cores(database_before, database_after, seconds), 2) if database_pid else None,
+            "database_rss_mb": round(rss_peak["database"], 1) if database_pid else None,
             "server_side": {"heartbeat": server_latency(metrics_before, metrics_after, "Heartbeat"),
                             "report": server_latency(metrics_before, metrics_after, "Report")},
             "join_seconds": round(join_seconds, 1),
@@ -274,8 +295,62 @@ def measure(peers: int, seconds: float = 60.0, interval: float = 2.0, epoch_seco
             "load_average": [round(x, 1) for x in load_average],
             "seconds": seconds, "warmup_seconds": warmup, "heartbeat_interval": interval,
             "epoch_seconds": epoch_seconds, "generators": generators, "orgs": orgs, "cpus": os.cpu_count(),
-            "processes": {"serve_tree": tree, "load_generators": [p.pid for p in gens], "left_behind": left},
+            "processes": {"serve_tree": tree, "load_generators": [p.pid for p in gens], "left_behind": left,
+                          "database_server": database_pid},
         }
+
+
+def measure_postgresql(peers: int, *args, workdir: Path | None = None, log=lambda line: None, **kwargs) -> dict:
+    """``measure`` on a throwaway PostgreSQL server started here (fsync on) and stopped afterwards, also on
+    Ctrl-C or an error."""
+    from benchmarks.postgres_server import Server, binaries
+
+    bin_dir = binaries()
+    if bin_dir is None:
+        raise RuntimeError("no PostgreSQL server binaries (initdb, pg_ctl) on PATH or in /usr/lib/postgresql/*/bin")
+    started = time.monotonic()
+    server = Server(bin_dir, fsync=True)  # in the system temp: a private --workdir may bar the server user
+    try:
+        server.start()
+        url = server.create_database()
+        log(f"PostgreSQL server (postmaster pid {server.postmaster_pid()}, port {server.port}, fsync on) and its "
+            f"database up in {time.monotonic() - started:.1f}s")
+        return measure(peers, *args, workdir=workdir, log=log, store=url, database_pid=server.postmaster_pid(),
+                       **kwargs)
+    finally:
+        server.stop()
+        log("PostgreSQL server stopped")
+
+
+def parse_stores(text: str | None) -> tuple[list[str], str | None]:
+    """The stores to measure and a note (or an ``error:`` line when the text is bad): the default is both
+    when PostgreSQL's binaries are found, else sqlite alone."""
+    from benchmarks.postgres_server import binaries
+
+    if text is None:
+        if binaries() is None:
+            return ["sqlite"], "note: no PostgreSQL server binaries (initdb, pg_ctl) found: measuring sqlite only"
+        return list(STORES), None
+    stores = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in stores if s not in STORES]
+    if not stores or unknown or len(set(stores)) != len(stores):
+        return [], f"error: --stores {text!r}: a comma-separated list of {', '.join(STORES)}, each once"
+    if "postgresql" in stores and binaries() is None:
+        return [], ("error: --stores postgresql needs the PostgreSQL server binaries (initdb, pg_ctl) on PATH "
+                    "or in /usr/lib/postgresql/*/bin")
+    return stores, None
+
+
+def summary(figures: dict) -> str:
+    line = (f"{figures['store']}, {figures['peers']} peers: {figures['heartbeats_per_s']} heartbeats/s "
+            f"(offered {figures['offered_heartbeats_per_s']}), p50 {figures['heartbeat_p50_ms']} ms, "
+            f"p99 {figures['heartbeat_p99_ms']} ms; {figures['reports_per_s']} reports/s "
+            f"(offered {figures['offered_reports_per_s']}), p99 {figures['report_p99_ms']} ms; coordinator "
+            f"{figures['coordinator_cpu']} cores (serve {figures['serve_cpu']}), {figures['rss_mb']} MB; load "
+            f"generators {figures['load_generator_cpu']} cores")
+    if figures["database_cpu"] is not None:
+        line += f"; PostgreSQL server {figures['database_cpu']} cores, {figures['database_rss_mb']} MB"
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, help="seconds between the last join and the window "
                                                      "(default: 2 intervals, at least 4)")
     parser.add_argument("--workdir", type=Path, help="where the temp data dir goes (default: the system's)")
+    parser.add_argument("--stores", help="comma-separated, measured in this order: sqlite,postgresql (default: "
+                                         "both when PostgreSQL's binaries are found, else sqlite)")
     args = parser.parse_args(argv)
     if args.peers < 1 or args.seconds <= 0 or args.interval <= 0 or args.epoch_seconds <= 0 or \
             args.generators < 1 or args.orgs < 1:
@@ -301,27 +378,30 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out.parent.exists():
         print(f"error: the folder of --out ({args.out.parent}) does not exist", file=sys.stderr)
         return 2
+    stores, note = parse_stores(args.stores)
+    if note:
+        print(note, file=sys.stderr)
+    if not stores:
+        return 2
 
     def interrupted(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)  # the finally blocks end every process started
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    figures: dict = {store: None for store in STORES}
     try:
-        sqlite = measure(args.peers, args.seconds, args.interval, args.epoch_seconds, args.generators, args.orgs,
-                         args.warmup, args.workdir, log=say)
+        for store in stores:
+            run = measure_postgresql if store == "postgresql" else measure
+            figures[store] = run(args.peers, args.seconds, args.interval, args.epoch_seconds, args.generators,
+                                 args.orgs, args.warmup, workdir=args.workdir, log=say)
+            print(summary(figures[store]), flush=True)
     except KeyboardInterrupt:
         print("interrupted: every process this benchmark started was stopped", file=sys.stderr)
         return 130
-    print(f"sqlite, {sqlite['peers']} peers: {sqlite['heartbeats_per_s']} heartbeats/s "
-          f"(offered {sqlite['offered_heartbeats_per_s']}), p50 {sqlite['heartbeat_p50_ms']} ms, "
-          f"p99 {sqlite['heartbeat_p99_ms']} ms; {sqlite['reports_per_s']} reports/s "
-          f"(offered {sqlite['offered_reports_per_s']}), p99 {sqlite['report_p99_ms']} ms; coordinator "
-          f"{sqlite['coordinator_cpu']} cores (serve {sqlite['serve_cpu']}), {sqlite['rss_mb']} MB; load "
-          f"generators {sqlite['load_generator_cpu']} cores")
-    args.out.write_text(json.dumps({"sqlite": sqlite, "postgresql": None,
-                                    "note": "postgresql: null, no PostgreSQL store exists yet (issue 12 item 4)"},
-                                   indent=2) + "\n")
+    if note:
+        figures["note"] = note.removeprefix("note: ")
+    args.out.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 
