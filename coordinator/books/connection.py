@@ -15,6 +15,7 @@ differ (``put_meta``, ``greatest``, ``json_number``); this layer is the rest:
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -62,6 +63,20 @@ def connect(target):
     return SqliteConnection(Path(target))
 
 
+def _write_ahead_log(db: sqlite3.Connection, bound: float = 30.0) -> None:
+    """Switch the file to WAL. Processes opening one new file at once (serve, auditor, observer) can get
+    "database is locked" here at once, without sqlite's busy wait (measured under load), so retry, bounded."""
+    deadline = time.monotonic() + bound
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class SqliteConnection:
     dialect = "sqlite"
 
@@ -69,7 +84,7 @@ class SqliteConnection:
         self.path = path
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
+        _write_ahead_log(self.db)
         self.db.execute("PRAGMA synchronous=FULL")
 
     def describe(self) -> str:
